@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine with Python and pip: `make demo` and `make test`.
+# torch is pinned so that a CPU machine takes the small CPU wheel and a GPU machine a matching CUDA one;
+# override with `make test TORCH=2.12.0`.
+PYTHON ?= python3
+TORCH ?= 2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-torch-$(TORCH)
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "torch==$(TORCH)"
+	$(PY) -m pip install -e ".[dev]"
+	rm -f $(VENV)/.installed-torch-*
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m bench --demo
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,122 @@
+"""Argument checks shared by the public ops.
+
+Every failure is a ``ValueError`` that names the argument and says what was expected. Value checks on
+``targets`` need the values on the host, so they run for CPU tensors always and for GPU tensors only when
+``FASTALIGN_CHECK_TARGETS=1`` (a host sync). Without it, out-of-range targets on a GPU give NaN at those
+positions instead of reading out of bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+SUPPORTED_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_float_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+
+
+def check_scalar_options(temperature: float, softcap: float | None, ignore_index: int) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if softcap is not None and (
+        isinstance(softcap, bool)
+        or not isinstance(softcap, (int, float))
+        or not math.isfinite(softcap)
+        or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_targets(targets: object, expected_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    targets = _check_tensor("targets", targets)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must have an integer dtype, got {targets.dtype}")
+    if targets.shape != expected_shape:
+        raise ValueError(
+            f"targets must have shape {tuple(expected_shape)} (the leading shape of the input), "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.device != device:
+        raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
+    return targets
+
+
+def check_target_values(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise if a target is outside ``[0, vocab_size)`` and is not ``ignore_index``.
+
+    Runs on CPU tensors, and on GPU tensors when ``FASTALIGN_CHECK_TARGETS=1``.
+    """
+    if targets.numel() == 0:
+        return
+    if targets.device.type != "cpu" and os.environ.get("FASTALIGN_CHECK_TARGETS", "0") != "1":
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        first = targets[bad].flatten()[0].item()
+        raise ValueError(
+            f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {first} ({int(bad.sum())} such positions)"
+        )
+
+
+def check_linear_inputs(
+    hidden: object, weight: object, bias: object, targets: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Check ``hidden [..., D]``, ``weight [V, D]``, ``bias [V] | None`` and ``targets [...]``."""
+    hidden = _check_tensor("hidden", hidden)
+    weight = _check_tensor("weight", weight)
+    _check_float_dtype("hidden", hidden)
+    _check_float_dtype("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension [..., D], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row: [V, D] with V >= 1, got V = 0")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's width D ({weight.shape[1]}); "
+            f"weight is [V, D] = {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) = [V], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    targets = check_targets(targets, hidden.shape[:-1], hidden.device)
+    return hidden, weight, bias, targets
+
+
+def check_logits_inputs(logits: object, targets: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``logits [..., V]`` and ``targets [...]``."""
+    logits = _check_tensor("logits", logits)
+    _check_float_dtype("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension [..., V], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary dimension V >= 1, got shape {tuple(logits.shape)}")
+    targets = check_targets(targets, logits.shape[:-1], logits.device)
+    return logits, targets

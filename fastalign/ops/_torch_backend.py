@@ -1,0 +1,197 @@
+"""The torch backend: per-token softmax statistics computed tile by tile, never holding ``[N, V]`` logits.
+
+The logits are visited in ``[row_block, col_block]`` tiles whose scratch stays under the scratch budget
+(:func:`fastalign.ops.backends.scratch_budget`). The forward merges the tiles of a row block with an online
+logsumexp; the backward recomputes each tile from the saved logsumexp and pushes its gradient through the
+matmul (linear input) or writes it out (logits input). Float64 inputs compute in float64, everything else
+accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats, accum_dtype
+
+# Scratch tensors alive at once per tile element, in units of the accumulation dtype: the transformed tile,
+# its exponentials and one product, plus the raw tile in the input dtype (counted separately).
+_ACC_BUFFERS_PER_ELEMENT = 3
+# The smallest row block worth a matmul; below it the vocabulary is split instead.
+_MIN_ROWS = 32
+
+
+def _tiles(n_rows: int, n_cols: int, bytes_per_element: int, budget: int) -> Iterator[tuple[slice, slice, bool]]:
+    """Yield ``(rows, cols, last_col_of_row_block)`` tiles of at most ``budget`` bytes of scratch.
+
+    Rows are taken whole-vocabulary when at least ``_MIN_ROWS`` rows fit; otherwise the tiles are square-ish,
+    which keeps the matmul efficient and the gradient accumulation traffic low.
+    """
+    elements = max(budget // bytes_per_element, 1)
+    if n_cols * min(n_rows, _MIN_ROWS) <= elements:
+        row_block, col_block = max(1, min(n_rows, elements // n_cols)), n_cols
+    else:
+        side = math.isqrt(elements)
+        row_block = max(1, min(n_rows, side))
+        col_block = max(1, min(n_cols, elements // row_block))
+    for row_start in range(0, n_rows, row_block):
+        rows = slice(row_start, min(n_rows, row_start + row_block))
+        for col_start in range(0, n_cols, col_block):
+            col_end = min(n_cols, col_start + col_block)
+            yield rows, slice(col_start, col_end), col_end == n_cols
+
+
+def _bytes_per_element(input_dtype: torch.dtype) -> int:
+    acc_size = torch.empty((), dtype=accum_dtype(input_dtype)).element_size()
+    return _ACC_BUFFERS_PER_ELEMENT * acc_size + torch.empty((), dtype=input_dtype).element_size()
+
+
+def _transform(raw: torch.Tensor, cols: slice, bias: torch.Tensor | None, opts: StatsOptions) -> torch.Tensor:
+    """Raw tile (a fresh tensor, changed in place) -> transformed logits in the accumulation dtype."""
+    logits = raw.to(accum_dtype(raw.dtype))
+    if bias is not None:
+        logits += bias[cols].to(logits.dtype)
+    if opts.softcap is not None:
+        logits = logits.div_(opts.softcap).tanh_().mul_(opts.softcap)
+    if opts.inv_temperature != 1.0:
+        logits = logits.mul_(opts.inv_temperature)
+    return logits
+
+
+def _target_in_tile(targets: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column of each row's target inside the tile (clamped) and whether the target is in the tile."""
+    local = targets - cols.start
+    inside = (local >= 0) & (local < cols.stop - cols.start)
+    return local.clamp(0, cols.stop - cols.start - 1).unsqueeze(1), inside
+
+
+def _stats_forward(raw_tile, n_rows: int, n_cols: int, bias, targets, opts: StatsOptions, like: torch.Tensor):
+    """Merge the tiles' statistics row block by row block. ``raw_tile(rows, cols)`` gives input-dtype logits."""
+    acc = accum_dtype(like.dtype)
+    lse = torch.empty(n_rows, dtype=acc, device=like.device)
+    target_logit = torch.empty_like(lse)
+    mean_logit = torch.empty_like(lse) if opts.need_mean else None
+    sum_logits = torch.empty_like(lse) if opts.need_sum else None
+    for rows, cols, row_done in _tiles(n_rows, n_cols, _bytes_per_element(like.dtype), opts.scratch_bytes):
+        if cols.start == 0:
+            n = rows.stop - rows.start
+            run_max = torch.full((n,), -math.inf, dtype=acc, device=like.device)
+            run_sum = torch.zeros_like(run_max)
+            run_weighted = torch.zeros_like(run_max)
+            run_target = torch.zeros_like(run_max)
+            run_total = torch.zeros_like(run_max)
+        logits = _transform(raw_tile(rows, cols), cols, bias, opts)
+        new_max = torch.maximum(run_max, logits.amax(dim=1))
+        # A row whose logits so far are all -inf keeps a finite shift so no inf - inf appears.
+        shift = torch.where(torch.isinf(new_max), 0.0, new_max)
+        rescale = torch.exp(run_max - shift)
+        exps = torch.exp(logits - shift.unsqueeze(1))
+        run_sum = run_sum * rescale + exps.sum(dim=1)
+        if opts.need_mean:
+            run_weighted = run_weighted * rescale + exps.mul_(logits).nan_to_num_(nan=0.0).sum(dim=1)
+        if opts.need_sum:
+            run_total += logits.sum(dim=1)
+        local, inside = _target_in_tile(targets[rows], cols)
+        run_target += torch.where(inside, logits.gather(1, local).squeeze(1), 0.0)
+        run_max = new_max
+        if row_done:
+            lse[rows] = shift + torch.log(run_sum)
+            target_logit[rows] = run_target
+            if opts.need_mean:
+                mean_logit[rows] = run_weighted / run_sum
+            if opts.need_sum:
+                sum_logits[rows] = run_total
+    return TokenStats(lse, target_logit, mean_logit, sum_logits)
+
+
+def _tile_grad(raw, rows, cols, bias, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+    """d loss / d raw logits for one tile, in the accumulation dtype."""
+    logits = _transform(raw, cols, bias, opts)
+    grad = torch.exp(logits - lse[rows].unsqueeze(1))
+    if coeffs.beta is not None:
+        grad *= coeffs.alpha[rows].unsqueeze(1) + coeffs.beta[rows].unsqueeze(1) * logits
+    else:
+        grad *= coeffs.alpha[rows].unsqueeze(1)
+    if coeffs.kappa is not None:
+        grad += coeffs.kappa[rows].unsqueeze(1)
+    if coeffs.gamma is not None:
+        local, inside = _target_in_tile(targets[rows], cols)
+        grad.scatter_add_(1, local, torch.where(inside, coeffs.gamma[rows], 0.0).unsqueeze(1))
+    if opts.softcap is not None:
+        # d/dz softcap*tanh(z/softcap) = 1 - tanh², and tanh = logits / (softcap * inv_temperature).
+        tanh = logits.mul_(1.0 / (opts.softcap * opts.inv_temperature))
+        grad *= 1.0 - tanh.square_()
+    if opts.inv_temperature != 1.0:
+        grad *= opts.inv_temperature
+    return grad
+
+
+def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenStats:
+    """Statistics of ``hidden [N, D] @ weight[V, D].T + bias``."""
+
+    def raw_tile(rows: slice, cols: slice) -> torch.Tensor:
+        return hidden[rows] @ weight[cols].T
+
+    return _stats_forward(raw_tile, hidden.shape[0], weight.shape[0], bias, targets, opts, hidden)
+
+
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` with ``out`` possibly in a wider dtype than ``a`` and ``b``."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
+
+
+def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients, needs, opts: StatsOptions):
+    """Gradients ``(d_hidden, d_weight, d_bias)`` (``None`` where not needed) from the per-token coefficients."""
+    need_hidden, need_weight, need_bias = needs
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    acc = accum_dtype(hidden.dtype)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    # Low-precision weight gradients sum over row blocks in the accumulation dtype.
+    grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
+    grad_bias = torch.zeros(n_cols, dtype=acc, device=weight.device) if need_bias else None
+    for rows, cols, row_done in _tiles(n_rows, n_cols, _bytes_per_element(hidden.dtype), opts.scratch_bytes):
+        if cols.start == 0 and need_hidden:
+            row_grad = torch.zeros(rows.stop - rows.start, hidden.shape[1], dtype=acc, device=hidden.device)
+        grad = _tile_grad(hidden[rows] @ weight[cols].T, rows, cols, bias, targets, lse, coeffs, opts)
+        if need_bias:
+            grad_bias[cols] += grad.sum(dim=0)
+        grad = grad.to(hidden.dtype)
+        if need_hidden:
+            _add_matmul(row_grad, grad, weight[cols])
+            if row_done:
+                grad_hidden[rows] = row_grad
+        if need_weight:
+            _add_matmul(grad_weight[cols], grad.T, hidden[rows])
+    return (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(weight.dtype),
+    )
+
+
+def _copy_tile(logits: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """A fresh accumulation-dtype copy of a tile of the caller's logits (tiles are transformed in place)."""
+    return logits[rows, cols].to(accum_dtype(logits.dtype), copy=True)
+
+
+def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
+    """Statistics of ``logits [N, V]``."""
+
+    def raw_tile(rows: slice, cols: slice) -> torch.Tensor:
+        return _copy_tile(logits, rows, cols)
+
+    return _stats_forward(raw_tile, logits.shape[0], logits.shape[1], None, targets, opts, logits)
+
+
+def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+    """``d_logits [N, V]`` in the logits' dtype."""
+    grad_logits = torch.empty_like(logits)
+    for rows, cols, _ in _tiles(logits.shape[0], logits.shape[1], _bytes_per_element(logits.dtype), opts.scratch_bytes):
+        raw = _copy_tile(logits, rows, cols)
+        grad_logits[rows, cols] = _tile_grad(raw, rows, cols, None, targets, lse, coeffs, opts)
+    return grad_logits

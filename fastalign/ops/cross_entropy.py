@@ -1,0 +1,76 @@
+"""Fused linear cross-entropy: the SFT / pre-training loss from hidden states without the logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastalign.ops.logprobs import linear_stats
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never materialising the logits.
+
+    Per token: ``(1 - ε)·(lse - l_y) + ε·(lse - mean_j l_j) + z_loss·lse²`` where ``l`` are the (softcapped)
+    logits and ``ε = label_smoothing`` — label smoothing exactly as ``torch.nn.functional.cross_entropy``
+    defines it, z-loss as in PaLM. ``reduction="mean"`` averages over non-ignored tokens; when every token is
+    ignored the loss is 0 with zero gradients (never NaN).
+
+    Args:
+        hidden: ``[..., D]``; weight: ``[V, D]``; targets: ``[...]`` integer; bias: optional ``[V]``.
+        reduction: ``"mean" | "sum" | "none"`` (``"none"`` returns a loss per token, shaped like targets).
+        label_smoothing: in ``[0, 1]``. z_loss: coefficient ``>= 0``. softcap: ``None`` or > 0.
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
+
+    Returns:
+        float32 (float64 for float64 inputs) scalar, or per-token losses for ``reduction="none"``.
+
+    Example:
+        >>> import torch, fastalign
+        >>> hidden = torch.randn(4, 9, 32, requires_grad=True)
+        >>> weight = torch.randn(1000, 32, requires_grad=True)
+        >>> targets = torch.randint(0, 1000, (4, 9))
+        >>> loss = fastalign.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    (lse, target_logit, _, sum_logits), prepared = linear_stats(
+        hidden, weight, bias, targets,
+        temperature=1.0, softcap=softcap, ignore_index=ignore_index,
+        need_mean=False, need_sum=label_smoothing > 0, backend=backend,
+    )  # fmt: skip
+    loss = lse - target_logit
+    if label_smoothing > 0:
+        smooth = lse - sum_logits / weight.shape[0]
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    if z_loss > 0:
+        loss = loss + z_loss * lse.square()
+    loss = prepared.finish(loss)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / prepared.valid.sum().clamp_min(1)

@@ -1,0 +1,144 @@
+"""Public log-prob ops: per-token log-probs and entropy of target tokens, from hidden states or from logits."""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign.ops._checks import check_linear_inputs, check_logits_inputs, check_scalar_options, check_target_values
+from fastalign.ops.backends import resolve_backend, scratch_budget
+from fastalign.ops.stats import LinearStats, LogitsStats, StatsOptions
+
+
+class PreparedTargets:
+    """Flattened targets split into what the kernels read and what the outputs are masked with.
+
+    ``safe`` holds in-range ids only (ignored and out-of-range positions read column 0), ``valid`` marks
+    non-ignored positions and ``out_of_range`` marks unchecked bad ids (GPU tensors), whose outputs become NaN.
+    """
+
+    def __init__(self, targets: torch.Tensor, vocab_size: int, ignore_index: int):
+        flat = targets.reshape(-1)
+        self.shape = targets.shape
+        self.valid = flat != ignore_index
+        in_range = (flat >= 0) & (flat < vocab_size)
+        self.out_of_range = self.valid & ~in_range
+        self.safe = torch.where(self.valid & in_range, flat, 0).long().contiguous()
+
+    def finish(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Zero at ignored positions (no gradient there), NaN at out-of-range ones, reshaped like targets."""
+        per_token = torch.where(self.valid, per_token, 0.0)
+        per_token = torch.where(self.out_of_range, float("nan"), per_token)
+        return per_token.reshape(self.shape)
+
+
+def linear_stats(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, need_mean, need_sum, backend):
+    """Checked entry to :class:`LinearStats`: returns ``(TokenStats tuple, PreparedTargets)``."""
+    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    check_scalar_options(temperature, softcap, ignore_index)
+    vocab_size = weight.shape[0]
+    check_target_values(targets, vocab_size, ignore_index)
+    prepared = PreparedTargets(targets, vocab_size, ignore_index)
+    opts = StatsOptions(
+        inv_temperature=1.0 / float(temperature),
+        softcap=None if softcap is None else float(softcap),
+        need_mean=need_mean,
+        need_sum=need_sum,
+        scratch_bytes=scratch_budget(hidden.device),
+    )
+    chosen = resolve_backend(backend, hidden.device, hidden.dtype)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    stats = LinearStats.apply(flat_hidden, weight, bias, prepared.safe, chosen, opts)
+    return stats, prepared
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob (and entropy) of each target token, straight from hidden states and the lm_head weight.
+
+    The logits ``z = hidden @ weight.T + bias`` are never materialised: the chosen backend visits them in
+    vocabulary tiles. With ``softcap`` the logits become ``softcap * tanh(z / softcap)``; then they are divided
+    by ``temperature``. ``logp`` is the log-softmax at the target, ``entropy`` is ``-Σ p log p`` of the same
+    distribution.
+
+    Args:
+        hidden: ``[..., D]`` float16/bfloat16/float32/float64.
+        weight: ``[V, D]``, same dtype and device as ``hidden``.
+        targets: ``[...]`` integer ids in ``[0, V)`` or ``ignore_index``; shape is ``hidden.shape[:-1]``.
+        bias: optional ``[V]``.
+        temperature: > 0. softcap: ``None`` or > 0.
+        ignore_index: positions with this target get 0 and pass no gradient.
+        return_entropy: also return the entropy.
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
+
+    Returns:
+        ``logp`` (or ``(logp, entropy)``), shaped like ``targets``, float32 (float64 for float64 inputs),
+        differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+
+    Example:
+        >>> import torch, fastalign
+        >>> hidden, weight = torch.randn(2, 5, 16), torch.randn(100, 16)
+        >>> targets = torch.randint(0, 100, (2, 5))
+        >>> fastalign.linear_logprobs(hidden, weight, targets).shape
+        torch.Size([2, 5])
+    """
+    (lse, target_logit, mean_logit, _), prepared = linear_stats(
+        hidden, weight, bias, targets,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        need_mean=return_entropy, need_sum=False, backend=backend,
+    )  # fmt: skip
+    logp = prepared.finish(target_logit - lse)
+    if not return_entropy:
+        return logp
+    return logp, prepared.finish((lse - mean_logit).clamp_min(0.0))
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob (and entropy) of each target token from given logits ``[..., V]``.
+
+    Same transform, outputs and gradients as :func:`linear_logprobs`, for callers that already hold the logits.
+    Unlike ``log_softmax(logits.float())`` it never allocates a float32 copy of the whole logits.
+
+    Example:
+        >>> import torch, fastalign
+        >>> logits, targets = torch.randn(3, 7, 50), torch.randint(0, 50, (3, 7))
+        >>> logp, entropy = fastalign.logprobs_from_logits(logits, targets, temperature=0.7, return_entropy=True)
+    """
+    logits, targets = check_logits_inputs(logits, targets)
+    check_scalar_options(temperature, softcap, ignore_index)
+    vocab_size = logits.shape[-1]
+    check_target_values(targets, vocab_size, ignore_index)
+    prepared = PreparedTargets(targets, vocab_size, ignore_index)
+    opts = StatsOptions(
+        inv_temperature=1.0 / float(temperature),
+        softcap=None if softcap is None else float(softcap),
+        need_mean=return_entropy,
+        need_sum=False,
+        scratch_bytes=scratch_budget(logits.device),
+    )
+    chosen = resolve_backend(backend, logits.device, logits.dtype)
+    lse, target_logit, mean_logit, _ = LogitsStats.apply(
+        logits.reshape(-1, vocab_size), prepared.safe, chosen, opts
+    )
+    logp = prepared.finish(target_logit - lse)
+    if not return_entropy:
+        return logp
+    return logp, prepared.finish((lse - mean_logit).clamp_min(0.0))

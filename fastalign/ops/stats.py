@@ -1,0 +1,127 @@
+"""Per-token softmax statistics: the one differentiable primitive every log-prob op is built from.
+
+For each token row ``i`` with transformed logits ``l_i = T(z_i)`` (``z = hidden @ weight.T + bias``, or given
+logits; ``T`` applies softcap and temperature) the backends compute
+
+* ``lse_i = log Σ_j exp(l_ij)``,
+* ``target_logit_i = l_{i, y_i}``,
+* ``mean_logit_i = Σ_j p_ij l_ij`` (optional; entropy = lse − mean_logit),
+* ``sum_logits_i = Σ_j l_ij`` (optional; for label smoothing).
+
+Log-probs, entropy and cross-entropy are cheap ``[N]``-sized expressions of these, so autograd composes any
+later computation on top. Whatever the upstream gradients, the gradient with respect to the logits has the form
+``d_l_ij = p_ij (α_i + β_i l_ij) + γ_i [j = y_i] + κ_i``, which each backend evaluates tile by tile without
+storing ``[N, V]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other input dtype accumulates (and returns) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    inv_temperature: float
+    softcap: float | None
+    need_mean: bool
+    need_sum: bool
+    scratch_bytes: int
+
+
+class TokenStats(NamedTuple):
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    mean_logit: torch.Tensor | None
+    sum_logits: torch.Tensor | None
+
+
+class GradCoefficients(NamedTuple):
+    """Per-token coefficients of ``d_l = p (α + β l) + γ [j = y] + κ``; ``None`` means zero."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor | None
+    gamma: torch.Tensor | None
+    kappa: torch.Tensor | None
+
+
+_BACKEND_MODULES = {"torch": "fastalign.ops._torch_backend", "triton": "fastalign.ops._triton_backend"}
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing ``linear_forward/backward`` and ``logits_forward/backward`` for a backend."""
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def _coefficients(stats_mean, g_lse, g_target, g_mean, g_sum) -> GradCoefficients | None:
+    if g_lse is None and g_target is None and g_mean is None and g_sum is None:
+        return None
+    reference = next(g for g in (g_lse, g_target, g_mean, g_sum) if g is not None)
+    alpha = torch.zeros_like(reference) if g_lse is None else g_lse
+    if g_mean is not None:
+        # d mean_logit / d l_j = p_j (1 + l_j - mean_logit)
+        alpha = alpha + g_mean * (1.0 - stats_mean)
+    return GradCoefficients(alpha.contiguous(), g_mean, g_target, g_sum)
+
+
+def _outputs(stats: TokenStats) -> tuple[torch.Tensor, ...]:
+    empty = stats.lse.new_empty(0)
+    return (
+        stats.lse,
+        stats.target_logit,
+        empty if stats.mean_logit is None else stats.mean_logit,
+        empty if stats.sum_logits is None else stats.sum_logits,
+    )
+
+
+class LinearStats(torch.autograd.Function):
+    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V))`` -> 4 stats of ``[N]``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, backend: str, opts: StatsOptions):
+        impl = backend_module(backend)
+        stats = impl.linear_forward(hidden, weight, bias, targets, opts)
+        ctx.impl, ctx.opts = impl, opts
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.mean_logit)
+        ctx.set_materialize_grads(False)
+        return _outputs(stats)
+
+    @staticmethod
+    def backward(ctx, g_lse, g_target, g_mean, g_sum):
+        hidden, weight, bias, targets, lse, mean = ctx.saved_tensors
+        coeffs = _coefficients(mean, g_lse, g_target, g_mean, g_sum)
+        needs = ctx.needs_input_grad[:3]
+        if coeffs is None or not any(needs):
+            return None, None, None, None, None, None
+        grads = ctx.impl.linear_backward(hidden, weight, bias, targets, lse, coeffs, needs, ctx.opts)
+        return *grads, None, None, None
+
+
+class LogitsStats(torch.autograd.Function):
+    """``(logits [N, V], targets [N] in [0, V))`` -> 4 stats of ``[N]``."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, backend: str, opts: StatsOptions):
+        impl = backend_module(backend)
+        stats = impl.logits_forward(logits, targets, opts)
+        ctx.impl, ctx.opts = impl, opts
+        ctx.save_for_backward(logits, targets, stats.lse, stats.mean_logit)
+        ctx.set_materialize_grads(False)
+        return _outputs(stats)
+
+    @staticmethod
+    def backward(ctx, g_lse, g_target, g_mean, g_sum):
+        logits, targets, lse, mean = ctx.saved_tensors
+        coeffs = _coefficients(mean, g_lse, g_target, g_mean, g_sum)
+        if coeffs is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return ctx.impl.logits_backward(logits, targets, lse, coeffs, ctx.opts), None, None, None
