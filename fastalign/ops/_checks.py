@@ -33,10 +33,7 @@ def check_scalar_options(temperature: float, softcap: float | None, ignore_index
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if softcap is not None and (
-        isinstance(softcap, bool)
-        or not isinstance(softcap, (int, float))
-        or not math.isfinite(softcap)
-        or softcap <= 0
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
     ):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

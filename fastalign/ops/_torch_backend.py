@@ -48,11 +48,9 @@ def _bytes_per_element(input_dtype: torch.dtype) -> int:
     return _ACC_BUFFERS_PER_ELEMENT * acc_size + torch.empty((), dtype=input_dtype).element_size()
 
 
-def _transform(raw: torch.Tensor, cols: slice, bias: torch.Tensor | None, opts: StatsOptions) -> torch.Tensor:
+def _transform(raw: torch.Tensor, opts: StatsOptions) -> torch.Tensor:
     """Raw tile (a fresh tensor, changed in place) -> transformed logits in the accumulation dtype."""
     logits = raw.to(accum_dtype(raw.dtype))
-    if bias is not None:
-        logits += bias[cols].to(logits.dtype)
     if opts.softcap is not None:
         logits = logits.div_(opts.softcap).tanh_().mul_(opts.softcap)
     if opts.inv_temperature != 1.0:
@@ -67,51 +65,62 @@ def _target_in_tile(targets: torch.Tensor, cols: slice) -> tuple[torch.Tensor, t
     return local.clamp(0, cols.stop - cols.start - 1).unsqueeze(1), inside
 
 
-def _stats_forward(raw_tile, n_rows: int, n_cols: int, bias, targets, opts: StatsOptions, like: torch.Tensor):
-    """Merge the tiles' statistics row block by row block. ``raw_tile(rows, cols)`` gives input-dtype logits."""
+def _stats_forward(raw_tile, n_rows: int, n_cols: int, targets, opts: StatsOptions, like: torch.Tensor):
+    """Merge the tiles' statistics row block by row block. ``raw_tile(rows, cols)`` gives input-dtype logits.
+
+    Per row the running state is the maximum ``m``, ``S = Σ e^(l-s)`` and ``A = Σ e^(l-s) (l-s)`` around the
+    shift ``s = m`` (0 while the row has seen only -inf), so that ``entropy = log S - A / S``.
+    """
     acc = accum_dtype(like.dtype)
     lse = torch.empty(n_rows, dtype=acc, device=like.device)
     target_logit = torch.empty_like(lse)
-    mean_logit = torch.empty_like(lse) if opts.need_mean else None
+    entropy = torch.empty_like(lse) if opts.need_entropy else None
     sum_logits = torch.empty_like(lse) if opts.need_sum else None
     for rows, cols, row_done in _tiles(n_rows, n_cols, _bytes_per_element(like.dtype), opts.scratch_bytes):
         if cols.start == 0:
             n = rows.stop - rows.start
             run_max = torch.full((n,), -math.inf, dtype=acc, device=like.device)
+            run_shift = torch.zeros_like(run_max)
             run_sum = torch.zeros_like(run_max)
-            run_weighted = torch.zeros_like(run_max)
+            run_centered = torch.zeros_like(run_max)
             run_target = torch.zeros_like(run_max)
             run_total = torch.zeros_like(run_max)
-        logits = _transform(raw_tile(rows, cols), cols, bias, opts)
-        new_max = torch.maximum(run_max, logits.amax(dim=1))
-        # A row whose logits so far are all -inf keeps a finite shift so no inf - inf appears.
-        shift = torch.where(torch.isinf(new_max), 0.0, new_max)
-        rescale = torch.exp(run_max - shift)
-        exps = torch.exp(logits - shift.unsqueeze(1))
-        run_sum = run_sum * rescale + exps.sum(dim=1)
-        if opts.need_mean:
-            run_weighted = run_weighted * rescale + exps.mul_(logits).nan_to_num_(nan=0.0).sum(dim=1)
-        if opts.need_sum:
-            run_total += logits.sum(dim=1)
+        logits = _transform(raw_tile(rows, cols), opts)
         local, inside = _target_in_tile(targets[rows], cols)
         run_target += torch.where(inside, logits.gather(1, local).squeeze(1), 0.0)
-        run_max = new_max
+        if opts.need_sum:
+            run_total += logits.sum(dim=1)
+        run_max = torch.maximum(run_max, logits.amax(dim=1))
+        shift = torch.where(torch.isinf(run_max), 0.0, run_max)
+        # Rows with nothing summed yet rescale by 0 (never inf * 0 when the new shift is very negative).
+        rescale = torch.where(run_sum > 0, torch.exp(run_shift - shift), 0.0)
+        if opts.need_entropy:
+            run_centered = rescale * (run_centered + (run_shift - shift) * run_sum)
+        exps = torch.exp(logits.sub_(shift.unsqueeze(1)))
+        run_sum = run_sum * rescale + exps.sum(dim=1)
+        if opts.need_entropy:
+            run_centered += exps.mul_(torch.where(exps > 0, logits, 0.0)).sum(dim=1)
+        run_shift = shift
         if row_done:
-            lse[rows] = shift + torch.log(run_sum)
+            log_sum = torch.log(run_sum)
+            lse[rows] = shift + log_sum
             target_logit[rows] = run_target
-            if opts.need_mean:
-                mean_logit[rows] = run_weighted / run_sum
+            if opts.need_entropy:
+                entropy[rows] = log_sum - run_centered / run_sum
             if opts.need_sum:
                 sum_logits[rows] = run_total
-    return TokenStats(lse, target_logit, mean_logit, sum_logits)
+    return TokenStats(lse, target_logit, entropy, sum_logits)
 
 
-def _tile_grad(raw, rows, cols, bias, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+def _tile_grad(raw, rows, cols, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
     """d loss / d raw logits for one tile, in the accumulation dtype."""
-    logits = _transform(raw, cols, bias, opts)
-    grad = torch.exp(logits - lse[rows].unsqueeze(1))
+    logits = _transform(raw, opts)
+    log_probs = logits - lse[rows].unsqueeze(1)
+    grad = torch.exp(log_probs)
     if coeffs.beta is not None:
-        grad *= coeffs.alpha[rows].unsqueeze(1) + coeffs.beta[rows].unsqueeze(1) * logits
+        # Where p = 0 (a -inf logit) the log-prob term must vanish, not become 0 * inf.
+        log_probs = torch.where(grad > 0, log_probs, 0.0)
+        grad *= log_probs.mul_(coeffs.beta[rows].unsqueeze(1)).add_(coeffs.alpha[rows].unsqueeze(1))
     else:
         grad *= coeffs.alpha[rows].unsqueeze(1)
     if coeffs.kappa is not None:
@@ -128,13 +137,20 @@ def _tile_grad(raw, rows, cols, bias, targets, lse, coeffs: GradCoefficients, op
     return grad
 
 
+def _linear_tile(hidden, weight, bias, rows: slice, cols: slice) -> torch.Tensor:
+    """``hidden[rows] @ weight[cols].T + bias[cols]`` in the input dtype, rounded once like eager ``F.linear``."""
+    if bias is None:
+        return hidden[rows] @ weight[cols].T
+    return torch.addmm(bias[cols], hidden[rows], weight[cols].T)
+
+
 def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenStats:
     """Statistics of ``hidden [N, D] @ weight[V, D].T + bias``."""
 
     def raw_tile(rows: slice, cols: slice) -> torch.Tensor:
-        return hidden[rows] @ weight[cols].T
+        return _linear_tile(hidden, weight, bias, rows, cols)
 
-    return _stats_forward(raw_tile, hidden.shape[0], weight.shape[0], bias, targets, opts, hidden)
+    return _stats_forward(raw_tile, hidden.shape[0], weight.shape[0], targets, opts, hidden)
 
 
 def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -157,7 +173,8 @@ def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients
     for rows, cols, row_done in _tiles(n_rows, n_cols, _bytes_per_element(hidden.dtype), opts.scratch_bytes):
         if cols.start == 0 and need_hidden:
             row_grad = torch.zeros(rows.stop - rows.start, hidden.shape[1], dtype=acc, device=hidden.device)
-        grad = _tile_grad(hidden[rows] @ weight[cols].T, rows, cols, bias, targets, lse, coeffs, opts)
+        raw = _linear_tile(hidden, weight, bias, rows, cols)
+        grad = _tile_grad(raw, rows, cols, targets, lse, coeffs, opts)
         if need_bias:
             grad_bias[cols] += grad.sum(dim=0)
         grad = grad.to(hidden.dtype)
@@ -185,7 +202,7 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
     def raw_tile(rows: slice, cols: slice) -> torch.Tensor:
         return _copy_tile(logits, rows, cols)
 
-    return _stats_forward(raw_tile, logits.shape[0], logits.shape[1], None, targets, opts, logits)
+    return _stats_forward(raw_tile, logits.shape[0], logits.shape[1], targets, opts, logits)
 
 
 def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
@@ -193,5 +210,5 @@ def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsO
     grad_logits = torch.empty_like(logits)
     for rows, cols, _ in _tiles(logits.shape[0], logits.shape[1], _bytes_per_element(logits.dtype), opts.scratch_bytes):
         raw = _copy_tile(logits, rows, cols)
-        grad_logits[rows, cols] = _tile_grad(raw, rows, cols, None, targets, lse, coeffs, opts)
+        grad_logits[rows, cols] = _tile_grad(raw, rows, cols, targets, lse, coeffs, opts)
     return grad_logits

@@ -75,8 +75,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if override and override != "auto":
             if override not in BACKEND_NAMES:
                 raise ValueError(
-                    f"FASTALIGN_BACKEND must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; "
-                    f"got {override!r}"
+                    f"FASTALIGN_BACKEND must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {override!r}"
                 )
             backend = override
         elif device.type == "cuda" and dtype != torch.float64 and _triton_status("cuda").available:

@@ -59,7 +59,7 @@ def linear_cross_entropy(
     (lse, target_logit, _, sum_logits), prepared = linear_stats(
         hidden, weight, bias, targets,
         temperature=1.0, softcap=softcap, ignore_index=ignore_index,
-        need_mean=False, need_sum=label_smoothing > 0, backend=backend,
+        need_entropy=False, need_sum=label_smoothing > 0, backend=backend,
     )  # fmt: skip
     loss = lse - target_logit
     if label_smoothing > 0:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.ops._checks import check_linear_inputs, check_logits_inputs, check_scalar_options, check_target_values
+from fastalign.ops._checks import (
+    check_linear_inputs,
+    check_logits_inputs,
+    check_scalar_options,
+    check_target_values,
+)
 from fastalign.ops.backends import resolve_backend, scratch_budget
 from fastalign.ops.stats import LinearStats, LogitsStats, StatsOptions
 
@@ -31,7 +36,7 @@ class PreparedTargets:
         return per_token.reshape(self.shape)
 
 
-def linear_stats(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, need_mean, need_sum, backend):
+def linear_stats(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, need_entropy, need_sum, backend):
     """Checked entry to :class:`LinearStats`: returns ``(TokenStats tuple, PreparedTargets)``."""
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
     check_scalar_options(temperature, softcap, ignore_index)
@@ -41,7 +46,7 @@ def linear_stats(hidden, weight, bias, targets, *, temperature, softcap, ignore_
     opts = StatsOptions(
         inv_temperature=1.0 / float(temperature),
         softcap=None if softcap is None else float(softcap),
-        need_mean=need_mean,
+        need_entropy=need_entropy,
         need_sum=need_sum,
         scratch_bytes=scratch_budget(hidden.device),
     )
@@ -91,15 +96,15 @@ def linear_logprobs(
         >>> fastalign.linear_logprobs(hidden, weight, targets).shape
         torch.Size([2, 5])
     """
-    (lse, target_logit, mean_logit, _), prepared = linear_stats(
+    (lse, target_logit, entropy, _), prepared = linear_stats(
         hidden, weight, bias, targets,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        need_mean=return_entropy, need_sum=False, backend=backend,
+        need_entropy=return_entropy, need_sum=False, backend=backend,
     )  # fmt: skip
     logp = prepared.finish(target_logit - lse)
     if not return_entropy:
         return logp
-    return logp, prepared.finish((lse - mean_logit).clamp_min(0.0))
+    return logp, prepared.finish(entropy.clamp_min(0.0))
 
 
 def logprobs_from_logits(
@@ -130,15 +135,13 @@ def logprobs_from_logits(
     opts = StatsOptions(
         inv_temperature=1.0 / float(temperature),
         softcap=None if softcap is None else float(softcap),
-        need_mean=return_entropy,
+        need_entropy=return_entropy,
         need_sum=False,
         scratch_bytes=scratch_budget(logits.device),
     )
     chosen = resolve_backend(backend, logits.device, logits.dtype)
-    lse, target_logit, mean_logit, _ = LogitsStats.apply(
-        logits.reshape(-1, vocab_size), prepared.safe, chosen, opts
-    )
+    lse, target_logit, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, chosen, opts)
     logp = prepared.finish(target_logit - lse)
     if not return_entropy:
         return logp
-    return logp, prepared.finish((lse - mean_logit).clamp_min(0.0))
+    return logp, prepared.finish(entropy.clamp_min(0.0))

@@ -5,13 +5,14 @@ logits; ``T`` applies softcap and temperature) the backends compute
 
 * ``lse_i = log Σ_j exp(l_ij)``,
 * ``target_logit_i = l_{i, y_i}``,
-* ``mean_logit_i = Σ_j p_ij l_ij`` (optional; entropy = lse − mean_logit),
+* ``entropy_i = −Σ_j p_ij log p_ij`` (optional),
 * ``sum_logits_i = Σ_j l_ij`` (optional; for label smoothing).
 
-Log-probs, entropy and cross-entropy are cheap ``[N]``-sized expressions of these, so autograd composes any
-later computation on top. Whatever the upstream gradients, the gradient with respect to the logits has the form
-``d_l_ij = p_ij (α_i + β_i l_ij) + γ_i [j = y_i] + κ_i``, which each backend evaluates tile by tile without
-storing ``[N, V]``.
+Log-probs and cross-entropy are cheap ``[N]``-sized expressions of these, so autograd composes any later
+computation on top. Whatever the upstream gradients, the gradient with respect to the logits has the form
+``d_l_ij = p_ij (α_i + β_i log p_ij) + γ_i [j = y_i] + κ_i``, which each backend evaluates tile by tile without
+storing ``[N, V]``. The entropy is accumulated as ``log S − Σ e^(l−m) (l−m) / S`` around the running maximum
+``m`` rather than as ``lse − E_p[l]``, which would cancel catastrophically for large logits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 class StatsOptions:
     inv_temperature: float
     softcap: float | None
-    need_mean: bool
+    need_entropy: bool
     need_sum: bool
     scratch_bytes: int
 
@@ -41,12 +42,12 @@ class StatsOptions:
 class TokenStats(NamedTuple):
     lse: torch.Tensor
     target_logit: torch.Tensor
-    mean_logit: torch.Tensor | None
+    entropy: torch.Tensor | None
     sum_logits: torch.Tensor | None
 
 
 class GradCoefficients(NamedTuple):
-    """Per-token coefficients of ``d_l = p (α + β l) + γ [j = y] + κ``; ``None`` means zero."""
+    """Per-token coefficients of ``d_l = p (α + β log p) + γ [j = y] + κ``; ``None`` means zero."""
 
     alpha: torch.Tensor
     beta: torch.Tensor | None
@@ -62,15 +63,18 @@ def backend_module(name: str) -> ModuleType:
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
-def _coefficients(stats_mean, g_lse, g_target, g_mean, g_sum) -> GradCoefficients | None:
-    if g_lse is None and g_target is None and g_mean is None and g_sum is None:
+def _coefficients(entropy, g_lse, g_target, g_entropy, g_sum) -> GradCoefficients | None:
+    if g_lse is None and g_target is None and g_entropy is None and g_sum is None:
         return None
-    reference = next(g for g in (g_lse, g_target, g_mean, g_sum) if g is not None)
+    reference = next(g for g in (g_lse, g_target, g_entropy, g_sum) if g is not None)
     alpha = torch.zeros_like(reference) if g_lse is None else g_lse
-    if g_mean is not None:
-        # d mean_logit / d l_j = p_j (1 + l_j - mean_logit)
-        alpha = alpha + g_mean * (1.0 - stats_mean)
-    return GradCoefficients(alpha.contiguous(), g_mean, g_target, g_sum)
+    beta = None
+    if g_entropy is not None:
+        # d entropy / d l_j = -p_j (log p_j + entropy)
+        alpha = alpha - g_entropy * entropy
+        beta = -g_entropy
+    # Upstream gradients may be expanded views (stride 0); kernels index them densely.
+    return GradCoefficients(*(None if g is None else g.contiguous() for g in (alpha, beta, g_target, g_sum)))
 
 
 def _outputs(stats: TokenStats) -> tuple[torch.Tensor, ...]:
@@ -78,7 +82,7 @@ def _outputs(stats: TokenStats) -> tuple[torch.Tensor, ...]:
     return (
         stats.lse,
         stats.target_logit,
-        empty if stats.mean_logit is None else stats.mean_logit,
+        empty if stats.entropy is None else stats.entropy,
         empty if stats.sum_logits is None else stats.sum_logits,
     )
 
@@ -91,14 +95,14 @@ class LinearStats(torch.autograd.Function):
         impl = backend_module(backend)
         stats = impl.linear_forward(hidden, weight, bias, targets, opts)
         ctx.impl, ctx.opts = impl, opts
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.mean_logit)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
         return _outputs(stats)
 
     @staticmethod
-    def backward(ctx, g_lse, g_target, g_mean, g_sum):
-        hidden, weight, bias, targets, lse, mean = ctx.saved_tensors
-        coeffs = _coefficients(mean, g_lse, g_target, g_mean, g_sum)
+    def backward(ctx, g_lse, g_target, g_entropy, g_sum):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        coeffs = _coefficients(entropy, g_lse, g_target, g_entropy, g_sum)
         needs = ctx.needs_input_grad[:3]
         if coeffs is None or not any(needs):
             return None, None, None, None, None, None
@@ -114,14 +118,14 @@ class LogitsStats(torch.autograd.Function):
         impl = backend_module(backend)
         stats = impl.logits_forward(logits, targets, opts)
         ctx.impl, ctx.opts = impl, opts
-        ctx.save_for_backward(logits, targets, stats.lse, stats.mean_logit)
+        ctx.save_for_backward(logits, targets, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
         return _outputs(stats)
 
     @staticmethod
-    def backward(ctx, g_lse, g_target, g_mean, g_sum):
-        logits, targets, lse, mean = ctx.saved_tensors
-        coeffs = _coefficients(mean, g_lse, g_target, g_mean, g_sum)
+    def backward(ctx, g_lse, g_target, g_entropy, g_sum):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        coeffs = _coefficients(entropy, g_lse, g_target, g_entropy, g_sum)
         if coeffs is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
         return ctx.impl.logits_backward(logits, targets, lse, coeffs, ctx.opts), None, None, None

@@ -1,0 +1,100 @@
+"""Device helpers shared by the Triton kernels: the logit transform, the online softmax update, and the
+gradient of one logit tile. Tiles are ``[BLOCK_N rows, BLOCK_V columns]`` in float32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # exp of a non-positive argument: no overflow, exact sign.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """``softcap * tanh(z / softcap)`` (when enabled), then times ``1 / temperature``."""
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z * inv_temperature
+
+
+@triton.jit
+def online_update(
+    logits,
+    cols,
+    col_mask,
+    targets,
+    run_max,
+    run_sum,
+    run_centered,
+    run_total,
+    run_target,
+    NEED_ENTROPY: tl.constexpr,
+    NEED_SUM: tl.constexpr,
+):
+    """Fold one tile into the running per-row statistics.
+
+    Around the shift ``s = run_max`` (0 while a row has seen only -inf): ``run_sum = Σ e^(l-s)`` and
+    ``run_centered = Σ e^(l-s) (l-s)``, so that ``entropy = log(run_sum) - run_centered / run_sum``.
+    """
+    is_target = (cols[None, :] == targets[:, None]) & col_mask[None, :]
+    run_target += tl.sum(tl.where(is_target, logits, 0.0), 1)
+    if NEED_SUM:
+        run_total += tl.sum(tl.where(col_mask[None, :], logits, 0.0), 1)
+    logits = tl.where(col_mask[None, :], logits, float("-inf"))
+    old_shift = tl.where(run_max == float("-inf"), 0.0, run_max)
+    run_max = tl.maximum(run_max, tl.max(logits, 1))
+    shift = tl.where(run_max == float("-inf"), 0.0, run_max)
+    # Rows with nothing summed yet rescale by 0 (never inf * 0 when the new shift is very negative).
+    rescale = tl.where(run_sum > 0, tl.exp(old_shift - shift), 0.0)
+    centered = logits - shift[:, None]
+    exps = tl.exp(centered)
+    if NEED_ENTROPY:
+        run_centered = rescale * (run_centered + (old_shift - shift) * run_sum)
+        run_centered += tl.sum(exps * tl.where(exps > 0, centered, 0.0), 1)
+    run_sum = run_sum * rescale + tl.sum(exps, 1)
+    return run_max, run_sum, run_centered, run_total, run_target
+
+
+@triton.jit
+def tile_grad(
+    logits,
+    cols,
+    targets,
+    lse,
+    alpha,
+    beta,
+    gamma,
+    kappa,
+    softcap,
+    inv_temperature,
+    HAS_BETA: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_KAPPA: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Gradient with respect to the raw logits ``z`` of ``d_l = p (α + β log p) + γ [j = y] + κ``."""
+    log_probs = logits - lse[:, None]
+    probs = tl.exp(log_probs)
+    if HAS_BETA:
+        # Where p = 0 (a -inf logit) the log-prob term must vanish, not become 0 * inf.
+        grad = probs * (alpha[:, None] + beta[:, None] * tl.where(probs > 0, log_probs, 0.0))
+    else:
+        grad = probs * alpha[:, None]
+    if HAS_GAMMA:
+        grad += tl.where(cols[None, :] == targets[:, None], gamma[:, None], 0.0)
+    if HAS_KAPPA:
+        grad += kappa[:, None]
+    if HAS_SOFTCAP:
+        tanh = logits / (softcap * inv_temperature)
+        grad = grad * (1.0 - tanh * tanh)
+    return grad * inv_temperature
+
+
+def autotune_configs(gpu_configs: list, interpreter_config: triton.Config, interpreting: bool) -> list:
+    """Triton's interpreter cannot benchmark, so it gets one config; GPUs get the whole list."""
+    return [interpreter_config] if interpreting else gpu_configs

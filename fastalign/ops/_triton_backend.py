@@ -1,0 +1,196 @@
+"""The Triton backend: allocations, launch grids and the small merges around the kernels in
+``fastalign.kernels.triton``.
+
+Forward: one fused kernel over ``(token blocks, vocabulary splits)`` writes partial statistics ``[splits, N]``
+that are merged here (a few ``[N]``-sized ops). Backward: the vocabulary is walked in slabs of columns sized by
+the scratch budget; per slab a kernel recomputes the logit tiles and writes their gradient ``[N, slab]``, then
+``d_hidden (float32) += grad @ weight[slab]`` (Triton) and ``d_weight[slab] = grad.T @ hidden`` (one matmul
+over all tokens, so no cross-slab accumulation). Memory beyond inputs and gradients: the slab, a float32
+``d_hidden`` accumulator for non-float32 inputs, and ``[splits, N]`` statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign.kernels.triton import linear_stats as linear_kernels
+from fastalign.kernels.triton import logits_stats as logits_kernels
+from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats
+
+INTERPRETING = linear_kernels.INTERPRETING
+# Vocabulary splits are multiples of the widest vocabulary tile in the autotune configs.
+_SPLIT_ALIGN = 256
+_SLAB_ALIGN = 128
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's TF32 switch for matmuls; half-precision dots ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _vocab_splits(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, cols_per_split)``: enough programs to fill the GPU when there are few token blocks."""
+    if INTERPRETING:
+        # Two splits whenever possible, so the tests cover the cross-split merge.
+        cols_per_split = max(32, _cdiv(n_cols, 2))
+        return _cdiv(n_cols, cols_per_split), cols_per_split
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    token_blocks = _cdiv(n_rows, 128)
+    splits = max(1, min(_cdiv(2 * multiprocessors, token_blocks), _cdiv(n_cols, 4 * _SPLIT_ALIGN)))
+    cols_per_split = _cdiv(_cdiv(n_cols, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return _cdiv(n_cols, cols_per_split), cols_per_split
+
+
+def _empty_stats(like: torch.Tensor, opts: StatsOptions) -> TokenStats:
+    empty = torch.empty(0, dtype=torch.float32, device=like.device)
+    return TokenStats(empty, empty, empty if opts.need_entropy else None, empty if opts.need_sum else None)
+
+
+def _merge_splits(partial: torch.Tensor, opts: StatsOptions) -> TokenStats:
+    """Combine ``partial = [max, sum, centered, total, target] x [splits, N]`` into the row statistics.
+
+    Each split's ``sum`` and ``centered`` are taken around its own shift (its max, or 0 if it saw only -inf).
+    """
+    run_max, run_sum, centered, total, target = partial.unbind(0)
+    split_shift = torch.where(torch.isinf(run_max), 0.0, run_max)
+    top = run_max.amax(dim=0)
+    shift = torch.where(torch.isinf(top), 0.0, top)
+    scale = torch.where(run_sum > 0, torch.exp(split_shift - shift), 0.0)
+    row_sum = (run_sum * scale).sum(dim=0)
+    log_sum = torch.log(row_sum)
+    entropy = None
+    if opts.need_entropy:
+        row_centered = (scale * (centered + (split_shift - shift) * run_sum)).sum(dim=0)
+        entropy = log_sum - row_centered / row_sum
+    return TokenStats(
+        lse=shift + log_sum,
+        target_logit=target.sum(dim=0),
+        entropy=entropy,
+        sum_logits=total.sum(dim=0) if opts.need_sum else None,
+    )
+
+
+def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenStats:
+    n_rows, width = hidden.shape
+    n_cols = weight.shape[0]
+    if n_rows == 0:
+        return _empty_stats(hidden, opts)
+    splits, cols_per_split = _vocab_splits(n_rows, n_cols, hidden.device)
+    partial = torch.zeros(5, splits, n_rows, dtype=torch.float32, device=hidden.device)
+    linear_kernels.linear_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
+        hidden, weight, weight if bias is None else bias, targets,
+        partial[0], partial[1], partial[2], partial[3], partial[4],
+        n_rows, n_cols, width, cols_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        opts.softcap or 1.0, opts.inv_temperature,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+        NEED_ENTROPY=opts.need_entropy, NEED_SUM=opts.need_sum,
+        UPCAST=INTERPRETING, DOT_PRECISION=_dot_precision(hidden.dtype),
+    )  # fmt: skip
+    return _merge_splits(partial, opts)
+
+
+def _slab_cols(n_rows: int, n_cols: int, itemsize: int, budget: int) -> int:
+    """Columns per backward slab: as many as the budget allows, at least one aligned tile."""
+    fitting = (budget // max(1, n_rows * itemsize)) // _SLAB_ALIGN * _SLAB_ALIGN
+    return min(n_cols, max(_SLAB_ALIGN, fitting))
+
+
+def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out (float32) += a @ b``."""
+    rows, inner = a.shape
+    width = b.shape[1]
+    linear_kernels.matmul_accumulate_kernel[
+        lambda meta: (_cdiv(rows, meta["BLOCK_M"]), _cdiv(width, meta["BLOCK_K"]))
+    ](
+        a, b, out, rows, inner, width,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        UPCAST=INTERPRETING, DOT_PRECISION=_dot_precision(a.dtype),
+    )  # fmt: skip
+
+
+def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients, needs, opts: StatsOptions):
+    need_hidden, need_weight, need_bias = needs
+    n_rows, width = hidden.shape
+    n_cols = weight.shape[0]
+    device = hidden.device
+    grad_hidden = torch.zeros(n_rows, width, dtype=torch.float32, device=device) if need_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    # A dedicated dummy: the autotuner zeroes whatever is passed as the bias gradient.
+    grad_bias = torch.zeros(n_cols if need_bias else 1, dtype=torch.float32, device=device)
+    if n_rows > 0:
+        slab_cols = _slab_cols(n_rows, n_cols, hidden.element_size(), opts.scratch_bytes)
+        slab = torch.empty(n_rows, slab_cols, dtype=hidden.dtype, device=device)
+        alpha = coeffs.alpha
+        for col_offset in range(0, n_cols, slab_cols):
+            cols = min(slab_cols, n_cols - col_offset)
+            linear_kernels.linear_grad_logits_kernel[
+                lambda meta, cols=cols: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(cols, meta["BLOCK_V"]))
+            ](
+                hidden, weight, weight if bias is None else bias, targets, lse,
+                alpha, alpha if coeffs.beta is None else coeffs.beta,
+                alpha if coeffs.gamma is None else coeffs.gamma,
+                alpha if coeffs.kappa is None else coeffs.kappa,
+                slab, grad_bias,
+                n_rows, n_cols, width, col_offset, cols,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), slab.stride(0),
+                opts.softcap or 1.0, opts.inv_temperature,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+                HAS_BETA=coeffs.beta is not None, HAS_GAMMA=coeffs.gamma is not None,
+                HAS_KAPPA=coeffs.kappa is not None, HAS_BIAS_GRAD=need_bias,
+                UPCAST=INTERPRETING, DOT_PRECISION=_dot_precision(hidden.dtype),
+            )  # fmt: skip
+            grad_slab = slab[:, :cols]
+            weight_slab = weight[col_offset : col_offset + cols]
+            if need_hidden:
+                _matmul_accumulate(grad_slab, weight_slab, grad_hidden)
+            if need_weight:
+                torch.mm(grad_slab.T, hidden, out=grad_weight[col_offset : col_offset + cols])
+    return (
+        None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+        grad_weight,
+        grad_bias.to(weight.dtype) if need_bias else None,
+    )
+
+
+def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return _empty_stats(logits, opts)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    stats = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)
+    logits_kernels.logits_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]),)](
+        logits, targets, stats[0], stats[1], stats[2], stats[3],
+        n_rows, n_cols, logits.stride(0), opts.softcap or 1.0, opts.inv_temperature,
+        HAS_SOFTCAP=opts.softcap is not None, NEED_ENTROPY=opts.need_entropy, NEED_SUM=opts.need_sum,
+    )  # fmt: skip
+    return TokenStats(stats[0], stats[1], stats[2] if opts.need_entropy else None, stats[3] if opts.need_sum else None)
+
+
+def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+    n_rows, n_cols = logits.shape
+    grad = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
+    if n_rows == 0:
+        return grad
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    alpha = coeffs.alpha
+    logits_kernels.logits_grad_kernel[
+        lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(n_cols, meta["BLOCK_V"]))
+    ](
+        logits, targets, lse, alpha,
+        alpha if coeffs.beta is None else coeffs.beta,
+        alpha if coeffs.gamma is None else coeffs.gamma,
+        alpha if coeffs.kappa is None else coeffs.kappa,
+        grad, n_rows, n_cols, logits.stride(0), grad.stride(0), opts.softcap or 1.0, opts.inv_temperature,
+        HAS_SOFTCAP=opts.softcap is not None, HAS_BETA=coeffs.beta is not None,
+        HAS_GAMMA=coeffs.gamma is not None, HAS_KAPPA=coeffs.kappa is not None,
+    )  # fmt: skip
+    return grad
