@@ -1,7 +1,7 @@
 """The torch backend: per-token softmax statistics computed tile by tile, never holding ``[N, V]`` logits.
 
 The logits are visited in ``[row_block, col_block]`` tiles whose scratch stays under the scratch budget
-(:func:`fastalign.ops.backends.scratch_budget`). The forward merges the tiles of a row block with an online
+(:func:`fastalign.ops.dispatch.scratch_budget`). The forward merges the tiles of a row block with an online
 logsumexp; the backward recomputes each tile from the saved logsumexp and pushes its gradient through the
 matmul (linear input) or writes it out (logits input). Float64 inputs compute in float64, everything else
 accumulates in float32.

@@ -10,7 +10,7 @@ from fastalign.ops._checks import (
     check_scalar_options,
     check_target_values,
 )
-from fastalign.ops.backends import resolve_backend, scratch_budget
+from fastalign.ops.dispatch import resolve_backend, scratch_budget
 from fastalign.ops.stats import LinearStats, LogitsStats, StatsOptions
 
 
