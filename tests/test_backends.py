@@ -44,7 +44,7 @@ def test_environment_override_is_used_by_the_ops(monkeypatch):
 
 
 def test_explicit_unavailable_backend_raises_with_reason():
-    with pytest.raises(fastalign.BackendUnavailableError, match="fastalign._C"):
+    with pytest.raises(fastalign.BackendUnavailableError, match=r"fastalign\._C"):
         fastalign.linear_logprobs(
             torch.randn(3, 8), torch.randn(20, 8), torch.zeros(3, dtype=torch.long), backend="cuda"
         )

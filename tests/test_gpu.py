@@ -5,11 +5,11 @@ import functools
 
 import pytest
 import torch
+from oracle import assert_matches_reference
+from test_ops_vs_reference import make_linear_inputs
 
 import fastalign
 from fastalign.ops import reference
-from oracle import assert_matches_reference
-from test_ops_vs_reference import make_linear_inputs
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

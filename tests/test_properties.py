@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import assert_matches_reference
 
 import fastalign
 from fastalign.ops import reference
-from oracle import assert_matches_reference
 
 
 @st.composite
@@ -68,8 +68,9 @@ def test_softmax_laws(problem, backend):
         inputs.pop("bias", None)
         vocab = vocab_cut
     row = torch.randn(1, width, dtype=torch.float64).float().expand(vocab, width)
+    bias = inputs["bias"].float() if "bias" in inputs else None
     logp, entropy = fastalign.linear_logprobs(
-        row, inputs["weight"].float(), torch.arange(vocab), bias=None if "bias" not in inputs else inputs["bias"].float(),
+        row, inputs["weight"].float(), torch.arange(vocab), bias=bias,
         temperature=options["temperature"], softcap=options["softcap"], return_entropy=True, backend=backend,
     )  # fmt: skip
     assert (logp <= 1e-6).all()
