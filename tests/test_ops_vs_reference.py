@@ -106,9 +106,9 @@ def test_leading_shapes(leading):
     )
 
 
-@pytest.mark.parametrize("budget", [1 << 10, 20 << 10, 300 << 10], ids=["tiny", "vocab-tiled", "row-blocks"])
+@pytest.mark.parametrize("budget", [1 << 10, 20 << 10, 300 << 10], ids=["tiny-tiles", "small-tiles", "wide-tiles"])
 def test_torch_backend_tiling(scratch_budget, budget):
-    """Budgets that force vocabulary tiles, square tiles and whole-vocabulary row blocks agree alike."""
+    """Budgets giving 8x8, 35x36 and 40x480 tiles (several row blocks and vocabulary tiles) agree alike."""
     scratch_budget(budget)
     inputs = make_linear_inputs((40,), 32, 1031, with_bias=True)
     for op, ref, options in [
