@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-torch-$(TORCH)
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test test-gpu demo bench lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml setup.py
 
 test: install
 	$(PY) -m pytest
+
+test-gpu: install
+	$(PY) -m pytest -m gpu
 
 demo: install
 	$(PY) -m bench --demo

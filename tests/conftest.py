@@ -1,23 +1,37 @@
-"""Test setup: Triton runs in its CPU interpreter when there is no GPU; GPU tests skip without one."""
+"""Test setup.
+
+``pytest`` (what ``make test`` and CI run): the CPU suite. Triton kernels run in triton's CPU interpreter
+(``TRITON_INTERPRET=1`` is set here, before anything imports triton), and tests marked ``gpu`` are skipped.
+``pytest -m gpu`` (``make test-gpu``, ``bench/gpu_check.sh``): the GPU suite, with triton compiling for the
+device; it needs CUDA.
+"""
 
 import os
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Must be set before triton is first imported (fastalign imports it lazily, on first triton use).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _gpu_run(config) -> bool:
+    return config.getoption("markexpr", "").strip() == "gpu"
+
+
+def pytest_configure(config):
+    if not _gpu_run(config):
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if _gpu_run(config) and torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run bench/gpu_check.sh on a GPU machine)")
+    reason = (
+        "GPU tests run on a CUDA machine with `pytest -m gpu` (bench/gpu_check.sh)"
+        if not _gpu_run(config)
+        else "`pytest -m gpu` needs a CUDA device and torch sees none"
+    )
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_linear_logprobs_rejects(case, change, message):
 def test_out_of_range_message_counts_positions():
     kwargs = good()
     kwargs["targets"] = torch.tensor([[11, 12, 0], [-100, 3, 4]])
-    with pytest.raises(ValueError, match=r"found 11 \(2 such positions\)"):
+    with pytest.raises(ValueError, match="found 11 at 2 positions"):
         fastalign.linear_logprobs(**kwargs)
 
 

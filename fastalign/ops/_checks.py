@@ -66,9 +66,10 @@ def check_target_values(targets: torch.Tensor, vocab_size: int, ignore_index: in
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()
+        count = int(bad.sum())
         raise ValueError(
             f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {first} ({int(bad.sum())} such positions)"
+            f"found {first} at {count} position{'' if count == 1 else 's'}"
         )
 
 

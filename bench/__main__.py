@@ -1,0 +1,87 @@
+"""``python -m bench``: time forward and forward+backward, and peak memory, of fastalign's core ops against the
+eager baseline and (on GPUs, when installed) liger-kernel and cut-cross-entropy.
+
+Examples:
+    python -m bench                      # the CPU preset (or the GPU preset on a CUDA machine)
+    python -m bench --preset gpu-small   # a quick GPU run
+    python -m bench --demo               # the quick CPU run behind `make demo`
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.cases import MODES, OPS, PRESETS, Case, implementations, matmul_flops, min_bytes
+from bench.measure import measure_cpu, measure_gpu
+from bench.report import add_derived, environment, render, write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {k:10s} {p.description}: N,D,V={p.linear_shape}, {p.dtype}, "
+                                          f"{p.device}" for k, p in PRESETS.items()),
+    )  # fmt: skip
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
+    parser.add_argument("--demo", action="store_true", help="the quick CPU preset; prints, saves to results/tmp")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--impls", nargs="+", help="only these implementations (e.g. eager fastalign-torch)")
+    parser.add_argument("--repeats", type=int, help="timed steps per CPU case (default: the preset's)")
+    parser.add_argument("--out", type=Path, help=f"output folder (default: {RESULTS})")
+    args = parser.parse_args(argv)
+    if args.demo:
+        args.preset, args.out = "demo", args.out or RESULTS / "tmp"
+    args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    args.out = args.out or RESULTS
+    if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
+    return args
+
+
+def build_cases(args: argparse.Namespace) -> list[Case]:
+    preset = PRESETS[args.preset]
+    cases = []
+    for op in args.ops:
+        n, d, v = (
+            preset.linear_shape if op != "logprobs_from_logits" else (preset.logits_shape[0], 0, preset.logits_shape[1])
+        )
+        for mode in args.modes:
+            for impl in implementations(op, preset.device):
+                if args.impls and impl not in args.impls:
+                    continue
+                cases.append(Case(op, impl, mode, n, d, v, preset.dtype, preset.device))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    preset = PRESETS[args.preset]
+    repeats = args.repeats or preset.repeats
+    cases = build_cases(args)
+    rows = []
+    for number, case in enumerate(cases, 1):
+        print(f"[{number}/{len(cases)}] {case.op} {case.mode} {case.impl} ...", end=" ", file=sys.stderr, flush=True)
+        result = measure_gpu(case) if preset.device == "cuda" else measure_cpu(case, repeats)
+        print(result.get("error") or f"{result['time_ms']:.1f} ms, {result['peak_extra_mib']:.0f} MiB",
+              file=sys.stderr)  # fmt: skip
+        rows.append({**case.to_dict(), **result, "flops": matmul_flops(case), "bytes": min_bytes(case)})
+    add_derived(rows)
+    env = environment(preset.device)
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    path = write(rows, env, args.preset, preset.device, preset.description, command.strip(), args.out)
+    print(render(rows, env, args.preset, preset.description, command.strip()))
+    print(f"written: {path} and {path.with_suffix('.csv')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

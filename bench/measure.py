@@ -1,0 +1,100 @@
+"""Timing and peak memory of one case.
+
+CPU: each case runs in a fresh process (``python -m bench.measure '<case json>'``). A tiny run of the same case
+first pages in the library code; then the peak-RSS mark is reset (``/proc/self/clear_refs``) and the extra peak
+memory is the peak RSS during one step minus the RSS just before it. The time is the median of later steps.
+GPU: in this process, ``triton.testing.do_bench`` median after warm-up; extra peak memory from
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.cases import Case, make_inputs, make_step
+
+
+def _memory_status(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` (peak RSS since the last reset) of this process, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def measure_here_cpu(case: Case, repeats: int) -> dict:
+    tiny = dataclasses.replace(case, n=min(case.n, 64), d=min(case.d, 64), v=min(case.v, 512))
+    make_step(tiny, make_inputs(tiny))()
+    inputs = make_inputs(case)
+    step = make_step(case, inputs)
+    gc.collect()
+    _reset_peak_rss()
+    before = _memory_status("VmRSS")
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    extra = _memory_status("VmHWM") - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"time_ms": 1e3 * statistics.median(times or [first]), "peak_extra_mib": extra / 2**20}
+
+
+def measure_cpu(case: Case, repeats: int) -> dict:
+    """Run one CPU case in a fresh interpreter, so earlier cases cannot inflate its peak RSS."""
+    command = [sys.executable, "-m", "bench.measure", json.dumps({**case.to_dict(), "repeats": repeats})]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_gpu(case: Case) -> dict:
+    import triton.testing
+
+    inputs = make_inputs(case)
+    step = make_step(case, inputs)
+    try:
+        step()  # compile and autotune outside the measured window
+        for tensor in inputs:
+            tensor.grad = None  # gradients count as extra memory, as on CPU
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        time_ms = triton.testing.do_bench(step, warmup=100, rep=500, return_mode="median")
+    except torch.OutOfMemoryError as error:
+        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
+    finally:
+        del inputs, step
+        torch.cuda.empty_cache()
+    return {"time_ms": time_ms, "peak_extra_mib": extra / 2**20}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    repeats = spec.pop("repeats")
+    torch.manual_seed(0)
+    print(json.dumps(measure_here_cpu(Case(**spec), repeats)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Tables of benchmark results (CSV and markdown), the environment they were measured in, and the targets."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import platform
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    "op", "mode", "impl", "dtype", "n", "d", "v", "time_ms", "vs_eager", "peak_extra_mib", "mem_vs_eager",
+    "tflops", "gbps", "error",
+]  # fmt: skip
+
+
+def environment(device: str) -> dict[str, str]:
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device_name = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+    else:
+        device_name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    return {
+        "device": device_name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "fastalign": version("fastalign"),
+        "liger-kernel": version("liger-kernel"),
+        "cut-cross-entropy": version("cut-cross-entropy"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_slug(env: dict[str, str]) -> str:
+    """A file-name-safe tag of the device, e.g. ``nvidia-h100-80gb-hbm3``."""
+    name = env["device"].split(" (")[0].lower()
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def add_derived(rows: list[dict]) -> None:
+    """Speed-up and memory relative to eager on the same op and mode, and achieved TFLOP/s or GB/s."""
+    eager = {(r["op"], r["mode"]): r for r in rows if r["impl"] == "eager" and "time_ms" in r}
+    for row in rows:
+        base = eager.get((row["op"], row["mode"]))
+        if "time_ms" not in row:
+            continue
+        if base is not None:
+            row["vs_eager"] = base["time_ms"] / row["time_ms"]
+            row["mem_vs_eager"] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+        seconds = row["time_ms"] / 1e3
+        if row["flops"]:
+            row["tflops"] = row["flops"] / seconds / 1e12
+        if row["bytes"]:
+            row["gbps"] = row["bytes"] / seconds / 1e9
+
+
+def _format(value: object, column: str) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        if column in ("vs_eager", "mem_vs_eager"):
+            return f"{value:.2f}x" if column == "vs_eager" else f"{100 * value:.1f}%"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    shown = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(c), c) for c in shown) + " |")
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[dict], preset_name: str) -> list[tuple[bool, str]]:
+    """The issue's targets, as ``(met, description with the numbers)``."""
+    index = {(r["op"], r["mode"], r["impl"]): r for r in rows if "vs_eager" in r}
+    results = []
+    if preset_name in ("cpu", "demo"):
+        for op, limit in (("linear_logprobs", 1.5), ("linear_cross_entropy", 1.15)):
+            row = index.get((op, "fwd+bwd", "fastalign-torch"))
+            text = f"{op} fwd+bwd time <= {limit}x eager's"
+            results.append((row is not None and 1 / row["vs_eager"] <= limit, _detail(text, row, "time")))
+            for mode in ("fwd", "fwd+bwd"):
+                row = index.get((op, mode, "fastalign-torch"))
+                text = f"{op} {mode} extra peak memory <= 10% of eager's"
+                results.append((row is not None and row["mem_vs_eager"] <= 0.10, _detail(text, row, "memory")))
+        return results
+    for op in ("linear_logprobs", "linear_cross_entropy"):
+        ours = index.get((op, "fwd+bwd", "fastalign-triton"))
+        text = f"{op} fwd+bwd >= 1.5x faster than eager"
+        results.append((ours is not None and ours["vs_eager"] >= 1.5, _detail(text, ours, "speed")))
+        text = f"{op} fwd+bwd extra peak memory <= 2% of eager's"
+        results.append((ours is not None and ours["mem_vs_eager"] <= 0.02, _detail(text, ours, "memory")))
+        for peer in ("liger-kernel", "cut-cross-entropy"):
+            theirs = index.get((op, "fwd+bwd", peer))
+            text = f"{op} fwd+bwd faster than {peer}"
+            if ours is None or theirs is None:
+                results.append((False, f"{text}: not measured"))
+            else:
+                ratio = theirs["time_ms"] / ours["time_ms"]
+                results.append((ratio > 1, f"{text}: {ratio:.2f}x"))
+    return results
+
+
+def _detail(text: str, row: dict | None, kind: str) -> str:
+    if row is None:
+        return f"{text}: not measured"
+    if kind == "time":
+        return f"{text}: {1 / row['vs_eager']:.2f}x"
+    if kind == "speed":
+        return f"{text}: {row['vs_eager']:.2f}x, {row.get('tflops', 0):.0f} TFLOP/s"
+    return f"{text}: {100 * row['mem_vs_eager']:.1f}%"
+
+
+def write(
+    rows: list[dict], env: dict[str, str], preset_name: str, preset_text: str, command: str, out_dir: Path
+) -> Path:
+    """Write ``core_ops-<preset>-<device>.{csv,md}`` and return the markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"core_ops-{preset_name}-{device_slug(env, 'cuda' if preset_name.startswith('gpu') else 'cpu')}"
+    with open(out_dir / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = out_dir / f"{stem}.md"
+    markdown.write_text(render(rows, env, preset_name, preset_text, command))
+    return markdown
+
+
+def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text: str, command: str) -> str:
+    lines = [f"# fastalign core-op benchmark: `{preset_name}` ({preset_text})", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += [f"- command: `{command}`", ""]
+    lines += [
+        "time: median per step; fwd runs under no_grad (reference / old-policy log-probs), fwd+bwd is a training",
+        "step including the gradients. peak_extra_mib: peak memory above the inputs during one step (gradients",
+        "included). vs_eager: eager time / this time. tflops counts the matmul work (2·N·D·V fwd, 6·N·D·V",
+        "fwd+bwd); gbps counts the least traffic of logprobs_from_logits (read logits once; + read and write",
+        "d_logits once).",
+        "",
+    ]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        lines += [f"## {op}", "", markdown_table([r for r in rows if r["op"] == op]), ""]
+    lines += ["## targets", ""]
+    lines += [f"- [{'x' if met else ' '}] {text}" for met, text in check_targets(rows, preset_name)]
+    return "\n".join(lines) + "\n"
