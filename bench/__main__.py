@@ -18,9 +18,19 @@ import torch
 
 from bench.cases import MODES, OPS, PRESETS, Case, implementations, matmul_flops, min_bytes
 from bench.measure import measure_cpu, measure_gpu
-from bench.report import add_derived, environment, render, write
+from bench.report import add_derived, environment, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        n, d, v = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,D,V (three integers), got {text!r}") from None
+    if min(n, d, v) < 1:
+        raise argparse.ArgumentTypeError(f"N, D and V must be >= 1, got {text!r}")
+    return n, d, v
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--impls", nargs="+", help="only these implementations (e.g. eager fastalign-torch)")
     parser.add_argument("--repeats", type=int, help="timed steps per CPU case (default: the preset's)")
+    parser.add_argument("--shape", type=_shape, help="N,D,V instead of the preset's (logits op: N,V)")
     parser.add_argument("--out", type=Path, help=f"output folder (default: {RESULTS})")
     args = parser.parse_args(argv)
     if args.demo:
@@ -52,9 +63,14 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     preset = PRESETS[args.preset]
     cases = []
     for op in args.ops:
-        n, d, v = (
-            preset.linear_shape if op != "logprobs_from_logits" else (preset.logits_shape[0], 0, preset.logits_shape[1])
-        )
+        if op == "logprobs_from_logits":
+            n, d, v = (
+                (args.shape[0], 0, args.shape[2])
+                if args.shape
+                else (*preset.logits_shape[:1], 0, preset.logits_shape[1])
+            )
+        else:
+            n, d, v = args.shape or preset.linear_shape
         for mode in args.modes:
             for impl in implementations(op, preset.device):
                 if args.impls and impl not in args.impls:
@@ -78,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     add_derived(rows)
     env = environment(preset.device)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    path = write(rows, env, args.preset, preset.device, preset.description, command.strip(), args.out)
-    print(render(rows, env, args.preset, preset.description, command.strip()))
+    title = preset.description if args.shape is None else f"{preset.description}, shapes overridden by --shape"
+    path = write(rows, env, args.preset, preset.device, title, command.strip(), args.out)
+    print(path.read_text())
     print(f"written: {path} and {path.with_suffix('.csv')}", file=sys.stderr)
 
 

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,7 +60,8 @@ def measure_here_cpu(case: Case, repeats: int) -> dict:
 def measure_cpu(case: Case, repeats: int) -> dict:
     """Run one CPU case in a fresh interpreter, so earlier cases cannot inflate its peak RSS."""
     command = [sys.executable, "-m", "bench.measure", json.dumps({**case.to_dict(), "repeats": repeats})]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    repo_root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=repo_root)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])

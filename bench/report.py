@@ -133,11 +133,11 @@ def _detail(text: str, row: dict | None, kind: str) -> str:
 
 
 def write(
-    rows: list[dict], env: dict[str, str], preset_name: str, preset_text: str, command: str, out_dir: Path
+    rows: list[dict], env: dict[str, str], preset_name: str, device: str, preset_text: str, command: str, out_dir: Path
 ) -> Path:
-    """Write ``core_ops-<preset>-<device>.{csv,md}`` and return the markdown path."""
+    """Write ``core_ops-<preset>[-<gpu>].{csv,md}`` and return the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"core_ops-{preset_name}-{device_slug(env, 'cuda' if preset_name.startswith('gpu') else 'cpu')}"
+    stem = f"core_ops-{preset_name}" + (f"-{device_slug(env)}" if device == "cuda" else "")
     with open(out_dir / f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -162,5 +162,8 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
     for op in dict.fromkeys(r["op"] for r in rows):
         lines += [f"## {op}", "", markdown_table([r for r in rows if r["op"] == op]), ""]
     lines += ["## targets", ""]
-    lines += [f"- [{'x' if met else ' '}] {text}" for met, text in check_targets(rows, preset_name)]
+    if "--shape" in command:
+        lines += ["The targets are set for the preset's shapes; this run overrode them with --shape."]
+    else:
+        lines += [f"- [{'x' if met else ' '}] {text}" for met, text in check_targets(rows, preset_name)]
     return "\n".join(lines) + "\n"
