@@ -2,9 +2,11 @@
 
 CPU: each case runs in a fresh process (``python -m bench.measure '<case json>'``). A tiny run of the same case
 first pages in the library code; then the peak-RSS mark is reset (``/proc/self/clear_refs``) and the extra peak
-memory is the peak RSS during one step minus the RSS just before it. The time is the median of later steps.
+memory is the peak RSS during one step minus the RSS just before it and minus the gradients of the inputs
+(which every implementation must produce). The time is the median of later steps.
 GPU: in this process, ``triton.testing.do_bench`` median after warm-up; extra peak memory from
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before.
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before and minus
+the inputs' gradients.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
+def _gradient_bytes(inputs: tuple[torch.Tensor, ...]) -> int:
+    """Memory of the inputs' gradients: every implementation must produce them, so they are not counted."""
+    return sum(x.grad.numel() * x.grad.element_size() for x in inputs if x.grad is not None)
+
+
 def measure_here_cpu(case: Case, repeats: int) -> dict:
     tiny = dataclasses.replace(case, n=min(case.n, 64), d=min(case.d, 64), v=min(case.v, 512))
     make_step(tiny, make_inputs(tiny))()
@@ -48,7 +55,8 @@ def measure_here_cpu(case: Case, repeats: int) -> dict:
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    extra = _memory_status("VmHWM") - before
+    # Gradients may land in pages the allocator already held: clamp that page-level noise at 0.
+    extra = max(0, _memory_status("VmHWM") - before - _gradient_bytes(inputs))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,13 +83,13 @@ def measure_gpu(case: Case) -> dict:
     try:
         step()  # compile and autotune outside the measured window
         for tensor in inputs:
-            tensor.grad = None  # gradients count as extra memory, as on CPU
+            tensor.grad = None  # the step allocates its gradients afresh, as on CPU
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before
+        extra = torch.cuda.max_memory_allocated() - before - _gradient_bytes(inputs)
         time_ms = triton.testing.do_bench(step, warmup=100, rep=500, return_mode="median")
     except torch.OutOfMemoryError as error:
         return {"error": f"out of memory: {str(error).splitlines()[0]}"}

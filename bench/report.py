@@ -152,11 +152,11 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [f"- command: `{command}`", ""]
     lines += [
-        "time: median per step; fwd runs under no_grad (reference / old-policy log-probs), fwd+bwd is a training",
-        "step including the gradients. peak_extra_mib: peak memory above the inputs during one step (gradients",
-        "included). vs_eager: eager time / this time. tflops counts the matmul work (2·N·D·V fwd, 6·N·D·V",
-        "fwd+bwd); gbps counts the least traffic of logprobs_from_logits (read logits once; + read and write",
-        "d_logits once).",
+        "time: median per step; fwd runs under no_grad (reference / old-policy log-probs), fwd+bwd is a",
+        "training step. peak_extra_mib: peak memory during one step above the inputs and the inputs' gradients",
+        "(which every implementation must produce). vs_eager: eager time / this time. tflops counts the matmul",
+        "work (2·N·D·V fwd, 6·N·D·V fwd+bwd); gbps counts the least traffic of logprobs_from_logits (read the",
+        "logits once; + read and write d_logits once).",
         "",
     ]
     for op in dict.fromkeys(r["op"] for r in rows):
