@@ -15,9 +15,9 @@ import torch
 
 from fastalign.kernels.triton import linear_stats as linear_kernels
 from fastalign.kernels.triton import logits_stats as logits_kernels
+from fastalign.kernels.triton.softmax_tile import INTERPRETING
 from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats
 
-INTERPRETING = linear_kernels.INTERPRETING
 # Vocabulary splits are multiples of the widest vocabulary tile in the autotune configs.
 _SPLIT_ALIGN = 256
 _SLAB_ALIGN = 128
@@ -82,7 +82,7 @@ def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenSt
     if n_rows == 0:
         return _empty_stats(hidden, opts)
     splits, cols_per_split = _vocab_splits(n_rows, n_cols, hidden.device)
-    partial = torch.zeros(5, splits, n_rows, dtype=torch.float32, device=hidden.device)
+    partial = torch.empty(5, splits, n_rows, dtype=torch.float32, device=hidden.device)
     linear_kernels.linear_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
         hidden, weight, weight if bias is None else bias, targets,
         partial[0], partial[1], partial[2], partial[3], partial[4],
@@ -121,7 +121,8 @@ def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients
     n_cols = weight.shape[0]
     device = hidden.device
     grad_hidden = torch.zeros(n_rows, width, dtype=torch.float32, device=device) if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
+    # Every slab writes its rows of the weight gradient in full; only an empty batch leaves it all zero.
+    grad_weight = (torch.empty_like(weight) if n_rows > 0 else torch.zeros_like(weight)) if need_weight else None
     # A dedicated dummy: the autotuner zeroes whatever is passed as the bias gradient.
     grad_bias = torch.zeros(n_cols if need_bias else 1, dtype=torch.float32, device=device)
     if n_rows > 0:

@@ -36,24 +36,41 @@ class PreparedTargets:
         return per_token.reshape(self.shape)
 
 
-def linear_stats(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, need_entropy, need_sum, backend):
-    """Checked entry to :class:`LinearStats`: returns ``(TokenStats tuple, PreparedTargets)``."""
-    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+def _prepare(
+    targets, vocab_size, like, *, temperature, softcap, ignore_index, need_entropy, need_sum, backend
+) -> tuple[PreparedTargets, StatsOptions, str]:
+    """Checks shared by every op after the input-specific ones: options, target values, backend."""
     check_scalar_options(temperature, softcap, ignore_index)
-    vocab_size = weight.shape[0]
     check_target_values(targets, vocab_size, ignore_index)
-    prepared = PreparedTargets(targets, vocab_size, ignore_index)
     opts = StatsOptions(
         inv_temperature=1.0 / float(temperature),
         softcap=None if softcap is None else float(softcap),
         need_entropy=need_entropy,
         need_sum=need_sum,
-        scratch_bytes=scratch_budget(hidden.device),
+        scratch_bytes=scratch_budget(like.device),
     )
-    chosen = resolve_backend(backend, hidden.device, hidden.dtype)
+    backend = resolve_backend(backend, like.device, like.dtype)
+    return PreparedTargets(targets, vocab_size, ignore_index), opts, backend
+
+
+def _logprob_outputs(lse, target_logit, entropy, prepared: PreparedTargets, return_entropy: bool):
+    logp = prepared.finish(target_logit - lse)
+    if not return_entropy:
+        return logp
+    return logp, prepared.finish(entropy.clamp_min(0.0))
+
+
+def linear_stats(hidden, weight, bias, targets, *, need_entropy, need_sum, backend, **options):
+    """Checked entry to :class:`LinearStats`: returns ``(TokenStats tuple, PreparedTargets)``.
+
+    ``options``: ``temperature``, ``softcap``, ``ignore_index``.
+    """
+    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    prepared, opts, backend = _prepare(
+        targets, weight.shape[0], hidden, need_entropy=need_entropy, need_sum=need_sum, backend=backend, **options
+    )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    stats = LinearStats.apply(flat_hidden, weight, bias, prepared.safe, chosen, opts)
-    return stats, prepared
+    return LinearStats.apply(flat_hidden, weight, bias, prepared.safe, backend, opts), prepared
 
 
 def linear_logprobs(
@@ -101,10 +118,7 @@ def linear_logprobs(
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         need_entropy=return_entropy, need_sum=False, backend=backend,
     )  # fmt: skip
-    logp = prepared.finish(target_logit - lse)
-    if not return_entropy:
-        return logp
-    return logp, prepared.finish(entropy.clamp_min(0.0))
+    return _logprob_outputs(lse, target_logit, entropy, prepared, return_entropy)
 
 
 def logprobs_from_logits(
@@ -128,20 +142,11 @@ def logprobs_from_logits(
         >>> logp, entropy = fastalign.logprobs_from_logits(logits, targets, temperature=0.7, return_entropy=True)
     """
     logits, targets = check_logits_inputs(logits, targets)
-    check_scalar_options(temperature, softcap, ignore_index)
     vocab_size = logits.shape[-1]
-    check_target_values(targets, vocab_size, ignore_index)
-    prepared = PreparedTargets(targets, vocab_size, ignore_index)
-    opts = StatsOptions(
-        inv_temperature=1.0 / float(temperature),
-        softcap=None if softcap is None else float(softcap),
-        need_entropy=return_entropy,
-        need_sum=False,
-        scratch_bytes=scratch_budget(logits.device),
-    )
-    chosen = resolve_backend(backend, logits.device, logits.dtype)
-    lse, target_logit, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, chosen, opts)
-    logp = prepared.finish(target_logit - lse)
-    if not return_entropy:
-        return logp
-    return logp, prepared.finish(entropy.clamp_min(0.0))
+    prepared, opts, backend = _prepare(
+        targets, vocab_size, logits,
+        temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        need_entropy=return_entropy, need_sum=False, backend=backend,
+    )  # fmt: skip
+    lse, target_logit, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, backend, opts)
+    return _logprob_outputs(lse, target_logit, entropy, prepared, return_entropy)

@@ -10,14 +10,15 @@
 Kernels do no argument checking and no autograd: ``fastalign.ops._triton_backend`` owns both.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from fastalign.kernels.triton.softmax_tile import autotune_configs, online_update, tile_grad, transform_logits
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastalign.kernels.triton.softmax_tile import (
+    autotune_configs,
+    load_rows_and_grad,
+    online_update,
+    transform_logits,
+)
 
 _FWD_CONFIGS = autotune_configs(
     [
@@ -31,7 +32,6 @@ _FWD_CONFIGS = autotune_configs(
         ]
     ],
     triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}),
-    INTERPRETING,
 )
 _GRAD_CONFIGS = _FWD_CONFIGS
 _MATMUL_CONFIGS = autotune_configs(
@@ -45,7 +45,6 @@ _MATMUL_CONFIGS = autotune_configs(
         ]
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_S": 16}),
-    INTERPRETING,
 )
 
 
@@ -226,15 +225,9 @@ def linear_grad_logits_kernel(
         stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temperature,
         HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )  # fmt: skip
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
-    beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0) if HAS_BETA else alpha
-    gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0) if HAS_GAMMA else alpha
-    kappa = tl.load(kappa_ptr + rows, mask=row_mask, other=0.0) if HAS_KAPPA else alpha
-    grad = tile_grad(
-        logits, cols, targets, lse, alpha, beta, gamma, kappa, softcap, inv_temperature,
-        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
+    grad = load_rows_and_grad(
+        logits, rows, cols, row_mask, targets_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr,
+        softcap, inv_temperature, HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
     )  # fmt: skip
     grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
     tl.store(

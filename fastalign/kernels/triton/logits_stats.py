@@ -6,14 +6,15 @@
   logsumexp is known.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from fastalign.kernels.triton.softmax_tile import autotune_configs, online_update, tile_grad, transform_logits
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastalign.kernels.triton.softmax_tile import (
+    autotune_configs,
+    load_rows_and_grad,
+    online_update,
+    transform_logits,
+)
 
 _ROW_CONFIGS = autotune_configs(
     [
@@ -21,7 +22,6 @@ _ROW_CONFIGS = autotune_configs(
         for bn, bv, w in [(1, 4096, 8), (1, 8192, 16), (2, 2048, 8), (4, 1024, 4), (1, 2048, 4)]
     ],
     triton.Config({"BLOCK_N": 2, "BLOCK_V": 32}),
-    INTERPRETING,
 )
 _TILE_CONFIGS = autotune_configs(
     [
@@ -29,7 +29,6 @@ _TILE_CONFIGS = autotune_configs(
         for bn, bv, w in [(1, 4096, 8), (4, 2048, 8), (8, 1024, 8), (2, 4096, 16)]
     ],
     triton.Config({"BLOCK_N": 2, "BLOCK_V": 32}),
-    INTERPRETING,
 )
 
 
@@ -122,15 +121,9 @@ def logits_grad_kernel(
     row_mask = rows < N
     col_mask = cols < V
     logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_n, softcap, inv_temperature, HAS_SOFTCAP)
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
-    beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0) if HAS_BETA else alpha
-    gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0) if HAS_GAMMA else alpha
-    kappa = tl.load(kappa_ptr + rows, mask=row_mask, other=0.0) if HAS_KAPPA else alpha
-    grad = tile_grad(
-        logits, cols, targets, lse, alpha, beta, gamma, kappa, softcap, inv_temperature,
-        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
+    grad = load_rows_and_grad(
+        logits, rows, cols, row_mask, targets_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr,
+        softcap, inv_temperature, HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
     )  # fmt: skip
     tl.store(
         grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :],

@@ -2,8 +2,13 @@
 gradient of one logit tile. Tiles are ``[BLOCK_N rows, BLOCK_V columns]`` in float32.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# Set before triton is imported: kernels then run in triton's CPU interpreter (tests without a GPU).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -95,6 +100,44 @@ def tile_grad(
     return grad * inv_temperature
 
 
-def autotune_configs(gpu_configs: list, interpreter_config: triton.Config, interpreting: bool) -> list:
-    """Triton's interpreter cannot benchmark, so it gets one config; GPUs get the whole list."""
-    return [interpreter_config] if interpreting else gpu_configs
+@triton.jit
+def load_rows_and_grad(
+    logits,
+    rows,
+    cols,
+    row_mask,
+    targets_ptr,
+    lse_ptr,
+    alpha_ptr,
+    beta_ptr,
+    gamma_ptr,
+    kappa_ptr,
+    softcap,
+    inv_temperature,
+    HAS_BETA: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_KAPPA: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Load the tile's per-row targets, logsumexp and gradient coefficients, and return :func:`tile_grad`."""
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    beta = alpha
+    gamma = alpha
+    kappa = alpha
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_KAPPA:
+        kappa = tl.load(kappa_ptr + rows, mask=row_mask, other=0.0)
+    return tile_grad(
+        logits, cols, targets, lse, alpha, beta, gamma, kappa, softcap, inv_temperature,
+        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
+    )  # fmt: skip
+
+
+def autotune_configs(gpu_configs: list, interpreter_config: triton.Config) -> list:
+    """Triton's interpreter cannot benchmark, so it gets one (small) config; GPUs get the whole list."""
+    return [interpreter_config] if INTERPRETING else gpu_configs
