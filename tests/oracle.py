@@ -1,7 +1,10 @@
 """Compare a fastalign op against the float64 reference, values and gradients, under the house tolerance rule.
 
-float32 (and float64) inputs: normwise relative error <= 1e-4. float16/bfloat16 inputs: the error must be no
-larger than that of the eager computation in the same dtype against the same float64 reference, plus slack.
+float32 (and float64) inputs: normwise relative error <= 1e-4, the norm floored at 1e-3 — float32 forms a
+log-prob as a difference of numbers of the logits' magnitude, so an output or gradient of order 1e-6 (a token of
+probability 1 - 1e-6) carries an absolute error near 1e-8 in any float32 implementation, eager included.
+float16/bfloat16 inputs: the error must be no larger than that of the eager computation in the same dtype
+against the same float64 reference, plus slack.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ from collections.abc import Callable
 import torch
 
 FP32_RTOL = 1e-4
+FP32_NORM_FLOOR = 1e-3
 LOW_PRECISION_FACTOR = 1.5  # how much worse than eager low-precision PyTorch we allow
 # Triton's CPU interpreter truncates float32 -> bfloat16 casts (GPUs round to nearest), which doubles the
 # rounding error of every bfloat16 value a kernel stores; tests of interpreted bfloat16 kernels allow for it.
 INTERPRETER_BF16_FACTOR = 3.0
 
 
-def rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+def rel_error(value: torch.Tensor, reference: torch.Tensor, floor: float = 1e-6) -> float:
+    """``max |value - reference| / max(max |reference|, floor)``."""
     if reference.numel() == 0:
         return 0.0
-    scale = reference.abs().max().clamp_min(1e-6)
+    scale = reference.abs().max().clamp_min(floor)
     return ((value.double() - reference).abs().max() / scale).item()
 
 
@@ -69,7 +74,8 @@ def assert_matches_reference(
     errors = {}
     for i, (value, expected) in enumerate(zip(out + grads, ref_out + ref_grads, strict=True)):
         assert value.shape == expected.shape, f"output/grad {i}: shape {value.shape} != {expected.shape}"
-        errors[f"out{i}" if i < len(out) else f"grad{i - len(out)}"] = rel_error(value.cpu(), expected)
+        floor = FP32_NORM_FLOOR if dtype in (torch.float32, torch.float64) and not against_eager else 1e-6
+        errors[f"out{i}" if i < len(out) else f"grad{i - len(out)}"] = rel_error(value.cpu(), expected, floor)
     for i, value in enumerate(out):
         expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         assert value.dtype == expected_dtype, f"output {i} has dtype {value.dtype}, expected {expected_dtype}"

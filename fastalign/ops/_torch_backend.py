@@ -2,7 +2,7 @@
 
 The logits are visited in ``[row_block, col_block]`` tiles whose scratch stays under the scratch budget
 (:func:`fastalign.ops.dispatch.scratch_budget`). The forward merges the tiles of a row block with an online
-logsumexp; the backward recomputes each tile from the saved logsumexp and pushes its gradient through the
+logsumexp; the backward recomputes each tile from the saved row maximum and log-sum and pushes its gradient through the
 matmul (linear input) or writes it out (logits input). Float64 inputs compute in float64, everything else
 accumulates in float32.
 """
@@ -73,10 +73,11 @@ def _stats_forward(raw_tile, n_rows: int, n_cols: int, targets, opts: StatsOptio
     shift ``s = m`` (0 while the row has seen only -inf), so that ``entropy = log S - A / S``.
     """
     acc = accum_dtype(like.dtype)
-    lse = torch.empty(n_rows, dtype=acc, device=like.device)
-    target_logit = torch.empty_like(lse)
-    entropy = torch.empty_like(lse) if opts.need_entropy else None
-    sum_logits = torch.empty_like(lse) if opts.need_sum else None
+    max_logit = torch.empty(n_rows, dtype=acc, device=like.device)
+    log_sum = torch.empty_like(max_logit)
+    target_logp = torch.empty_like(max_logit)
+    entropy = torch.empty_like(max_logit) if opts.need_entropy else None
+    sum_logits = torch.empty_like(max_logit) if opts.need_sum else None
     for rows, cols, row_done in _tiles(n_rows, n_cols, _bytes_per_element(like.dtype), opts.scratch_bytes, like.device):
         if cols.start == 0:
             n = rows.stop - rows.start
@@ -103,20 +104,23 @@ def _stats_forward(raw_tile, n_rows: int, n_cols: int, targets, opts: StatsOptio
             run_centered += exps.mul_(torch.where(exps > 0, logits, 0.0)).sum(dim=1)
         run_shift = shift
         if row_done:
-            log_sum = torch.log(run_sum)
-            lse[rows] = shift + log_sum
-            target_logit[rows] = run_target
+            row_log_sum = torch.log(run_sum)
+            max_logit[rows] = shift
+            log_sum[rows] = row_log_sum
+            target_logp[rows] = (run_target - shift) - row_log_sum
             if opts.need_entropy:
-                entropy[rows] = log_sum - run_centered / run_sum
+                entropy[rows] = row_log_sum - run_centered / run_sum
             if opts.need_sum:
                 sum_logits[rows] = run_total
-    return TokenStats(lse, target_logit, entropy, sum_logits)
+    return TokenStats(max_logit, log_sum, target_logp, entropy, sum_logits)
 
 
-def _tile_grad(raw, rows, cols, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+def _tile_grad(
+    raw, rows, cols, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions
+) -> torch.Tensor:
     """d loss / d raw logits for one tile, in the accumulation dtype."""
     logits = _transform(raw, opts)
-    log_probs = logits - lse[rows].unsqueeze(1)
+    log_probs = (logits - max_logit[rows].unsqueeze(1)).sub_(log_sum[rows].unsqueeze(1))
     grad = torch.exp(log_probs)
     if coeffs.beta is not None:
         # Where p = 0 (a -inf logit) the log-prob term must vanish, not become 0 * inf.
@@ -162,7 +166,9 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out += a @ b
 
 
-def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients, needs, opts: StatsOptions):
+def linear_backward(
+    hidden, weight, bias, targets, max_logit, log_sum, coeffs: GradCoefficients, needs, opts: StatsOptions
+):
     """Gradients ``(d_hidden, d_weight, d_bias)`` (``None`` where not needed) from the per-token coefficients."""
     need_hidden, need_weight, need_bias = needs
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
@@ -177,7 +183,7 @@ def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients
         if cols.start == 0 and need_hidden:
             row_grad = torch.zeros(rows.stop - rows.start, hidden.shape[1], dtype=acc, device=hidden.device)
         raw = _linear_tile(hidden, weight, bias, rows, cols)
-        grad = _tile_grad(raw, rows, cols, targets, lse, coeffs, opts)
+        grad = _tile_grad(raw, rows, cols, targets, max_logit, log_sum, coeffs, opts)
         if need_bias:
             grad_bias[cols] += grad.sum(dim=0)
         grad = grad.to(hidden.dtype)
@@ -208,12 +214,12 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
     return _stats_forward(raw_tile, logits.shape[0], logits.shape[1], targets, opts, logits)
 
 
-def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
     """``d_logits [N, V]`` in the logits' dtype."""
     grad_logits = torch.empty_like(logits)
     for rows, cols, _ in _tiles(
         logits.shape[0], logits.shape[1], _bytes_per_element(logits.dtype), opts.scratch_bytes, logits.device
     ):
         raw = _copy_tile(logits, rows, cols)
-        grad_logits[rows, cols] = _tile_grad(raw, rows, cols, targets, lse, coeffs, opts)
+        grad_logits[rows, cols] = _tile_grad(raw, rows, cols, targets, max_logit, log_sum, coeffs, opts)
     return grad_logits

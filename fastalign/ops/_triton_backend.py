@@ -49,7 +49,7 @@ def _vocab_splits(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, 
 
 def _empty_stats(like: torch.Tensor, opts: StatsOptions) -> TokenStats:
     empty = torch.empty(0, dtype=torch.float32, device=like.device)
-    return TokenStats(empty, empty, empty if opts.need_entropy else None, empty if opts.need_sum else None)
+    return TokenStats(empty, empty, empty, empty if opts.need_entropy else None, empty if opts.need_sum else None)
 
 
 def _merge_splits(partial: torch.Tensor, opts: StatsOptions) -> TokenStats:
@@ -69,8 +69,9 @@ def _merge_splits(partial: torch.Tensor, opts: StatsOptions) -> TokenStats:
         row_centered = (scale * (centered + (split_shift - shift) * run_sum)).sum(dim=0)
         entropy = log_sum - row_centered / row_sum
     return TokenStats(
-        lse=shift + log_sum,
-        target_logit=target.sum(dim=0),
+        max_logit=shift,
+        log_sum=log_sum,
+        target_logp=(target.sum(dim=0) - shift) - log_sum,  # one split holds the target, the others add 0
         entropy=entropy,
         sum_logits=total.sum(dim=0) if opts.need_sum else None,
     )
@@ -115,7 +116,9 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> N
     )  # fmt: skip
 
 
-def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients, needs, opts: StatsOptions):
+def linear_backward(
+    hidden, weight, bias, targets, max_logit, log_sum, coeffs: GradCoefficients, needs, opts: StatsOptions
+):
     need_hidden, need_weight, need_bias = needs
     n_rows, width = hidden.shape
     n_cols = weight.shape[0]
@@ -134,7 +137,7 @@ def linear_backward(hidden, weight, bias, targets, lse, coeffs: GradCoefficients
             linear_kernels.linear_grad_logits_kernel[
                 lambda meta, cols=cols: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(cols, meta["BLOCK_V"]))
             ](
-                hidden, weight, weight if bias is None else bias, targets, lse,
+                hidden, weight, weight if bias is None else bias, targets, max_logit, log_sum,
                 alpha, alpha if coeffs.beta is None else coeffs.beta,
                 alpha if coeffs.gamma is None else coeffs.gamma,
                 alpha if coeffs.kappa is None else coeffs.kappa,
@@ -166,16 +169,18 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
         return _empty_stats(logits, opts)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    stats = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(5, n_rows, dtype=torch.float32, device=logits.device)
     logits_kernels.logits_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]),)](
-        logits, targets, stats[0], stats[1], stats[2], stats[3],
+        logits, targets, stats[0], stats[1], stats[2], stats[3], stats[4],
         n_rows, n_cols, logits.stride(0), opts.softcap or 1.0, opts.inv_temperature,
         HAS_SOFTCAP=opts.softcap is not None, NEED_ENTROPY=opts.need_entropy, NEED_SUM=opts.need_sum,
     )  # fmt: skip
-    return TokenStats(stats[0], stats[1], stats[2] if opts.need_entropy else None, stats[3] if opts.need_sum else None)
+    return TokenStats(
+        stats[0], stats[1], stats[2], stats[3] if opts.need_entropy else None, stats[4] if opts.need_sum else None
+    )
 
 
-def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
+def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
     n_rows, n_cols = logits.shape
     grad = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
@@ -186,7 +191,7 @@ def logits_backward(logits, targets, lse, coeffs: GradCoefficients, opts: StatsO
     logits_kernels.logits_grad_kernel[
         lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(n_cols, meta["BLOCK_V"]))
     ](
-        logits, targets, lse, alpha,
+        logits, targets, max_logit, log_sum, alpha,
         alpha if coeffs.beta is None else coeffs.beta,
         alpha if coeffs.gamma is None else coeffs.gamma,
         alpha if coeffs.kappa is None else coeffs.kappa,

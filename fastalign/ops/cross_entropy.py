@@ -56,12 +56,12 @@ def linear_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    (lse, target_logit, _, sum_logits), prepared = linear_stats(
+    (lse, target_logp, _, sum_logits), prepared = linear_stats(
         hidden, weight, bias, targets,
         temperature=1.0, softcap=softcap, ignore_index=ignore_index,
         need_entropy=False, need_sum=label_smoothing > 0, backend=backend,
     )  # fmt: skip
-    loss = lse - target_logit
+    loss = -target_logp
     if label_smoothing > 0:
         smooth = lse - sum_logits / weight.shape[0]
         loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth

@@ -53,8 +53,8 @@ def _prepare(
     return PreparedTargets(targets, vocab_size, ignore_index), opts, backend
 
 
-def _logprob_outputs(lse, target_logit, entropy, prepared: PreparedTargets, return_entropy: bool):
-    logp = prepared.finish(target_logit - lse)
+def _logprob_outputs(target_logp, entropy, prepared: PreparedTargets, return_entropy: bool):
+    logp = prepared.finish(target_logp)
     if not return_entropy:
         return logp
     return logp, prepared.finish(entropy.clamp_min(0.0))
@@ -113,12 +113,12 @@ def linear_logprobs(
         >>> fastalign.linear_logprobs(hidden, weight, targets).shape
         torch.Size([2, 5])
     """
-    (lse, target_logit, entropy, _), prepared = linear_stats(
+    (_, target_logp, entropy, _), prepared = linear_stats(
         hidden, weight, bias, targets,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         need_entropy=return_entropy, need_sum=False, backend=backend,
     )  # fmt: skip
-    return _logprob_outputs(lse, target_logit, entropy, prepared, return_entropy)
+    return _logprob_outputs(target_logp, entropy, prepared, return_entropy)
 
 
 def logprobs_from_logits(
@@ -148,5 +148,5 @@ def logprobs_from_logits(
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         need_entropy=return_entropy, need_sum=False, backend=backend,
     )  # fmt: skip
-    lse, target_logit, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, backend, opts)
-    return _logprob_outputs(lse, target_logit, entropy, prepared, return_entropy)
+    _, target_logp, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, backend, opts)
+    return _logprob_outputs(target_logp, entropy, prepared, return_entropy)

@@ -4,7 +4,8 @@ For each token row ``i`` with transformed logits ``l_i = T(z_i)`` (``z = hidden 
 logits; ``T`` applies softcap and temperature) the backends compute
 
 * ``lse_i = log Σ_j exp(l_ij)``,
-* ``target_logit_i = l_{i, y_i}``,
+* ``target_logp_i = l_{i, y_i} − lse_i``, formed as ``(l_{i, y_i} − m_i) − log Σ_j exp(l_ij − m_i)`` around the
+  row maximum ``m_i`` so that no rounding happens at the magnitude of the logits (as eager ``log_softmax``),
 * ``entropy_i = −Σ_j p_ij log p_ij`` (optional),
 * ``sum_logits_i = Σ_j l_ij`` (optional; for label smoothing).
 
@@ -40,8 +41,15 @@ class StatsOptions:
 
 
 class TokenStats(NamedTuple):
-    lse: torch.Tensor
-    target_logit: torch.Tensor
+    """What a backend's forward returns, each ``[N]`` in the accumulation dtype.
+
+    ``max_logit``: the row maximum ``m`` (0 for a row of only -inf); ``log_sum``: ``log Σ_j exp(l_j − m)``;
+    ``target_logp``: ``(l_y − m) − log_sum``; ``entropy`` and ``sum_logits`` when asked for, else ``None``.
+    """
+
+    max_logit: torch.Tensor
+    log_sum: torch.Tensor
+    target_logp: torch.Tensor
     entropy: torch.Tensor | None
     sum_logits: torch.Tensor | None
 
@@ -68,6 +76,9 @@ def _coefficients(entropy, g_lse, g_target, g_entropy, g_sum) -> GradCoefficient
         return None
     reference = next(g for g in (g_lse, g_target, g_entropy, g_sum) if g is not None)
     alpha = torch.zeros_like(reference) if g_lse is None else g_lse
+    if g_target is not None:
+        # d target_logp / d l_j = [j = y] - p_j
+        alpha = alpha - g_target
     beta = None
     if g_entropy is not None:
         # d entropy / d l_j = -p_j (log p_j + entropy)
@@ -78,54 +89,56 @@ def _coefficients(entropy, g_lse, g_target, g_entropy, g_sum) -> GradCoefficient
 
 
 def _outputs(stats: TokenStats) -> tuple[torch.Tensor, ...]:
-    empty = stats.lse.new_empty(0)
+    empty = stats.log_sum.new_empty(0)
     return (
-        stats.lse,
-        stats.target_logit,
+        stats.max_logit + stats.log_sum,
+        stats.target_logp,
         empty if stats.entropy is None else stats.entropy,
         empty if stats.sum_logits is None else stats.sum_logits,
     )
 
 
 class LinearStats(torch.autograd.Function):
-    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V))`` -> 4 stats of ``[N]``."""
+    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V))`` -> ``[N]`` each of lse,
+    target_logp, entropy (empty unless asked for), sum_logits (idem)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, backend: str, opts: StatsOptions):
         impl = backend_module(backend)
         stats = impl.linear_forward(hidden, weight, bias, targets, opts)
         ctx.impl, ctx.opts = impl, opts
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.max_logit, stats.log_sum, stats.entropy)
         ctx.set_materialize_grads(False)
         return _outputs(stats)
 
     @staticmethod
     def backward(ctx, g_lse, g_target, g_entropy, g_sum):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, max_logit, log_sum, entropy = ctx.saved_tensors
         coeffs = _coefficients(entropy, g_lse, g_target, g_entropy, g_sum)
         needs = ctx.needs_input_grad[:3]
         if coeffs is None or not any(needs):
             return None, None, None, None, None, None
-        grads = ctx.impl.linear_backward(hidden, weight, bias, targets, lse, coeffs, needs, ctx.opts)
+        grads = ctx.impl.linear_backward(hidden, weight, bias, targets, max_logit, log_sum, coeffs, needs, ctx.opts)
         return *grads, None, None, None
 
 
 class LogitsStats(torch.autograd.Function):
-    """``(logits [N, V], targets [N] in [0, V))`` -> 4 stats of ``[N]``."""
+    """``(logits [N, V], targets [N] in [0, V))`` -> the same four outputs as :class:`LinearStats`."""
 
     @staticmethod
     def forward(ctx, logits, targets, backend: str, opts: StatsOptions):
         impl = backend_module(backend)
         stats = impl.logits_forward(logits, targets, opts)
         ctx.impl, ctx.opts = impl, opts
-        ctx.save_for_backward(logits, targets, stats.lse, stats.entropy)
+        ctx.save_for_backward(logits, targets, stats.max_logit, stats.log_sum, stats.entropy)
         ctx.set_materialize_grads(False)
         return _outputs(stats)
 
     @staticmethod
     def backward(ctx, g_lse, g_target, g_entropy, g_sum):
-        logits, targets, lse, entropy = ctx.saved_tensors
+        logits, targets, max_logit, log_sum, entropy = ctx.saved_tensors
         coeffs = _coefficients(entropy, g_lse, g_target, g_entropy, g_sum)
         if coeffs is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
-        return ctx.impl.logits_backward(logits, targets, lse, coeffs, ctx.opts), None, None, None
+        grad = ctx.impl.logits_backward(logits, targets, max_logit, log_sum, coeffs, ctx.opts)
+        return grad, None, None, None

@@ -178,7 +178,8 @@ def linear_grad_logits_kernel(
     weight_ptr,
     bias_ptr,
     targets_ptr,
-    lse_ptr,
+    max_logit_ptr,
+    log_sum_ptr,
     alpha_ptr,
     beta_ptr,
     gamma_ptr,
@@ -226,8 +227,9 @@ def linear_grad_logits_kernel(
         HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     grad = load_rows_and_grad(
-        logits, rows, cols, row_mask, targets_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr,
-        softcap, inv_temperature, HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
+        logits, rows, cols, row_mask, targets_ptr, max_logit_ptr, log_sum_ptr,
+        alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr, softcap, inv_temperature,
+        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
     )  # fmt: skip
     grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
     tl.store(

@@ -47,8 +47,9 @@ def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_n, softcap, 
 def logits_stats_fwd_kernel(
     logits_ptr,
     targets_ptr,
-    lse_ptr,
-    target_logit_ptr,
+    max_logit_ptr,
+    log_sum_ptr,
+    target_logp_ptr,
     entropy_ptr,
     total_ptr,
     N,
@@ -62,7 +63,7 @@ def logits_stats_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Per-row ``lse``, target logit and optionally entropy and logit sum, all float32 ``[N]``."""
+    """Per-row max logit, ``log Σ exp(l - max)``, target log-prob, and optionally entropy and logit sum: float32 [N]."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
@@ -83,8 +84,9 @@ def logits_stats_fwd_kernel(
         )  # fmt: skip
     shift = tl.where(run_max == float("-inf"), 0.0, run_max)
     log_sum = tl.log(run_sum)
-    tl.store(lse_ptr + rows, shift + log_sum, mask=row_mask)
-    tl.store(target_logit_ptr + rows, run_target, mask=row_mask)
+    tl.store(max_logit_ptr + rows, shift, mask=row_mask)
+    tl.store(log_sum_ptr + rows, log_sum, mask=row_mask)
+    tl.store(target_logp_ptr + rows, (run_target - shift) - log_sum, mask=row_mask)
     if NEED_ENTROPY:
         tl.store(entropy_ptr + rows, log_sum - run_centered / run_sum, mask=row_mask)
     if NEED_SUM:
@@ -96,7 +98,8 @@ def logits_stats_fwd_kernel(
 def logits_grad_kernel(
     logits_ptr,
     targets_ptr,
-    lse_ptr,
+    max_logit_ptr,
+    log_sum_ptr,
     alpha_ptr,
     beta_ptr,
     gamma_ptr,
@@ -115,15 +118,16 @@ def logits_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """``grad[N, V]`` (the logits' dtype) from the saved ``lse`` and the per-row gradient coefficients."""
+    """``grad[N, V]`` (the logits' dtype) from the saved softmax statistics and the per-row gradient coefficients."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
     logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_n, softcap, inv_temperature, HAS_SOFTCAP)
     grad = load_rows_and_grad(
-        logits, rows, cols, row_mask, targets_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr,
-        softcap, inv_temperature, HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
+        logits, rows, cols, row_mask, targets_ptr, max_logit_ptr, log_sum_ptr,
+        alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr, softcap, inv_temperature,
+        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
     )  # fmt: skip
     tl.store(
         grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :],

@@ -70,7 +70,8 @@ def tile_grad(
     logits,
     cols,
     targets,
-    lse,
+    max_logit,
+    log_sum,
     alpha,
     beta,
     gamma,
@@ -82,8 +83,11 @@ def tile_grad(
     HAS_KAPPA: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """Gradient with respect to the raw logits ``z`` of ``d_l = p (α + β log p) + γ [j = y] + κ``."""
-    log_probs = logits - lse[:, None]
+    """Gradient with respect to the raw logits ``z`` of ``d_l = p (α + β log p) + γ [j = y] + κ``.
+
+    ``log p = (l - max_logit) - log_sum``: no rounding at the magnitude of the logits.
+    """
+    log_probs = (logits - max_logit[:, None]) - log_sum[:, None]
     probs = tl.exp(log_probs)
     if HAS_BETA:
         # Where p = 0 (a -inf logit) the log-prob term must vanish, not become 0 * inf.
@@ -107,7 +111,8 @@ def load_rows_and_grad(
     cols,
     row_mask,
     targets_ptr,
-    lse_ptr,
+    max_logit_ptr,
+    log_sum_ptr,
     alpha_ptr,
     beta_ptr,
     gamma_ptr,
@@ -119,9 +124,10 @@ def load_rows_and_grad(
     HAS_KAPPA: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """Load the tile's per-row targets, logsumexp and gradient coefficients, and return :func:`tile_grad`."""
+    """Load the tile's per-row targets, softmax statistics and gradient coefficients; return :func:`tile_grad`."""
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    max_logit = tl.load(max_logit_ptr + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
     alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
     beta = alpha
     gamma = alpha
@@ -133,7 +139,7 @@ def load_rows_and_grad(
     if HAS_KAPPA:
         kappa = tl.load(kappa_ptr + rows, mask=row_mask, other=0.0)
     return tile_grad(
-        logits, cols, targets, lse, alpha, beta, gamma, kappa, softcap, inv_temperature,
+        logits, cols, targets, max_logit, log_sum, alpha, beta, gamma, kappa, softcap, inv_temperature,
         HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
     )  # fmt: skip
 
