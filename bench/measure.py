@@ -3,7 +3,8 @@
 CPU: each case runs in a fresh process (``python -m bench.measure '<case json>'``). A tiny run of the same case
 first pages in the library code; then the peak-RSS mark is reset (``/proc/self/clear_refs``) and the extra peak
 memory is the peak RSS during one step minus the RSS just before it and minus the gradients of the inputs
-(which every implementation must produce). The time is the median of later steps.
+(which every implementation must produce). The time is the median of later steps (at least
+the preset's number, and more for short steps until about 3 s of samples).
 GPU: in this process, ``triton.testing.do_bench`` median after warm-up; extra peak memory from
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before and minus
 the inputs' gradients.
@@ -23,6 +24,9 @@ from pathlib import Path
 import torch
 
 from bench.cases import Case, make_inputs, make_step
+
+MIN_SAMPLE_SECONDS = 3.0
+MAX_REPEATS = 50
 
 
 def _memory_status(field: str) -> int:
@@ -57,8 +61,9 @@ def measure_here_cpu(case: Case, repeats: int) -> dict:
     first = time.perf_counter() - start
     # Gradients may land in pages the allocator already held: clamp that page-level noise at 0.
     extra = max(0, _memory_status("VmHWM") - before - _gradient_bytes(inputs))
+    # Short steps repeat until about MIN_SAMPLE_SECONDS of samples: single runs on a shared CPU vary widely.
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < MIN_SAMPLE_SECONDS and len(times) < MAX_REPEATS):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
