@@ -1,17 +1,24 @@
 """fastalign: fused kernels and thin trainers for aligning language models.
 
 The public ops compute what alignment training needs straight from hidden states and the lm_head weight,
-without materialising the ``[tokens, vocab]`` logits.
+without materialising the ``[tokens, vocab]`` logits, and the losses of every RL / preference stage on top.
 """
 
+from fastalign import nn
 from fastalign.ops import (
     BackendStatus,
     BackendUnavailableError,
     backends,
+    dpo_loss,
+    gae,
+    group_advantages,
     linear_cross_entropy,
     linear_logprobs,
     logprobs_from_logits,
+    policy_loss,
+    reward_loss,
     set_scratch_budget,
+    value_loss,
 )
 
 __version__ = "0.1.0"
@@ -21,8 +28,15 @@ __all__ = [
     "BackendUnavailableError",
     "__version__",
     "backends",
+    "dpo_loss",
+    "gae",
+    "group_advantages",
     "linear_cross_entropy",
     "linear_logprobs",
     "logprobs_from_logits",
+    "nn",
+    "policy_loss",
+    "reward_loss",
     "set_scratch_budget",
+    "value_loss",
 ]

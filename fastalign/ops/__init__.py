@@ -1,15 +1,24 @@
 """The differentiable public ops: argument checks, autograd, backend dispatch. Imports nothing above it."""
 
+from fastalign.ops.advantages import gae, group_advantages
 from fastalign.ops.cross_entropy import linear_cross_entropy
 from fastalign.ops.dispatch import BackendStatus, BackendUnavailableError, backends, set_scratch_budget
 from fastalign.ops.logprobs import linear_logprobs, logprobs_from_logits
+from fastalign.ops.policy import policy_loss, value_loss
+from fastalign.ops.preference import dpo_loss, reward_loss
 
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "backends",
+    "dpo_loss",
+    "gae",
+    "group_advantages",
     "linear_cross_entropy",
     "linear_logprobs",
     "logprobs_from_logits",
+    "policy_loss",
+    "reward_loss",
     "set_scratch_budget",
+    "value_loss",
 ]

@@ -1,0 +1,222 @@
+"""Triton kernels of the PPO / GRPO policy loss: one program per sequence, walking its tokens in blocks.
+
+* ``policy_loss_fwd_kernel`` writes per-row sums ``[8, B]`` (masked loss, token count, clip counts, ratio, KL,
+  entropy); the host reduces them over B into the loss and the metrics.
+* ``policy_loss_bwd_kernel`` writes ``d_logp`` (and ``d_entropy``) from each row's weight in the aggregation.
+
+Token-level ratios are per token; at sequence level (GSPO) a first pass forms the row's mean log-ratio and the
+backward spreads ``d loss / d ratio`` back over the row's tokens. Advantages and importance weights come with a
+token stride of 0 when they are per sequence. No autograd, no checks: ``fastalign.ops._policy_triton`` owns both.
+"""
+
+import triton
+import triton.language as tl
+
+from fastalign.kernels.triton.softmax_tile import autotune_configs
+
+# Rows of the per-row output buffer.
+LOSS, COUNT, LOW_CLIP, HIGH_CLIP, DUAL_CLIP, RATIO, KL, ENTROPY = range(8)
+STAT_ROWS = 8
+
+_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]],
+    triton.Config({"BLOCK_T": 4}),
+)
+
+
+@triton.jit
+def _kl_value(log_ratio_ref, KL_KIND: tl.constexpr):
+    """k1 / k2 / k3 of ``r = ref − logp`` (already clamped)."""
+    if KL_KIND == 1:
+        value = -log_ratio_ref
+    elif KL_KIND == 2:
+        value = 0.5 * log_ratio_ref * log_ratio_ref
+    else:
+        value = tl.exp(log_ratio_ref) - log_ratio_ref - 1.0
+    return value
+
+
+@triton.jit
+def _kl_grad(log_ratio_ref, inside, KL_KIND: tl.constexpr):
+    """d KL / d logp (``dr/dlogp = −1``; zero where the clamp of r binds)."""
+    if KL_KIND == 1:
+        grad = tl.full(log_ratio_ref.shape, 1.0, tl.float32)
+    elif KL_KIND == 2:
+        grad = -log_ratio_ref
+    else:
+        grad = 1.0 - tl.exp(log_ratio_ref)
+    return tl.where(inside, grad, 0.0)
+
+
+@triton.jit
+def _row_block(base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t):
+    """Load one block of a row: positions, in-row mask, logp, old_logp (float32), advantages and keep."""
+    cols = base + offs
+    inside = cols < T
+    index = row * stride_row + cols
+    keep = (tl.load(mask_ptr + index, mask=inside, other=0.0) != 0) & inside
+    logp = tl.load(logp_ptr + index, mask=keep, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + index, mask=keep, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + row * stride_adv_row + cols * stride_adv_t, mask=keep, other=0.0).to(tl.float32)
+    return cols, index, keep, logp, old, adv
+
+
+@triton.jit
+def _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, BLOCK_T: tl.constexpr):
+    """Masked mean of ``logp − old_logp`` over the row (unclamped) and the row's token count."""
+    offs = tl.arange(0, BLOCK_T)
+    total = tl.zeros((BLOCK_T,), tl.float32)
+    count = tl.zeros((BLOCK_T,), tl.float32)
+    for base in range(0, T, BLOCK_T):
+        cols = base + offs
+        inside = cols < T
+        index = row * stride_row + cols
+        keep = (tl.load(mask_ptr + index, mask=inside, other=0.0) != 0) & inside
+        logp = tl.load(logp_ptr + index, mask=keep, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + index, mask=keep, other=0.0).to(tl.float32)
+        total += tl.where(keep, logp - old, 0.0)
+        count += keep.to(tl.float32)
+    n = tl.sum(count, 0)
+    return tl.sum(total, 0) / tl.maximum(n, 1.0), n
+
+
+@triton.autotune(configs=_CONFIGS, key=["T", "SEQUENCE", "HAS_REF", "HAS_ENTROPY"])
+@triton.jit
+def policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, ref_ptr, entropy_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
+    B, T, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, LIMIT,
+    SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_IS: tl.constexpr,
+    DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Per-row sums into ``stats[8, B]`` (float32): loss·mask, mask, and the metric numerators."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_T)
+    seq_ratio = 1.0
+    if SEQUENCE:
+        seq_log_ratio, _ = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, BLOCK_T)
+        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_log_ratio, -LIMIT), LIMIT))
+    acc_loss = tl.zeros((BLOCK_T,), tl.float32)
+    acc_count = tl.zeros((BLOCK_T,), tl.float32)
+    acc_low = tl.zeros((BLOCK_T,), tl.float32)
+    acc_high = tl.zeros((BLOCK_T,), tl.float32)
+    acc_dual = tl.zeros((BLOCK_T,), tl.float32)
+    acc_ratio = tl.zeros((BLOCK_T,), tl.float32)
+    acc_kl = tl.zeros((BLOCK_T,), tl.float32)
+    acc_entropy = tl.zeros((BLOCK_T,), tl.float32)
+    for base in range(0, T, BLOCK_T):
+        cols, index, keep, logp, old, adv = _row_block(
+            base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t
+        )
+        if SEQUENCE:
+            ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio
+        else:
+            ratio = tl.exp(tl.minimum(tl.maximum(logp - old, -LIMIT), LIMIT))
+        clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        clipped_loss = tl.maximum(-adv * ratio, -adv * clipped_ratio)
+        loss = clipped_loss
+        if DUAL:
+            loss = tl.where(adv < 0, tl.minimum(clipped_loss, -adv * dual_clip), clipped_loss)
+            acc_dual += tl.where(keep & (adv < 0) & (clipped_loss > -adv * dual_clip), 1.0, 0.0)
+        if HAS_IS:
+            loss = loss * tl.load(is_ptr + row * stride_is_row + cols * stride_is_t, mask=keep, other=0.0).to(
+                tl.float32
+            )
+        if HAS_REF:
+            ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
+            kl = _kl_value(tl.minimum(tl.maximum(ref - logp, -LIMIT), LIMIT), KL_KIND)
+            loss += kl_coef * kl
+            acc_kl += tl.where(keep, kl, 0.0)
+        if HAS_ENTROPY:
+            entropy = tl.load(entropy_ptr + index, mask=keep, other=0.0).to(tl.float32)
+            loss -= entropy_coef * entropy
+            acc_entropy += tl.where(keep, entropy, 0.0)
+        acc_loss += tl.where(keep, loss, 0.0)
+        acc_count += keep.to(tl.float32)
+        acc_low += tl.where(keep & (ratio < clip_low) & (adv < 0), 1.0, 0.0)
+        acc_high += tl.where(keep & (ratio > clip_high) & (adv > 0), 1.0, 0.0)
+        acc_ratio += tl.where(keep, ratio, 0.0)
+    tl.store(stats_ptr + 0 * B + row, tl.sum(acc_loss, 0))
+    tl.store(stats_ptr + 1 * B + row, tl.sum(acc_count, 0))
+    tl.store(stats_ptr + 2 * B + row, tl.sum(acc_low, 0))
+    tl.store(stats_ptr + 3 * B + row, tl.sum(acc_high, 0))
+    tl.store(stats_ptr + 4 * B + row, tl.sum(acc_dual, 0))
+    tl.store(stats_ptr + 5 * B + row, tl.sum(acc_ratio, 0))
+    tl.store(stats_ptr + 6 * B + row, tl.sum(acc_kl, 0))
+    tl.store(stats_ptr + 7 * B + row, tl.sum(acc_entropy, 0))
+
+
+@triton.jit
+def _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL: tl.constexpr):
+    """d (clipped, dual-clipped) loss / d ratio for one token, matching torch's max/min/clamp gradients."""
+    clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+    unclipped = -adv * ratio
+    clipped = -adv * clipped_ratio
+    in_range = (ratio >= clip_low) & (ratio <= clip_high)
+    # torch.maximum sends the gradient to the larger input (half to each when equal); inside the clip range
+    # both branches have slope -A, outside it the clipped branch is flat.
+    grad = tl.where(in_range | (unclipped > clipped), -adv, tl.where(unclipped == clipped, -0.5 * adv, 0.0))
+    if DUAL:
+        clipped_loss = tl.maximum(unclipped, clipped)
+        cap = -adv * dual_clip
+        dual_scale = tl.where(clipped_loss < cap, 1.0, tl.where(clipped_loss == cap, 0.5, 0.0))
+        grad = tl.where(adv < 0, grad * dual_scale, grad)
+    return grad
+
+
+@triton.autotune(configs=_CONFIGS, key=["T", "SEQUENCE", "HAS_REF", "HAS_ENTROPY"])
+@triton.jit
+def policy_loss_bwd_kernel(
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, row_weight_ptr, grad_logp_ptr, grad_entropy_ptr,
+    B, T, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, LIMIT,
+    SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_IS: tl.constexpr,
+    DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """``grad_logp[B, T]`` (and ``grad_entropy``) = row weight × d(row's masked loss sum) / d input."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_T)
+    weight = tl.load(row_weight_ptr + row)
+    spread = 0.0
+    if SEQUENCE:
+        seq_log_ratio, n = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, BLOCK_T)
+        seq_inside = (seq_log_ratio >= -LIMIT) & (seq_log_ratio <= LIMIT)
+        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_log_ratio, -LIMIT), LIMIT))
+        # d(row sum)/d ratio, then through ratio = exp(mean log-ratio) onto each masked token: × ratio / n.
+        acc = tl.zeros((BLOCK_T,), tl.float32)
+        for base in range(0, T, BLOCK_T):
+            cols, index, keep, logp, old, adv = _row_block(
+                base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t
+            )
+            ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio
+            token_grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL)
+            if HAS_IS:
+                token_grad *= tl.load(is_ptr + row * stride_is_row + cols * stride_is_t, mask=keep, other=0.0).to(
+                    tl.float32
+                )
+            acc += tl.where(keep, token_grad, 0.0)
+        spread = tl.where(seq_inside, tl.sum(acc, 0) * seq_ratio / tl.maximum(n, 1.0), 0.0)
+    for base in range(0, T, BLOCK_T):
+        cols, index, keep, logp, old, adv = _row_block(
+            base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t
+        )
+        inside = cols < T
+        if SEQUENCE:
+            grad = tl.zeros((BLOCK_T,), tl.float32) + spread
+        else:
+            log_ratio = logp - old
+            ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LIMIT), LIMIT))
+            grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL) * ratio
+            grad = tl.where((log_ratio >= -LIMIT) & (log_ratio <= LIMIT), grad, 0.0)
+            if HAS_IS:
+                grad *= tl.load(is_ptr + row * stride_is_row + cols * stride_is_t, mask=keep, other=0.0).to(tl.float32)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
+            r = ref - logp
+            clamped = tl.minimum(tl.maximum(r, -LIMIT), LIMIT)
+            grad += kl_coef * _kl_grad(clamped, (r >= -LIMIT) & (r <= LIMIT), KL_KIND)
+        grad = tl.where(keep, grad * weight, 0.0)
+        tl.store(grad_logp_ptr + index, grad.to(grad_logp_ptr.dtype.element_ty), mask=inside)
+        if HAS_ENTROPY:
+            grad_entropy = tl.where(keep, -entropy_coef * weight, 0.0)
+            tl.store(grad_entropy_ptr + index, grad_entropy.to(grad_entropy_ptr.dtype.element_ty), mask=inside)

@@ -1,0 +1,215 @@
+"""policy_loss and value_loss against the per-token reference (float64, gradients included), their metrics,
+empty rows, and bad input."""
+
+import functools
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastalign
+from fastalign.ops import reference_losses
+
+BACKENDS = ["torch", "triton"]
+CASES = [
+    {},
+    {"clip_eps_high": 0.28, "loss_type": "dapo"},
+    {"loss_type": "grpo", "per_token_advantages": True},
+    {"loss_type": "dr_grpo", "max_completion_length": 12},
+    {"loss_agg_mode": "seq-mean-token-sum", "dual_clip": 3.0, "per_token_advantages": True},
+    {"kl_coef": 0.05, "kl_estimator": "k1", "with_ref": True},
+    {"kl_coef": 0.1, "kl_estimator": "k2", "with_ref": True, "loss_agg_mode": "seq-mean-token-mean"},
+    {"kl_coef": 0.04, "kl_estimator": "low_var_kl", "with_ref": True, "entropy_coef": 0.01, "with_entropy": True},
+    {"importance_sampling_level": "sequence", "loss_type": "grpo"},
+    {"importance_sampling_level": "sequence", "dual_clip": 2.5, "kl_coef": 0.02, "with_ref": True},
+    {"with_is_weights": True, "num_items_in_batch": 40},
+    {"with_is_weights": "per_row", "dual_clip": 3.0, "entropy_coef": 0.02, "with_entropy": True},
+]
+
+
+def case_id(case):
+    return "-".join(f"{k}={v}" for k, v in case.items()) or "plain"
+
+
+def make_inputs(case, rows=5, width=9, seed=0, spread=0.4):
+    """float64 inputs; log-ratios spread wide enough that every clip binds somewhere; row 2 is empty."""
+    gen = torch.Generator().manual_seed(seed)
+    case = dict(case)
+    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 3
+    advantages_shape = (rows, width) if case.pop("per_token_advantages", False) else (rows,)
+    inputs = {
+        "logp": logp,
+        "old_logp": logp + spread * torch.randn(rows, width, generator=gen, dtype=torch.float64),
+        "advantages": torch.randn(advantages_shape, generator=gen, dtype=torch.float64),
+        "mask": (torch.rand(rows, width, generator=gen) > 0.25).to(torch.float64),
+    }
+    inputs["mask"][2] = 0
+    if case.pop("with_ref", False):
+        inputs["ref_logp"] = logp + 0.3 * torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    if case.pop("with_entropy", False):
+        inputs["entropy"] = torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    weights = case.pop("with_is_weights", False)
+    if weights:
+        shape = (rows,) if weights == "per_row" else (rows, width)
+        inputs["is_weights"] = torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(0.2)
+    return inputs, case
+
+
+def run(fn, inputs, options, dtype):
+    """Loss and gradients w.r.t. logp (and entropy) for inputs converted to dtype."""
+    tensors = {k: v.to(dtype) for k, v in inputs.items()}
+    leaves = [tensors["logp"].requires_grad_()]
+    if "entropy" in tensors:
+        leaves.append(tensors["entropy"].requires_grad_())
+    out = fn(**tensors, **options)
+    loss = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(loss, leaves)
+    return loss.detach(), [g.detach() for g in grads], out[1] if isinstance(out, tuple) else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_policy_loss_matches_reference(backend, case):
+    inputs, options = make_inputs(case)
+    ref_loss, ref_grads, _ = run(reference_losses.policy_loss, inputs, options, torch.float64)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    loss, grads, metrics = run(functools.partial(fastalign.policy_loss, backend=backend), inputs, options, dtype)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(loss.double(), ref_loss, **tolerance)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad.double(), ref_grad, **tolerance)
+    assert all(not m.requires_grad for m in metrics.values())
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][2], torch.zeros_like(grads[0][2])), "an empty row gets no gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_metrics(backend):
+    case = {"kl_coef": 0.1, "with_ref": True, "with_entropy": True, "dual_clip": 2.0}
+    inputs, options = make_inputs(case, rows=8, width=16, spread=1.0)
+    options = {**options, "clip_eps_high": 0.3, "entropy_coef": 0.0}
+    tensors = {k: v.float() for k, v in inputs.items()}
+    _, metrics = fastalign.policy_loss(**tensors, **options, backend=backend)
+    keep = tensors["mask"] != 0
+    ratio = torch.exp(tensors["logp"] - tensors["old_logp"])
+    adv = tensors["advantages"][:, None].expand_as(ratio)
+    clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.3))
+    expected = {
+        "clip_frac_low": ((ratio < 0.8) & (adv < 0))[keep].float().mean(),
+        "clip_frac_high": ((ratio > 1.3) & (adv > 0))[keep].float().mean(),
+        "clip_frac_dual": ((adv < 0) & (clipped > -adv * 2.0))[keep].float().mean(),
+        "ratio_mean": ratio[keep].mean(),
+        "kl_mean": reference_losses._kl(tensors["logp"], tensors["ref_logp"], "k3")[keep].mean(),
+        "entropy_mean": tensors["entropy"][keep].mean(),
+    }
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert metrics["clip_frac_low"] > 0 and metrics["clip_frac_high"] > 0 and metrics["clip_frac_dual"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_all_masked_is_zero_not_nan(backend, mode):
+    logp = torch.randn(3, 4, requires_grad=True)
+    loss, metrics = fastalign.policy_loss(
+        logp, logp.detach() + 50.0, torch.randn(3), torch.zeros(3, 4), loss_agg_mode=mode, backend=backend
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+    assert all(torch.isfinite(m) for m in metrics.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_mask_dtypes_agree(backend, mask_dtype):
+    inputs, options = make_inputs({"loss_type": "grpo", "with_ref": True, "kl_coef": 0.1})
+    tensors = {k: v.float() for k, v in inputs.items()}
+    expected, _ = fastalign.policy_loss(**tensors, **options, backend="torch")
+    tensors["mask"] = tensors["mask"].to(mask_dtype)
+    got, _ = fastalign.policy_loss(**tensors, **options, backend=backend)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_log_ratios_stay_finite(backend):
+    logp = torch.tensor([[0.0, -300.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-300.0, 0.0, -1.0]])
+    loss, _ = fastalign.policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 3), backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    width=st.integers(1, 11),
+    seed=st.integers(0, 10_000),
+    mode=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]),
+    level=st.sampled_from(["token", "sequence"]),
+    dual=st.sampled_from([None, 2.0]),
+    backend=st.sampled_from(BACKENDS),
+)
+def test_policy_loss_properties(rows, width, seed, mode, level, dual, backend):
+    case = {"loss_agg_mode": mode, "importance_sampling_level": level, "dual_clip": dual, "kl_coef": 0.03,
+            "with_ref": True}  # fmt: skip
+    inputs, options = make_inputs(case, rows=max(rows, 3), width=width, seed=seed)
+    ref_loss, ref_grads, _ = run(reference_losses.policy_loss, inputs, options, torch.float64)
+    loss, grads, _ = run(functools.partial(fastalign.policy_loss, backend=backend), inputs, options, torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip_range", [0.2, None])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_value_loss_matches_reference(clip_range, mode):
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(4, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    old = values.detach() + 0.5 * torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    returns = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(4, 7, generator=gen) > 0.3).double()
+    loss = fastalign.value_loss(values, old, returns, mask, clip_range=clip_range, loss_agg_mode=mode)
+    ref = reference_losses.value_loss(values, old, returns, mask, clip_range=clip_range, loss_agg_mode=mode)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, values)[0], torch.autograd.grad(ref, values)[0])
+
+
+def good():
+    return {"logp": torch.randn(2, 3), "old_logp": torch.randn(2, 3), "advantages": torch.randn(2),
+            "mask": torch.ones(2, 3)}  # fmt: skip
+
+
+POLICY_ERRORS = [
+    ({"old_logp": torch.randn(2, 4)}, "old_logp must have shape (2, 3) like logp"),
+    ({"mask": torch.ones(3, 3)}, "mask must have shape (2, 3) like logp"),
+    ({"advantages": torch.randn(3)}, "advantages must be [B] = (2,) or [B, T] = (2, 3)"),
+    ({"logp": torch.randn(6)}, "logp must be [B, T]"),
+    ({"loss_type": "ppo2"}, "loss_type must be one of"),
+    ({"loss_agg_mode": "token-sum"}, "loss_agg_mode must be one of"),
+    ({"kl_estimator": "k4", "ref_logp": torch.randn(2, 3)}, "kl_estimator must be one of"),
+    ({"dual_clip": 1.0}, "dual_clip must be None or a number > 1"),
+    ({"kl_coef": 0.1}, "kl_coef is nonzero but ref_logp is None"),
+    ({"entropy_coef": 0.1}, "entropy_coef is nonzero but entropy is None"),
+    ({"importance_sampling_level": "batch"}, "importance_sampling_level must be one of"),
+    ({"clip_eps_low": 1.5}, "clip_eps_low must be < 1"),
+    ({"clip_eps_high": -0.1}, "clip_eps_high must be a finite number >= 0"),
+    ({"max_completion_length": 0, "loss_type": "dr_grpo"}, "max_completion_length must be a positive int"),
+    ({"num_items_in_batch": 10, "loss_type": "grpo"}, "num_items_in_batch applies to token-mean aggregation only"),
+    ({"logp": torch.randn(2, 0), "old_logp": torch.randn(2, 0), "mask": torch.ones(2, 0), "loss_type": "dr_grpo"},
+     "seq-mean-token-sum-norm (loss_type='dr_grpo') needs a length"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "message"), POLICY_ERRORS, ids=[m for _, m in POLICY_ERRORS])
+def test_policy_loss_rejects(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fastalign.policy_loss(**{**good(), **change})
+
+
+def test_value_loss_rejects():
+    with pytest.raises(ValueError, match=re.escape("returns must have shape (2, 3) like values")):
+        fastalign.value_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="clip_range must be None or a number >= 0"):
+        fastalign.value_loss(*[torch.randn(2, 3)] * 3, torch.ones(2, 3), clip_range=-1.0)
