@@ -15,7 +15,7 @@ import torch
 from fastalign.ops.cross_entropy import linear_cross_entropy
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.policy import policy_loss
-from fastalign.ops.preference import LENGTH_AVERAGED_TYPES, check_dpo_options, dpo_loss
+from fastalign.ops.preference import check_dpo_options, dpo_loss_from_token_logps
 
 
 class LinearCrossEntropy(torch.nn.Module):
@@ -176,11 +176,6 @@ class LinearDPOLoss(torch.nn.Module):
         self.average_log_prob, self.rpo_alpha, self.ignore_index = average_log_prob, rpo_alpha, ignore_index
         self.temperature, self.softcap, self.backend = temperature, softcap, backend
 
-    def _averages(self, loss_type: str) -> bool:
-        if self.average_log_prob is None:
-            return loss_type in LENGTH_AVERAGED_TYPES
-        return self.average_log_prob
-
     def _token_logps(self, hidden, weight, targets, bias) -> torch.Tensor:
         return linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=self.temperature, softcap=self.softcap,
@@ -203,8 +198,7 @@ class LinearDPOLoss(torch.nn.Module):
         if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or targets.shape[0] % 2:
             raise ValueError(f"targets must be [2B, T] (chosen rows, then rejected rows), got {tuple(targets.shape)}")
         pairs = targets.shape[0] // 2
-        lengths = (targets != self.ignore_index).sum(-1).to(torch.float32)
-        summed = self._token_logps(hidden, weight, targets, bias).sum(-1)
+        token_logps = self._token_logps(hidden, weight, targets, bias)
         if ref_hidden is not None or ref_weight is not None:
             if ref_hidden is None or ref_weight is None or ref_chosen_logps is not None:
                 raise ValueError(
@@ -216,25 +210,21 @@ class LinearDPOLoss(torch.nn.Module):
             for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
                 if not isinstance(value, torch.Tensor) or value.shape != (pairs,):
                     raise ValueError(f"{name} must be a [B] = ({pairs},) tensor, got {getattr(value, 'shape', value)}")
-            ref_summed = torch.cat([ref_chosen_logps, ref_rejected_logps]).to(summed.dtype).detach()
+            ref_summed = torch.cat([ref_chosen_logps, ref_rejected_logps]).to(token_logps.dtype).detach()
         else:
             raise ValueError(
                 "LinearDPOLoss needs a reference: (ref_hidden, ref_weight) or ref_chosen_logps and ref_rejected_logps "
                 "(zeros for reference-free SimPO/CPO)"
             )
-        losses = summed.new_zeros(pairs)
-        for loss_type, loss_weight in zip(self.types, self.weights, strict=True):
-            scale = 1.0 / lengths.clamp_min(1) if self._averages(loss_type) else 1.0
-            policy, reference = summed * scale, ref_summed * scale
-            type_losses, _, _ = dpo_loss(
-                policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=self.beta,
-                loss_type=loss_type, label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
-            )  # fmt: skip
-            losses = losses + loss_weight * type_losses
+        losses, sums, lengths = dpo_loss_from_token_logps(
+            token_logps, targets != self.ignore_index, ref_summed, beta=self.beta, loss_type=self.types,
+            label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau, loss_weights=self.weights,
+            average_log_prob=self.average_log_prob, backend=self.backend,
+        )  # fmt: skip
         loss = losses.sum() / max(pairs, 1)
-        metrics = _dpo_metrics(self.beta, summed.detach(), ref_summed, pairs)
+        metrics = _dpo_metrics(self.beta, sums.detach(), ref_summed, pairs)
         if self.rpo_alpha is not None:
-            nll = -summed[:pairs].sum() / lengths[:pairs].sum().clamp_min(1)
+            nll = -sums[:pairs].sum() / lengths[:pairs].sum().clamp_min(1)
             loss = loss + self.rpo_alpha * nll
             metrics["nll_loss"] = nll.detach()
         return loss, metrics

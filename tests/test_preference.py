@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fastalign
 from fastalign.ops import reference_losses
-from fastalign.ops.preference import DPO_LOSS_TYPES
+from fastalign.ops.preference import DPO_LOSS_TYPES, dpo_loss_from_token_logps
 
 SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3}
 
@@ -95,7 +95,7 @@ DPO_ERRORS = [
     ({"loss_type": "exo_pair"}, "label_smoothing for loss_type 'exo_pair' must be in (0.0, 1.0)"),
     ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing for loss_type 'robust' must be in [0.0, 0.5)"),
     ({"label_smoothing": 0.7}, "label_smoothing for loss_type 'sigmoid' must be in [0.0, 0.5]"),
-    ({"loss_type": "hinge", "label_smoothing": 0.1}, "loss_type 'hinge' takes no label_smoothing"),
+    ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing=0.1 would be ignored: none of the loss types"),
     ({"discopop_tau": 0.0, "loss_type": "discopop"}, "discopop_tau must be a number > 0"),
 ]
 
@@ -136,3 +136,56 @@ def test_reward_loss_edge_cases():
     torch.testing.assert_close(fastalign.reward_loss(heads, -heads), fastalign.reward_loss(heads[:, 0], -heads[:, 0]))
     with pytest.raises(ValueError, match="margin must be a number or a \\[B\\] tensor"):
         fastalign.reward_loss(torch.zeros(3), torch.zeros(3), margin=torch.zeros(2))
+
+
+def token_inputs(pairs=3, width=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    token_logps = -3 * torch.rand(2 * pairs, width, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2 * pairs, width, generator=gen) > 0.3
+    mask[:, 0] = True
+    ref = -20 * torch.rand(2 * pairs, generator=gen, dtype=torch.float64)
+    return token_logps, mask, ref
+
+
+FROM_TOKEN_CASES = [
+    {"loss_type": name, "label_smoothing": SMOOTHING.get(name, 0.0) if name == "exo_pair" else 0.0}
+    for name in DPO_LOSS_TYPES
+] + [
+    {"loss_type": "sigmoid", "label_smoothing": 0.2, "average_log_prob": True},
+    {"loss_type": ["sigmoid", "ipo", "bco_pair"], "loss_weights": [1.0, 0.5, 0.25]},
+    {"loss_type": ["robust", "sigmoid_norm"], "label_smoothing": 0.1, "average_log_prob": False},
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", FROM_TOKEN_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_dpo_from_token_logps_matches_composition(backend, case):
+    """The fused reduction + loss equals summing the tokens and calling the reference per type."""
+    token_logps, mask, ref = token_inputs()
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    leaf = token_logps.to(dtype).requires_grad_()
+    losses, sums, lengths = dpo_loss_from_token_logps(leaf, mask, ref.to(dtype), beta=0.2, backend=backend, **case)
+    ref_leaf = token_logps.clone().requires_grad_()
+    ref_sums = (ref_leaf * mask).sum(-1)
+    ref_lengths = mask.sum(-1).double()
+    types = [case["loss_type"]] if isinstance(case["loss_type"], str) else case["loss_type"]
+    weights = case.get("loss_weights") or [1.0] * len(types)
+    pairs = mask.shape[0] // 2
+    ref_losses = torch.zeros(pairs, dtype=torch.float64)
+    for name, weight in zip(types, weights, strict=True):
+        average = case.get("average_log_prob")
+        scale = 1 / ref_lengths if (name in ("ipo", "sigmoid_norm") if average is None else average) else 1.0
+        policy, reference = ref_sums * scale, ref * scale
+        pair_losses, _, _ = reference_losses.dpo_loss(
+            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=0.2, loss_type=name,
+            label_smoothing=case.get("label_smoothing", 0.0),
+        )  # fmt: skip
+        ref_losses = ref_losses + weight * pair_losses
+    tolerance = {} if backend == "torch" else {"rtol": 2e-5, "atol": 2e-5}
+    torch.testing.assert_close(losses.double(), ref_losses, **tolerance)
+    torch.testing.assert_close(sums.double(), ref_sums, **tolerance)
+    torch.testing.assert_close(lengths.double(), ref_lengths)
+    upstream = torch.linspace(0.5, 1.5, pairs, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((losses.double() * upstream).sum() + 0.3 * sums[:pairs].double().sum(), leaf)
+    (ref_grad,) = torch.autograd.grad((ref_losses * upstream).sum() + 0.3 * ref_sums[:pairs].sum(), ref_leaf)
+    torch.testing.assert_close(grad.double(), ref_grad, **tolerance)

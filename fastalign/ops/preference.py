@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# Valid label_smoothing per loss type: (low, high, high inclusive); types absent from this table take none.
+# Valid label_smoothing per loss type: (low, high, high inclusive); types absent from this table ignore it.
 _SMOOTHING_RANGES = {
     "sigmoid": (0.0, 0.5, True),  # conservative DPO
     "robust": (0.0, 0.5, False),
@@ -89,14 +89,18 @@ def check_dpo_options(
         raise ValueError(f"discopop_tau must be a number > 0, got {discopop_tau!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise ValueError(f"label_smoothing must be a number, got {label_smoothing!r}")
-    for name in types:
-        low, high, high_inclusive = _SMOOTHING_RANGES.get(name, (0.0, 0.0, True))
+    smoothed = [name for name in types if name in _SMOOTHING_RANGES]
+    if label_smoothing != 0 and not smoothed:
+        raise ValueError(
+            f"label_smoothing={label_smoothing} would be ignored: none of the loss types {types} uses it "
+            f"(only {sorted(_SMOOTHING_RANGES)} do)"
+        )
+    for name in smoothed:
+        low, high, high_inclusive = _SMOOTHING_RANGES[name]
         inside = low <= label_smoothing and (label_smoothing <= high if high_inclusive else label_smoothing < high)
         if name == "exo_pair":
             inside = inside and label_smoothing > 0
         if not inside:
-            if name not in _SMOOTHING_RANGES:
-                raise ValueError(f"loss_type {name!r} takes no label_smoothing (must be 0), got {label_smoothing}")
             bracket = "]" if high_inclusive else ")"
             opening = "(" if name == "exo_pair" else "["
             hint = " (the EXO paper recommends 1e-3)" if name == "exo_pair" else ""
@@ -153,7 +157,8 @@ def dpo_loss(
     ==============  ===================================================================================
 
     A list of types sums them per pair with ``loss_weights`` (default 1 each), as TRL combines them.
-    ``label_smoothing`` must be 0 for types that do not use it. Reference-free variants (SimPO/CPO style): pass
+    ``label_smoothing`` applies to the types that use it (``sigmoid``, ``robust``, ``exo_pair``); it is an error
+    when none of the given types uses it. Reference-free variants (SimPO/CPO style): pass
     zeros as the reference log-probs.
 
     Args:
@@ -227,3 +232,63 @@ def reward_loss(
             raise ValueError(f"center_rewards_coef must be a number or None, got {center_rewards_coef!r}")
         loss = loss + center_rewards_coef * (chosen_rewards + rejected_rewards).square().sum() / count
     return loss
+
+
+def dpo_loss_from_token_logps(
+    token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    loss_weights: Sequence[float] | None = None,
+    average_log_prob: bool | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO family from per-token log-probs of ``2B`` rows (chosen rows first, then rejected rows).
+
+    Reduces each row to its sum over ``mask`` and applies :func:`dpo_loss` per type, with length-averaged
+    log-probs for types that take them (``average_log_prob=None``: ``ipo`` and ``sigmoid_norm``, as TRL 1.x;
+    ``True``: every type; ``False``: none). On CUDA the reduction, every type and the backward are one Triton
+    launch each, with no ``[2B, T]`` intermediate.
+
+    Args:
+        token_logps: ``[2B, T]`` float (gradient flows into it). mask: ``[2B, T]``, nonzero on completion tokens.
+        ref_logps: ``[2B]`` summed reference log-probs (no gradient; zeros for reference-free losses).
+
+    Returns:
+        ``(losses [B], sums [2B], lengths [2B])``: the weighted per-pair loss, each row's summed log-prob (both
+        differentiable) and its number of completion tokens.
+    """
+    if not isinstance(token_logps, torch.Tensor) or token_logps.dim() != 2 or token_logps.shape[0] % 2:
+        raise ValueError(f"token_logps must be [2B, T], got {getattr(token_logps, 'shape', token_logps)}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != token_logps.shape:
+        raise ValueError(f"mask must have token_logps' shape {tuple(token_logps.shape)}")
+    if not isinstance(ref_logps, torch.Tensor) or ref_logps.shape != token_logps.shape[:1]:
+        raise ValueError(f"ref_logps must be [2B] = ({token_logps.shape[0]},)")
+    types, weights = check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, loss_weights)
+    averaged = [name in LENGTH_AVERAGED_TYPES if average_log_prob is None else bool(average_log_prob) for name in types]
+    from fastalign.ops.dispatch import resolve_backend
+
+    if resolve_backend(backend, token_logps.device, token_logps.dtype) == "triton":
+        from fastalign.ops._dpo_triton import dpo_from_token_logps_triton
+
+        return dpo_from_token_logps_triton(
+            token_logps, mask, ref_logps, types, weights, averaged, beta, label_smoothing, discopop_tau
+        )
+    keep = mask != 0
+    sums = torch.where(keep, token_logps, 0.0).sum(-1)
+    lengths = keep.sum(-1).to(sums.dtype)
+    pairs = token_logps.shape[0] // 2
+    ref_logps = ref_logps.detach().to(sums.dtype)
+    losses = sums.new_zeros(pairs)
+    for name, weight, average in zip(types, weights, averaged, strict=True):
+        scale = 1.0 / lengths.clamp_min(1) if average else 1.0
+        policy, reference = sums * scale, ref_logps * scale
+        losses = losses + weight * dpo_loss_terms(
+            name, policy[:pairs] - reference[:pairs], policy[pairs:] - reference[pairs:], beta, label_smoothing,
+            discopop_tau,
+        )  # fmt: skip
+    return losses, sums, lengths

@@ -1,0 +1,180 @@
+"""The fused-linear modules against the reference composition (materialised float64 logits, then the reference
+loss), with gradients into hidden and weight, on every CPU-runnable backend; and no [N, V] tensor on the way."""
+
+import re
+
+import pytest
+import torch
+from test_memory import AllocationWatcher
+
+import fastalign
+from fastalign.ops import reference, reference_losses
+
+BACKENDS = ["torch", "triton"]
+VOCAB, WIDTH = 97, 24
+
+
+def make_batch(rows=4, width=7, prompt=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, WIDTH, generator=gen, dtype=torch.float64)
+    weight = torch.randn(VOCAB, WIDTH, generator=gen, dtype=torch.float64) / WIDTH**0.5 * 2
+    targets = torch.randint(0, VOCAB, (rows, width), generator=gen)
+    targets[:, :prompt] = -100
+    targets[-1, -2:] = -100  # a padded row
+    return hidden, weight, targets
+
+
+def grads_of(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def assert_close_all(got, expected, dtype):
+    tolerance = {"rtol": 2e-5, "atol": 2e-6} if dtype == torch.float32 else {}
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.double(), e, **tolerance)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_module(backend):
+    hidden, weight, targets = make_batch()
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss = fastalign.nn.LinearCrossEntropy(label_smoothing=0.1, backend=backend)(h, w, targets)
+    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference.linear_cross_entropy(rh, rw, targets, label_smoothing=0.1)
+    assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
+
+
+POLICY_CASES = [
+    {"loss_type": "dapo", "clip_eps_high": 0.28},
+    {"loss_type": "grpo", "kl_coef": 0.05, "with_ref": True, "temperature": 0.7},
+    {"importance_sampling_level": "sequence", "entropy_coef": 0.01},
+    {"loss_agg_mode": "seq-mean-token-sum-norm", "dual_clip": 3.0, "softcap": 5.0},
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", POLICY_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_linear_policy_loss_module(backend, case):
+    options = dict(case)
+    with_ref = options.pop("with_ref", False)
+    temperature, softcap = options.pop("temperature", 1.0), options.pop("softcap", None)
+    hidden, weight, targets = make_batch()
+    mask = targets != -100
+    gen = torch.Generator().manual_seed(1)
+    old_logp = reference.linear_logprobs(hidden, weight, targets, temperature=temperature, softcap=softcap)
+    old_logp = old_logp + 0.3 * torch.randn(old_logp.shape, generator=gen, dtype=torch.float64) * mask
+    ref_logp = old_logp + 0.2 * torch.randn(old_logp.shape, generator=gen, dtype=torch.float64) if with_ref else None
+    advantages = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64)
+
+    module = fastalign.nn.LinearPolicyLoss(temperature=temperature, softcap=softcap, backend=backend, **options)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    ref_float = None if ref_logp is None else ref_logp.float()
+    loss, metrics = module(h, w, targets, old_logp.float(), advantages.float(), ref_logp=ref_float)
+
+    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    need_entropy = options.get("entropy_coef", 0.0) != 0
+    out = reference.linear_logprobs(rh, rw, targets, temperature=temperature, softcap=softcap,
+                                    return_entropy=need_entropy)  # fmt: skip
+    logp, entropy = out if need_entropy else (out, None)
+    ref_loss = reference_losses.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
+                                            **options)  # fmt: skip
+    assert_close_all([loss, *grads_of(loss, h, w)], [ref_loss, *grads_of(ref_loss, rh, rw)], torch.float32)
+    assert ("entropy_mean" in metrics) == need_entropy
+
+
+DPO_CASES = [
+    {},
+    {"loss_type": "ipo", "beta": 0.5},
+    {"loss_type": ["sigmoid", "sppo_hard"], "loss_weights": [1.0, 0.1], "rpo_alpha": 0.5},
+    {"loss_type": "robust", "label_smoothing": 0.1, "average_log_prob": True},
+    {"loss_type": "apo_zero", "precomputed": True},
+    {"loss_type": "sigmoid", "reference_free": True, "average_log_prob": True},  # SimPO-style
+]
+
+
+def reference_dpo(hidden, weight, targets, ref_sums, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                  loss_weights=None, average_log_prob=None, rpo_alpha=None):  # fmt: skip
+    token_logps = reference.linear_logprobs(hidden, weight, targets)
+    sums = token_logps.sum(-1)
+    lengths = (targets != -100).sum(-1).double()
+    pairs = targets.shape[0] // 2
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    total = 0
+    for name, wt in zip(types, loss_weights or [1.0] * len(types), strict=True):
+        average = name in ("ipo", "sigmoid_norm") if average_log_prob is None else average_log_prob
+        scale = 1 / lengths if average else 1.0
+        policy, ref = sums * scale, ref_sums * scale
+        losses, _, _ = reference_losses.dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta=beta,
+                                                 loss_type=name, label_smoothing=label_smoothing)  # fmt: skip
+        total = total + wt * losses.mean()
+    if rpo_alpha is not None:
+        total = total + rpo_alpha * (-sums[:pairs].sum() / lengths[:pairs].sum())
+    return total
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DPO_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "sigmoid")
+def test_linear_dpo_loss_module(backend, case):
+    options = dict(case)
+    precomputed, reference_free = options.pop("precomputed", False), options.pop("reference_free", False)
+    hidden, weight, targets = make_batch(rows=6)
+    gen = torch.Generator().manual_seed(2)
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=gen, dtype=torch.float64)
+    ref_sums = reference.linear_logprobs(ref_hidden, weight, targets).sum(-1)
+    if reference_free:
+        ref_sums = torch.zeros_like(ref_sums)
+    module = fastalign.nn.LinearDPOLoss(backend=backend, **options)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    if precomputed or reference_free:
+        loss, metrics = module(
+            h, w, targets, ref_chosen_logps=ref_sums[:3].float(), ref_rejected_logps=ref_sums[3:].float()
+        )
+    else:
+        loss, metrics = module(h, w, targets, ref_hidden=ref_hidden.float(), ref_weight=weight.float())
+    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_loss = reference_dpo(rh, rw, targets, ref_sums, **options)
+    assert_close_all([loss, *grads_of(loss, h, w)], [ref_loss, *grads_of(ref_loss, rh, rw)], torch.float32)
+    beta = options.get("beta", 0.1)
+    sums = reference.linear_logprobs(hidden, weight, targets).sum(-1)
+    torch.testing.assert_close(
+        metrics["chosen_rewards"].double(), beta * (sums[:3] - ref_sums[:3]), rtol=1e-5, atol=1e-5
+    )
+    assert ("nll_loss" in metrics) == ("rpo_alpha" in options)
+    assert 0 <= metrics["reward_accuracy"] <= 1
+
+
+def test_linear_dpo_loss_rejects_bad_input():
+    hidden, weight, targets = make_batch(rows=4)
+    module = fastalign.nn.LinearDPOLoss()
+    with pytest.raises(ValueError, match="LinearDPOLoss needs a reference"):
+        module(hidden, weight, targets)
+    with pytest.raises(ValueError, match=re.escape("targets must be [2B, T]")):
+        module(hidden[:3], weight, targets[:3], ref_hidden=hidden[:3], ref_weight=weight)
+    with pytest.raises(ValueError, match=re.escape("ref_chosen_logps must be a [B] = (2,) tensor")):
+        module(hidden, weight, targets, ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(2))
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        fastalign.nn.LinearDPOLoss(loss_type="orpo")
+
+
+@pytest.mark.parametrize(
+    "module_call",
+    [
+        lambda h, w, t: fastalign.nn.LinearPolicyLoss(loss_type="grpo", entropy_coef=0.01)(
+            h, w, t, torch.zeros(t.shape), torch.ones(t.shape[0]))[0],
+        lambda h, w, t: fastalign.nn.LinearDPOLoss(rpo_alpha=1.0)(
+            h, w, t, ref_chosen_logps=torch.zeros(t.shape[0] // 2), ref_rejected_logps=torch.zeros(t.shape[0] // 2))[0],
+    ],
+    ids=["policy", "dpo"],
+)  # fmt: skip
+def test_modules_never_hold_full_logits(scratch_budget, module_call):
+    rows, width, vocab, dim = 8, 64, 4096, 16  # [512 tokens, 4096] float32 = 8 MiB
+    budget = 256 << 10
+    scratch_budget(budget)
+    hidden = torch.randn(rows, width, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows, width))
+    with AllocationWatcher() as watcher:
+        module_call(hidden, weight, targets).backward()
+    allowed = {(rows * width, dim), (vocab, dim), tuple(hidden.shape)}
+    largest = max(size for shape, size in watcher.produced if shape not in allowed)
+    assert largest <= budget
