@@ -1,9 +1,17 @@
 """``torch.nn.Module`` wrappers of the fused-linear losses: they take the model's hidden states and the lm_head
-weight (never logits), compute per-token log-probs with :func:`fastalign.linear_logprobs`, and apply the loss.
+weight (never logits) and compute the loss from per-token log-probs of the target tokens.
 
 * :class:`LinearCrossEntropy` — SFT / pre-training.
 * :class:`LinearPolicyLoss` — PPO / GRPO / DAPO / GSPO on completion tokens.
 * :class:`LinearDPOLoss` — the DPO family on chosen/rejected rows of one batch.
+
+Each module has two exact paths. ``gradient_in_forward=True`` computes the hidden/weight gradients during the
+forward sweep (:func:`fastalign.ops.fused_linear.fused_linear_loss`: each chunk's logits are materialised once
+inside the scratch budget, 6·N·D·V flops) and ``backward()`` only scales them; ``False`` builds the loss on the
+autograd log-prob op, whose backward recomputes the logits (8·N·D·V flops, less memory held between forward and
+backward). The default, ``None``, takes the first on CUDA and the second on CPU, where it measured faster at the
+default 32 MiB budget. The first path applies only when a gradient is needed; the loss must then be the last
+step (its ``backward`` takes the upstream scalar).
 """
 
 from __future__ import annotations
@@ -12,14 +20,25 @@ from collections.abc import Sequence
 
 import torch
 
-from fastalign.ops.cross_entropy import linear_cross_entropy
+from fastalign.ops.cross_entropy import check_cross_entropy_options, linear_cross_entropy
+from fastalign.ops.fused_linear import ChunkStats, fused_linear_loss
 from fastalign.ops.logprobs import linear_logprobs
-from fastalign.ops.policy import policy_loss
+from fastalign.ops.policy import check_policy_args, policy_chunk_loss, policy_loss, row_weights
 from fastalign.ops.preference import check_dpo_options, dpo_loss_from_token_logps
+
+
+def _fused_gradient(choice: bool | None, *tensors: torch.Tensor | None) -> bool:
+    """Whether to form the gradient in the forward: a gradient is needed, and the choice (or CUDA) says so."""
+    present = [t for t in tensors if t is not None]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in present):
+        return False
+    return present[0].is_cuda if choice is None else choice
 
 
 class LinearCrossEntropy(torch.nn.Module):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``; see :func:`fastalign.linear_cross_entropy`.
+
+    ``forward(hidden [..., D], weight [V, D], targets [...], bias=None) -> loss``.
 
     Example:
         >>> import torch, fastalign
@@ -36,27 +55,44 @@ class LinearCrossEntropy(torch.nn.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        gradient_in_forward: bool | None = None,
         backend: str = "auto",
     ):
         super().__init__()
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.backend = z_loss, softcap, backend
+        self.gradient_in_forward = gradient_in_forward
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return linear_cross_entropy(
-            hidden, weight, targets, bias=bias, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, backend=self.backend,
-        )  # fmt: skip
+        options = {"ignore_index": self.ignore_index, "softcap": self.softcap, "backend": self.backend}
+        if self.reduction == "none" or not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
+            return linear_cross_entropy(
+                hidden, weight, targets, bias=bias, reduction=self.reduction, label_smoothing=self.label_smoothing,
+                z_loss=self.z_loss, **options,
+            )  # fmt: skip
+        check_cross_entropy_options(self.reduction, self.label_smoothing, self.z_loss)
+        count = (targets != self.ignore_index).sum().clamp_min(1) if self.reduction == "mean" else 1
+        vocab_size = weight.shape[0]
+        smoothing, z_loss = self.label_smoothing, self.z_loss
+
+        def chunk_loss(index: torch.Tensor, s: ChunkStats) -> torch.Tensor:
+            loss = -s.logp
+            if smoothing > 0:
+                loss = (1.0 - smoothing) * loss + smoothing * (s.lse - s.sum_logits / vocab_size)
+            if z_loss > 0:
+                loss = loss + z_loss * s.lse.square()
+            return torch.where(s.valid, loss, 0.0).sum() / count
+
+        return fused_linear_loss(hidden, weight, targets, chunk_loss, bias=bias, need_sum=smoothing > 0, **options).loss
 
 
 class LinearPolicyLoss(torch.nn.Module):
     """The policy loss of :func:`fastalign.policy_loss` from the hidden states of the completion tokens.
 
-    The per-token log-probs (and the entropy, only when ``entropy_coef`` needs it) come from
-    :func:`fastalign.linear_logprobs` with this module's ``temperature`` and ``softcap`` — the same temperature
-    the rollout sampled with, as TRL divides the logits by it.
+    The per-token log-probs (and the entropy, only when ``entropy_coef`` needs it) use this module's
+    ``temperature`` and ``softcap`` — the temperature the rollout sampled with, as TRL divides the logits by it.
 
     ``forward(hidden [B, T, D], weight [V, D], targets [B, T], old_logp [B, T], advantages [B] | [B, T], *,
     mask=None, ref_logp=None, is_weights=None, num_items_in_batch=None, bias=None) -> (loss, metrics)``;
@@ -88,10 +124,12 @@ class LinearPolicyLoss(torch.nn.Module):
         importance_sampling_level: str = "token",
         entropy_coef: float = 0.0,
         max_completion_length: int | None = None,
+        gradient_in_forward: bool | None = None,
         backend: str = "auto",
     ):
         super().__init__()
         self.temperature, self.softcap, self.ignore_index, self.backend = temperature, softcap, ignore_index, backend
+        self.gradient_in_forward = gradient_in_forward
         self.loss_options = {
             "clip_eps_low": clip_eps_low, "clip_eps_high": clip_eps_high, "dual_clip": dual_clip,
             "kl_coef": kl_coef, "kl_estimator": kl_estimator, "loss_agg_mode": loss_agg_mode,
@@ -114,17 +152,37 @@ class LinearPolicyLoss(torch.nn.Module):
         bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         need_entropy = self.loss_options["entropy_coef"] != 0
-        out = linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=self.temperature, softcap=self.softcap,
-            ignore_index=self.ignore_index, return_entropy=need_entropy, backend=self.backend,
-        )  # fmt: skip
-        logp, entropy = out if need_entropy else (out, None)
         if mask is None:
             mask = targets != self.ignore_index
-        return policy_loss(
-            logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy, is_weights=is_weights,
-            num_items_in_batch=num_items_in_batch, backend=self.backend, **self.loss_options,
+        extra = {"ref_logp": ref_logp, "is_weights": is_weights, "num_items_in_batch": num_items_in_batch}
+        logprob_options = {"temperature": self.temperature, "softcap": self.softcap,
+                           "ignore_index": self.ignore_index, "backend": self.backend}  # fmt: skip
+        if not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
+            out = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=need_entropy, **logprob_options)
+            logp, entropy = out if need_entropy else (out, None)
+            return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, backend=self.backend,
+                               **extra, **self.loss_options)  # fmt: skip
+        # logp and entropy are filled in chunk by chunk; old_logp stands in for their shape here.
+        args = check_policy_args(old_logp, old_logp, advantages, mask, entropy=old_logp if need_entropy else None,
+                                 **extra, **self.loss_options)  # fmt: skip
+        keep = args.mask != 0
+        weights = row_weights(
+            keep.sum(-1).to(torch.float32), args.mode, width=keep.shape[1],
+            max_completion_length=args.max_completion_length, num_items_in_batch=args.num_items_in_batch,
         )  # fmt: skip
+        width = targets.shape[-1]
+        rows = None
+        if args.sequence_level:  # the sequence ratio needs whole rows in a chunk
+            rows = [torch.arange(b * width, (b + 1) * width, device=targets.device) for b in range(targets.shape[0])]
+
+        def chunk_loss(index: torch.Tensor, s: ChunkStats) -> torch.Tensor:
+            return policy_chunk_loss(args, weights, index, s.logp, s.entropy)
+
+        result = fused_linear_loss(hidden, weight, targets, chunk_loss, bias=bias, units=rows,
+                                   need_entropy=need_entropy, **logprob_options)  # fmt: skip
+        _, metrics = policy_loss(result.logp, old_logp, advantages, mask, entropy=result.entropy, backend="torch",
+                                 **extra, **self.loss_options)  # fmt: skip
+        return result.loss, metrics
 
 
 class LinearDPOLoss(torch.nn.Module):
@@ -168,6 +226,7 @@ class LinearDPOLoss(torch.nn.Module):
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
+        gradient_in_forward: bool | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -175,12 +234,45 @@ class LinearDPOLoss(torch.nn.Module):
         self.beta, self.label_smoothing, self.discopop_tau = beta, label_smoothing, discopop_tau
         self.average_log_prob, self.rpo_alpha, self.ignore_index = average_log_prob, rpo_alpha, ignore_index
         self.temperature, self.softcap, self.backend = temperature, softcap, backend
+        self.gradient_in_forward = gradient_in_forward
 
-    def _token_logps(self, hidden, weight, targets, bias) -> torch.Tensor:
-        return linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=self.temperature, softcap=self.softcap,
-            ignore_index=self.ignore_index, backend=self.backend,
+    def _logprob_options(self) -> dict:
+        return {"temperature": self.temperature, "softcap": self.softcap, "ignore_index": self.ignore_index,
+                "backend": self.backend}  # fmt: skip
+
+    def _reference(self, targets, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias):
+        """``[2B]`` summed reference log-probs, without gradient."""
+        pairs = targets.shape[0] // 2
+        if ref_hidden is not None or ref_weight is not None:
+            if ref_hidden is None or ref_weight is None or ref_chosen_logps is not None:
+                raise ValueError(
+                    "give the reference as (ref_hidden, ref_weight) or as precomputed ref_*_logps, not both"
+                )
+            with torch.no_grad():
+                return linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self._logprob_options()).sum(
+                    -1
+                )
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(
+                "LinearDPOLoss needs a reference: (ref_hidden, ref_weight) or ref_chosen_logps and ref_rejected_logps "
+                "(zeros for reference-free SimPO/CPO)"
+            )
+        for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            if not isinstance(value, torch.Tensor) or value.shape != (pairs,):
+                raise ValueError(f"{name} must be a [B] = ({pairs},) tensor, got {getattr(value, 'shape', value)}")
+        return torch.cat([ref_chosen_logps, ref_rejected_logps]).detach()
+
+    def _pair_loss(self, token_logps, mask, ref_summed, pairs_total, chosen_tokens):
+        """Loss of some pairs (their chosen rows, then their rejected rows), normalised by the whole batch."""
+        losses, sums, _ = dpo_loss_from_token_logps(
+            token_logps, mask, ref_summed, beta=self.beta, loss_type=self.types, label_smoothing=self.label_smoothing,
+            discopop_tau=self.discopop_tau, loss_weights=self.weights, average_log_prob=self.average_log_prob,
+            backend=self.backend,
         )  # fmt: skip
+        loss = losses.sum() / pairs_total
+        if self.rpo_alpha is not None:
+            loss = loss - self.rpo_alpha * sums[: token_logps.shape[0] // 2].sum() / chosen_tokens
+        return loss
 
     def forward(
         self,
@@ -197,36 +289,36 @@ class LinearDPOLoss(torch.nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or targets.shape[0] % 2:
             raise ValueError(f"targets must be [2B, T] (chosen rows, then rejected rows), got {tuple(targets.shape)}")
-        pairs = targets.shape[0] // 2
-        token_logps = self._token_logps(hidden, weight, targets, bias)
-        if ref_hidden is not None or ref_weight is not None:
-            if ref_hidden is None or ref_weight is None or ref_chosen_logps is not None:
-                raise ValueError(
-                    "give the reference as (ref_hidden, ref_weight) or as precomputed ref_*_logps, not both"
-                )
-            with torch.no_grad():
-                ref_summed = self._token_logps(ref_hidden, ref_weight, targets, ref_bias).sum(-1)
-        elif ref_chosen_logps is not None and ref_rejected_logps is not None:
-            for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-                if not isinstance(value, torch.Tensor) or value.shape != (pairs,):
-                    raise ValueError(f"{name} must be a [B] = ({pairs},) tensor, got {getattr(value, 'shape', value)}")
-            ref_summed = torch.cat([ref_chosen_logps, ref_rejected_logps]).to(token_logps.dtype).detach()
+        pairs, width = targets.shape[0] // 2, targets.shape[1]
+        ref_summed = self._reference(targets, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias)
+        mask = targets != self.ignore_index
+        pairs_total = max(pairs, 1)
+        chosen_tokens = mask[:pairs].sum().clamp_min(1)
+        if _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
+            # A unit is one pair: its chosen row's tokens, then its rejected row's.
+            units = [torch.cat([torch.arange(i * width, (i + 1) * width), torch.arange((pairs + i) * width,
+                     (pairs + i + 1) * width)]).to(targets.device) for i in range(pairs)]  # fmt: skip
+            flat_mask = mask.reshape(-1)
+
+            def chunk_loss(index: torch.Tensor, s: ChunkStats) -> torch.Tensor:
+                in_pairs = index.view(-1, 2, width)
+                order = torch.cat([in_pairs[:, 0], in_pairs[:, 1]])  # chosen rows, then rejected rows
+                picked = order[:, 0] // width
+                token_logps = s.logp.view(-1, 2, width)
+                token_logps = torch.cat([token_logps[:, 0], token_logps[:, 1]])
+                return self._pair_loss(token_logps, flat_mask[order], ref_summed[picked].to(token_logps.dtype),
+                                       pairs_total, chosen_tokens)  # fmt: skip
+
+            result = fused_linear_loss(hidden, weight, targets, chunk_loss, bias=bias, units=units,
+                                       **self._logprob_options())  # fmt: skip
+            loss, sums = result.loss, result.logp.sum(-1)
         else:
-            raise ValueError(
-                "LinearDPOLoss needs a reference: (ref_hidden, ref_weight) or ref_chosen_logps and ref_rejected_logps "
-                "(zeros for reference-free SimPO/CPO)"
-            )
-        losses, sums, lengths = dpo_loss_from_token_logps(
-            token_logps, targets != self.ignore_index, ref_summed, beta=self.beta, loss_type=self.types,
-            label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau, loss_weights=self.weights,
-            average_log_prob=self.average_log_prob, backend=self.backend,
-        )  # fmt: skip
-        loss = losses.sum() / max(pairs, 1)
-        metrics = _dpo_metrics(self.beta, sums.detach(), ref_summed, pairs)
+            token_logps = linear_logprobs(hidden, weight, targets, bias=bias, **self._logprob_options())
+            loss = self._pair_loss(token_logps, mask, ref_summed.to(token_logps.dtype), pairs_total, chosen_tokens)
+            sums = token_logps.detach().sum(-1)
+        metrics = _dpo_metrics(self.beta, sums, ref_summed.to(sums.dtype), pairs)
         if self.rpo_alpha is not None:
-            nll = -sums[:pairs].sum() / lengths[:pairs].sum().clamp_min(1)
-            loss = loss + self.rpo_alpha * nll
-            metrics["nll_loss"] = nll.detach()
+            metrics["nll_loss"] = -sums[:pairs].sum() / chosen_tokens
         return loss, metrics
 
 

@@ -34,14 +34,22 @@ def assert_close_all(got, expected, dtype):
         torch.testing.assert_close(g.double(), e, **tolerance)
 
 
+# gradient_in_forward: the autograd path (False) and the gradient formed in the forward sweep (True).
+FUSED = [pytest.param(False, id="autograd"), pytest.param(True, id="grad-in-forward")]
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_cross_entropy_module(backend):
+@pytest.mark.parametrize("options", [{"label_smoothing": 0.1}, {"z_loss": 1e-3, "reduction": "sum", "softcap": 4.0}])
+def test_linear_cross_entropy_module(backend, fused, options):
     hidden, weight, targets = make_batch()
-    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    loss = fastalign.nn.LinearCrossEntropy(label_smoothing=0.1, backend=backend)(h, w, targets)
-    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    ref = reference.linear_cross_entropy(rh, rw, targets, label_smoothing=0.1)
-    assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
+    bias = torch.randn(VOCAB, dtype=torch.float64)
+    h, w, b = hidden.float().requires_grad_(), weight.float().requires_grad_(), bias.float().requires_grad_()
+    module = fastalign.nn.LinearCrossEntropy(gradient_in_forward=fused, backend=backend, **options)
+    loss = module(h, w, targets, bias=b)
+    rh, rw, rb = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    ref = reference.linear_cross_entropy(rh, rw, targets, bias=rb, **options)
+    assert_close_all([loss, *grads_of(loss, h, w, b)], [ref, *grads_of(ref, rh, rw, rb)], torch.float32)
 
 
 POLICY_CASES = [
@@ -52,9 +60,10 @@ POLICY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", POLICY_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_linear_policy_loss_module(backend, case):
+def test_linear_policy_loss_module(backend, case, fused):
     options = dict(case)
     with_ref = options.pop("with_ref", False)
     temperature, softcap = options.pop("temperature", 1.0), options.pop("softcap", None)
@@ -66,7 +75,9 @@ def test_linear_policy_loss_module(backend, case):
     ref_logp = old_logp + 0.2 * torch.randn(old_logp.shape, generator=gen, dtype=torch.float64) if with_ref else None
     advantages = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64)
 
-    module = fastalign.nn.LinearPolicyLoss(temperature=temperature, softcap=softcap, backend=backend, **options)
+    module = fastalign.nn.LinearPolicyLoss(
+        temperature=temperature, softcap=softcap, gradient_in_forward=fused, backend=backend, **options
+    )
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     ref_float = None if ref_logp is None else ref_logp.float()
     loss, metrics = module(h, w, targets, old_logp.float(), advantages.float(), ref_logp=ref_float)
@@ -112,9 +123,10 @@ def reference_dpo(hidden, weight, targets, ref_sums, *, beta=0.1, loss_type="sig
     return total
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", DPO_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "sigmoid")
-def test_linear_dpo_loss_module(backend, case):
+def test_linear_dpo_loss_module(backend, case, fused):
     options = dict(case)
     precomputed, reference_free = options.pop("precomputed", False), options.pop("reference_free", False)
     hidden, weight, targets = make_batch(rows=6)
@@ -123,7 +135,7 @@ def test_linear_dpo_loss_module(backend, case):
     ref_sums = reference.linear_logprobs(ref_hidden, weight, targets).sum(-1)
     if reference_free:
         ref_sums = torch.zeros_like(ref_sums)
-    module = fastalign.nn.LinearDPOLoss(backend=backend, **options)
+    module = fastalign.nn.LinearDPOLoss(gradient_in_forward=fused, backend=backend, **options)
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     if precomputed or reference_free:
         loss, metrics = module(
@@ -141,6 +153,37 @@ def test_linear_dpo_loss_module(backend, case):
     )
     assert ("nll_loss" in metrics) == ("rpo_alpha" in options)
     assert 0 <= metrics["reward_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("budget", [1 << 10, 6 << 10], ids=["two-sweeps", "one-unit-per-chunk"])
+def test_units_larger_than_the_budget_fall_back_to_two_sweeps(scratch_budget, budget):
+    """DPO pairs and GSPO rows that do not fit the budget are still exact (statistics, then recompute)."""
+    scratch_budget(budget)
+    hidden, weight, targets = make_batch(rows=6)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    zeros = torch.zeros(3)
+    loss, _ = fastalign.nn.LinearDPOLoss(gradient_in_forward=True)(
+        h, w, targets, ref_chosen_logps=zeros, ref_rejected_logps=zeros
+    )
+    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference_dpo(rh, rw, targets, torch.zeros(6, dtype=torch.float64))
+    assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
+    old_logp = reference.linear_logprobs(hidden, weight, targets).float()
+    advantages = torch.linspace(-1, 1, 6)
+    policy = fastalign.nn.LinearPolicyLoss(importance_sampling_level="sequence", gradient_in_forward=True)
+    loss, _ = policy(h, w, targets, old_logp + 0.1, advantages)
+    logp = reference.linear_logprobs(rh, rw, targets)
+    ref = reference_losses.policy_loss(logp, old_logp.double() + 0.1, advantages.double(), targets != -100,
+                                       importance_sampling_level="sequence")  # fmt: skip
+    assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
+
+
+def test_gradient_in_forward_is_skipped_without_a_gradient():
+    hidden, weight, targets = make_batch()
+    with torch.no_grad():
+        loss = fastalign.nn.LinearCrossEntropy(gradient_in_forward=True)(hidden, weight, targets)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden, weight, targets))
 
 
 def test_linear_dpo_loss_rejects_bad_input():

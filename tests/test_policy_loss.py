@@ -65,7 +65,11 @@ def run(fn, inputs, options, dtype):
         leaves.append(tensors["entropy"].requires_grad_())
     out = fn(**tensors, **options)
     loss = out[0] if isinstance(out, tuple) else out
-    grads = torch.autograd.grad(loss, leaves)
+    if loss.requires_grad:
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+    else:  # the reference builds no graph when every token is masked
+        grads = [torch.zeros_like(x) for x in leaves]
     return loss.detach(), [g.detach() for g in grads], out[1] if isinstance(out, tuple) else None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastalign.kernels.triton import policy_loss as kernels
-from fastalign.ops.policy import LOG_RATIO_LIMIT, PolicyArgs
+from fastalign.ops.policy import LOG_RATIO_LIMIT, PolicyArgs, row_weights
 
 _KL_KIND = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -36,21 +36,6 @@ def _launch_args(a: PolicyArgs, tensors: dict[str, torch.Tensor]) -> tuple[list,
     return positional, flags
 
 
-def _row_weights(counts: torch.Tensor, a: PolicyArgs) -> torch.Tensor:
-    """``d loss / d (row's masked loss sum)`` for the aggregation mode: ``[B]``."""
-    rows = counts.shape[0]
-    n_rows = max(rows, 1)
-    if a.mode == "token-mean":
-        denominator = a.num_items_in_batch if a.num_items_in_batch is not None else counts.sum().clamp_min(1)
-        return torch.ones_like(counts) / denominator
-    if a.mode == "seq-mean-token-mean":
-        return 1.0 / (n_rows * counts.clamp_min(1))
-    if a.mode == "seq-mean-token-sum":
-        return torch.full_like(counts, 1.0 / n_rows)
-    length = a.max_completion_length if a.max_completion_length is not None else a.mask.shape[1]
-    return torch.full_like(counts, 1.0 / (n_rows * length))
-
-
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, entropy, a: PolicyArgs, tensors: dict[str, torch.Tensor]):
@@ -63,7 +48,10 @@ class _PolicyLoss(torch.autograd.Function):
                 tensors["mask"], tensors["is_weights"], stats, *positional, **flags,
             )  # fmt: skip
         counts = stats[kernels.COUNT]
-        weights = _row_weights(counts, a)
+        weights = row_weights(
+            counts, a.mode, width=logp.shape[1], max_completion_length=a.max_completion_length,
+            num_items_in_batch=a.num_items_in_batch,
+        )  # fmt: skip
         loss = (stats[kernels.LOSS] * weights).sum()
         tokens = counts.sum().clamp_min(1)
         metrics = [stats[i].sum() / tokens for i in (kernels.LOW_CLIP, kernels.HIGH_CLIP, kernels.DUAL_CLIP,

@@ -158,7 +158,7 @@ def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenSt
     return _stats_forward(raw_tile, hidden.shape[0], weight.shape[0], targets, opts, hidden)
 
 
-def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out += a @ b`` with ``out`` possibly in a wider dtype than ``a`` and ``b``."""
     if out.dtype == a.dtype:
         out.addmm_(a, b)
@@ -188,11 +188,11 @@ def linear_backward(
             grad_bias[cols] += grad.sum(dim=0)
         grad = grad.to(hidden.dtype)
         if need_hidden:
-            _add_matmul(row_grad, grad, weight[cols])
+            add_matmul(row_grad, grad, weight[cols])
             if row_done:
                 grad_hidden[rows] = row_grad
         if need_weight:
-            _add_matmul(grad_weight[cols], grad.T, hidden[rows])
+            add_matmul(grad_weight[cols], grad.T, hidden[rows])
     return (
         grad_hidden,
         None if grad_weight is None else grad_weight.to(weight.dtype),

@@ -11,6 +11,17 @@ from fastalign.ops.logprobs import linear_stats
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_cross_entropy_options(reduction: str, label_smoothing: float, z_loss: float) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -48,14 +59,7 @@ def linear_cross_entropy(
         >>> loss = fastalign.linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1)
         >>> loss.backward()
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    check_cross_entropy_options(reduction, label_smoothing, z_loss)
     (lse, target_logp, _, sum_logits), prepared = linear_stats(
         hidden, weight, bias, targets,
         temperature=1.0, softcap=softcap, ignore_index=ignore_index,

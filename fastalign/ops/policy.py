@@ -8,7 +8,7 @@ kernels in ``fastalign/kernels/triton/policy_loss.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -95,6 +95,35 @@ def check_aggregation_args(
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
 
 
+def row_weights(
+    counts: torch.Tensor,
+    mode: str,
+    *,
+    width: int,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B]`` weights such that ``loss = Σ_b weight_b · (row b's masked loss sum)``, from the rows' token counts.
+
+    * ``token-mean``: ``1 / Σ mask``, or ``1 / num_items_in_batch`` (the global token count across
+      gradient-accumulation steps and ranks) when given.
+    * ``seq-mean-token-mean``: ``1 / (B · n_b)``: the mean over the B rows of each row's token mean (TRL's
+      ``grpo``); a row with an empty mask contributes 0 and still counts in B, as in TRL.
+    * ``seq-mean-token-sum``: ``1 / B``: the mean over rows of each row's token sum.
+    * ``seq-mean-token-sum-norm``: ``1 / (B · max_completion_length)``, default ``T`` (TRL's ``dr_grpo``).
+    """
+    n_rows = max(counts.shape[0], 1)
+    if mode == "token-mean":
+        total = num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp_min(1)
+        return torch.ones_like(counts) / total
+    if mode == "seq-mean-token-mean":
+        return 1.0 / (n_rows * counts.clamp_min(1))
+    if mode == "seq-mean-token-sum":
+        return torch.full_like(counts, 1.0 / n_rows)
+    length = max_completion_length if max_completion_length is not None else width
+    return torch.full_like(counts, 1.0 / (n_rows * length))
+
+
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -103,28 +132,15 @@ def aggregate(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce a ``[B, T]`` (or ``[B, 1]``, broadcast) per-token loss over the tokens where ``mask`` is set.
-
-    * ``token-mean``: ``Σ loss·mask / Σ mask``, or ``/ num_items_in_batch`` (the global token count across
-      gradient-accumulation steps and ranks) when given.
-    * ``seq-mean-token-mean``: the mean over the B rows of each row's token mean (TRL's ``grpo``); a row with an
-      empty mask contributes 0 and still counts in B, as in TRL.
-    * ``seq-mean-token-sum``: the mean over rows of each row's token sum.
-    * ``seq-mean-token-sum-norm``: ``Σ loss·mask / (B · max_completion_length)`` (default T; TRL's ``dr_grpo``).
-    """
+    """Reduce a ``[B, T]`` (or ``[B, 1]``, broadcast) per-token loss over the tokens where ``mask`` is set, with
+    the weights of :func:`row_weights`."""
     keep = mask != 0
-    masked = torch.where(keep, per_token, 0.0)
-    n_rows = max(mask.shape[0], 1)
-    if mode == "token-mean":
-        if num_items_in_batch is not None:
-            return masked.sum() / num_items_in_batch
-        return masked.sum() / keep.sum().clamp_min(1)
-    if mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / keep.sum(-1).clamp_min(1)).sum() / n_rows
-    if mode == "seq-mean-token-sum":
-        return masked.sum() / n_rows
-    length = max_completion_length if max_completion_length is not None else mask.shape[-1]
-    return masked.sum() / (n_rows * length)
+    row_sums = torch.where(keep, per_token, 0.0).sum(-1)
+    weights = row_weights(
+        keep.sum(-1).to(row_sums.dtype), mode, width=mask.shape[-1], max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )  # fmt: skip
+    return (row_sums * weights).sum()
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -300,8 +316,18 @@ def check_policy_args(
     )  # fmt: skip
 
 
-def policy_loss_torch(a: PolicyArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Composed torch ops; autograd provides the gradient into ``logp`` and ``entropy``."""
+@dataclass(frozen=True)
+class PolicyTerms:
+    """Per-token pieces of the policy loss, ``[B, T]`` (or ``[B, 1]`` at sequence level)."""
+
+    per_token: torch.Tensor
+    ratio: torch.Tensor
+    clipped_loss: torch.Tensor
+    kl: torch.Tensor | None
+
+
+def policy_terms(a: PolicyArgs) -> PolicyTerms:
+    """The per-token loss before aggregation; autograd flows into ``a.logp`` and ``a.entropy``."""
     keep = a.mask != 0
     log_ratio = torch.where(keep, a.logp - a.old_logp.detach(), 0.0)
     if a.sequence_level:
@@ -321,29 +347,78 @@ def policy_loss_torch(a: PolicyArgs) -> tuple[torch.Tensor, dict[str, torch.Tens
             per_token = per_token + a.kl_coef * kl
     if a.entropy is not None and a.entropy_coef != 0:
         per_token = per_token - a.entropy_coef * a.entropy
+    return PolicyTerms(per_token, ratio, clipped_loss, kl)
+
+
+@torch.no_grad()
+def policy_metrics(a: PolicyArgs, terms: PolicyTerms) -> dict[str, torch.Tensor]:
+    """Detached token means over the mask (no host sync)."""
+    keep = a.mask != 0
+    tokens = keep.sum().clamp_min(1)
+    advantages, ratio = a.advantages, terms.ratio
+    dtype = terms.per_token.dtype
+
+    def token_mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, x.to(dtype), 0).sum() / tokens
+
+    metrics = {
+        "clip_frac_low": token_mean((ratio < a.clip_low) & (advantages < 0)),
+        "clip_frac_high": token_mean((ratio > a.clip_high) & (advantages > 0)),
+        "clip_frac_dual": token_mean((advantages < 0) & (terms.clipped_loss > -advantages * a.dual_clip))
+        if a.dual_clip is not None
+        else torch.zeros((), dtype=dtype, device=ratio.device),
+        "ratio_mean": token_mean(ratio),
+    }
+    if terms.kl is not None:
+        metrics["kl_mean"] = token_mean(terms.kl)
+    if a.entropy is not None:
+        metrics["entropy_mean"] = token_mean(a.entropy)
+    return metrics
+
+
+def policy_loss_torch(a: PolicyArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Composed torch ops; autograd provides the gradient into ``logp`` and ``entropy``."""
+    terms = policy_terms(a)
     loss = aggregate(
-        per_token, a.mask, a.mode, max_completion_length=a.max_completion_length,
+        terms.per_token, a.mask, a.mode, max_completion_length=a.max_completion_length,
         num_items_in_batch=a.num_items_in_batch,
     )  # fmt: skip
-    with torch.no_grad():
-        tokens = keep.sum().clamp_min(1)
+    return loss, policy_metrics(a, terms)
 
-        def token_mean(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(keep, x, 0).sum() / tokens
 
-        metrics = {
-            "clip_frac_low": token_mean(((ratio < a.clip_low) & (advantages < 0)).to(loss.dtype)),
-            "clip_frac_high": token_mean(((ratio > a.clip_high) & (advantages > 0)).to(loss.dtype)),
-            "clip_frac_dual": token_mean(((advantages < 0) & (clipped_loss > -advantages * a.dual_clip)).to(loss.dtype))
-            if a.dual_clip is not None
-            else torch.zeros((), dtype=loss.dtype, device=loss.device),
-            "ratio_mean": token_mean(ratio),
-        }  # fmt: skip
-        if kl is not None:
-            metrics["kl_mean"] = token_mean(kl)
-        if a.entropy is not None:
-            metrics["entropy_mean"] = token_mean(a.entropy)
-    return loss, metrics
+def policy_chunk_loss(
+    a: PolicyArgs, weights: torch.Tensor, index: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor | None
+) -> torch.Tensor:
+    """The part of the aggregated policy loss that falls on the tokens ``index`` (into the flattened ``[B, T]``).
+
+    ``logp`` / ``entropy`` are those tokens' values (differentiable); ``weights`` are the batch's
+    :func:`row_weights`. At token level any set of tokens works; at sequence level ``index`` must cover whole
+    rows, in order (the sequence ratio needs all of a row's tokens).
+    """
+    width = a.mask.shape[1]
+
+    def pick(tensor: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        if cols is None:
+            return tensor[rows]
+        return tensor[rows, cols if tensor.shape[1] == width else 0].unsqueeze(0)
+
+    if a.sequence_level:
+        rows, cols = index.view(-1, width)[:, 0] // width, None
+        logp, entropy = logp.view(-1, width), None if entropy is None else entropy.view(-1, width)
+        token_weights = weights[rows].unsqueeze(-1)
+    else:
+        rows, cols = index // width, index % width
+        logp, entropy = logp.unsqueeze(0), None if entropy is None else entropy.unsqueeze(0)
+        token_weights = weights[rows].unsqueeze(0)
+    sub = replace(
+        a, logp=logp, entropy=entropy, old_logp=pick(a.old_logp, rows, cols), mask=pick(a.mask, rows, cols),
+        advantages=pick(a.advantages, rows, cols), ref_logp=pick(a.ref_logp, rows, cols),
+        is_weights=pick(a.is_weights, rows, cols),
+    )  # fmt: skip
+    per_token = policy_terms(sub).per_token
+    return (torch.where(sub.mask != 0, per_token, 0.0) * token_weights).sum()
 
 
 def value_loss(
