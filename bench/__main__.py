@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import MODES, OPS, PRESETS, Case, implementations, matmul_flops, min_bytes
+from bench.cases import MODES, OPS, PRESETS, TRAINING_ONLY, Case, implementations, matmul_flops, min_bytes
 from bench.measure import measure_cpu, measure_gpu
 from bench.report import add_derived, environment, write
 
@@ -38,8 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets:\n" + "\n".join(f"  {k:10s} {p.description}: N,D,V={p.linear_shape}, {p.dtype}, "
-                                          f"{p.device}" for k, p in PRESETS.items()),
+        epilog="presets:\n" + "\n".join(f"  {k:10s} {p.description}: N,D,V={p.linear_shape}, rows,T={p.sequence_shape}"
+                                          f", policy B,T={p.policy_shape}, {p.dtype}, {p.device}"
+                                          for k, p in PRESETS.items()),
     )  # fmt: skip
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
     parser.add_argument("--demo", action="store_true", help="the quick CPU preset; prints, saves to results/tmp")
@@ -47,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--impls", nargs="+", help="only these implementations (e.g. eager fastalign-torch)")
     parser.add_argument("--repeats", type=int, help="timed steps per CPU case (default: the preset's)")
-    parser.add_argument("--shape", type=_shape, help="N,D,V instead of the preset's (logits op: N,V)")
+    parser.add_argument("--shape", type=_shape, help="N,D,V for the core ops instead of the preset's (logits: N,V)")
     parser.add_argument("--out", type=Path, help=f"output folder (default: {RESULTS})")
     args = parser.parse_args(argv)
     if args.demo:
@@ -63,19 +64,16 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     preset = PRESETS[args.preset]
     cases = []
     for op in args.ops:
-        if op == "logprobs_from_logits":
-            n, d, v = (
-                (args.shape[0], 0, args.shape[2])
-                if args.shape
-                else (*preset.logits_shape[:1], 0, preset.logits_shape[1])
-            )
-        else:
-            n, d, v = args.shape or preset.linear_shape
+        n, d, v, t = preset.shape(op)
+        if args.shape and op in ("linear_logprobs", "linear_cross_entropy", "logprobs_from_logits"):
+            n, d, v = args.shape[0], 0 if op == "logprobs_from_logits" else args.shape[1], args.shape[2]
         for mode in args.modes:
+            if mode == "fwd" and op in TRAINING_ONLY:
+                continue
             for impl in implementations(op, preset.device):
                 if args.impls and impl not in args.impls:
                     continue
-                cases.append(Case(op, impl, mode, n, d, v, preset.dtype, preset.device))
+                cases.append(Case(op, impl, mode, n, d, v, preset.dtype, preset.device, t))
     return cases
 
 

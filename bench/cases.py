@@ -12,9 +12,15 @@ import torch.nn.functional as F
 
 import fastalign
 
-OPS = ("linear_logprobs", "linear_cross_entropy", "logprobs_from_logits")
+OPS = (
+    "linear_logprobs", "linear_cross_entropy", "logprobs_from_logits",  # the core ops (issue 2)
+    "linear_dpo", "linear_grpo", "policy_loss",  # the alignment losses (issue 3)
+)  # fmt: skip
 MODES = ("fwd", "fwd+bwd")
+# Losses are measured as training steps only.
+TRAINING_ONLY = ("linear_dpo", "linear_grpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DPO_BETA = 0.1
 
 
 @dataclass(frozen=True)
@@ -22,11 +28,12 @@ class Case:
     op: str
     impl: str
     mode: str
-    n: int
+    n: int  # tokens (rows x sequence length for the sequence losses)
     d: int
     v: int
     dtype: str
     device: str
+    t: int = 0  # sequence length of the sequence losses
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,15 +46,35 @@ class Preset:
     dtype: str
     linear_shape: tuple[int, int, int]  # N, D, V
     logits_shape: tuple[int, int]  # N, V
+    sequence_shape: tuple[int, int]  # rows, T of linear_dpo (2B rows) and linear_grpo (B rows); D, V as linear
+    policy_shape: tuple[int, int]  # B, T of policy_loss alone
     repeats: int
+
+    def shape(self, op: str) -> tuple[int, int, int, int]:
+        """``(n, d, v, t)`` of one op."""
+        if op == "logprobs_from_logits":
+            return self.logits_shape[0], 0, self.logits_shape[1], 0
+        if op in TRAINING_ONLY:
+            rows, t = self.sequence_shape
+            return rows * t, self.linear_shape[1], self.linear_shape[2], t
+        if op == "policy_loss":
+            rows, t = self.policy_shape
+            return rows * t, 0, 0, t
+        return (*self.linear_shape, 0)
 
 
 PRESETS = {
-    "cpu": Preset("the CPU targets of issue 2", "cpu", "float32", (4096, 512, 32768), (4096, 32768), 5),
-    "demo": Preset("a quick CPU run for `make demo`", "cpu", "float32", (1024, 512, 32768), (1024, 32768), 3),
-    "gpu": Preset("the H100 targets of issue 2", "cuda", "bfloat16", (16384, 4096, 131072), (16384, 151936), 0),
-    "gpu-small": Preset("a quick GPU smoke run", "cuda", "bfloat16", (4096, 2048, 32768), (4096, 32768), 0),
-}
+    "cpu": Preset("the CPU targets of issues 2 and 3", "cpu", "float32", (4096, 512, 32768), (4096, 32768),
+                  (8, 512), (64, 1024), 5),
+    "demo": Preset("a quick CPU run for `make demo`", "cpu", "float32", (1024, 512, 32768), (1024, 32768),
+                   (4, 256), (32, 512), 3),
+    "tiny": Preset("every op at toy sizes, for tests", "cpu", "float32", (64, 32, 512), (64, 512), (4, 16), (8, 32),
+                   1),
+    "gpu": Preset("the H100 targets of issues 2 and 3", "cuda", "bfloat16", (16384, 4096, 131072), (16384, 151936),
+                  (8, 2048), (256, 4096), 0),
+    "gpu-small": Preset("a quick GPU smoke run", "cuda", "bfloat16", (4096, 2048, 32768), (4096, 32768),
+                        (4, 1024), (64, 2048), 0),
+}  # fmt: skip
 
 
 def _eager_linear_logprobs(hidden, weight, targets):
@@ -65,58 +92,137 @@ def _eager_logprobs_from_logits(logits, targets):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _liger(reduction: str):
+def _eager_sequence_logps(hidden, weight, targets):
+    mask = targets != -100
+    logp = _eager_linear_logprobs(hidden, weight, targets.clamp_min(0))
+    return (logp * mask).sum(-1)
+
+
+def _eager_linear_dpo(hidden, weight, targets, ref_hidden):
+    """TRL-style sigmoid DPO on materialised logits, the reference model under no_grad."""
+    with torch.no_grad():
+        ref = _eager_sequence_logps(ref_hidden, weight, targets)
+    policy = _eager_sequence_logps(hidden, weight, targets)
+    pairs = targets.shape[0] // 2
+    margin = (policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:])
+    return -F.logsigmoid(DPO_BETA * margin).mean()
+
+
+def _eager_token_policy_loss(logp, old_logp, advantages, mask):
+    """TRL-style DAPO loss from per-token log-probs: ratio, clip, token mean."""
+    ratio = torch.exp(logp - old_logp)
+    advantages = advantages.unsqueeze(-1)
+    per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.28) * advantages)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _eager_linear_grpo(hidden, weight, targets, old_logp, advantages):
+    logp = _eager_linear_logprobs(hidden, weight, targets)
+    return _eager_token_policy_loss(logp, old_logp, advantages, torch.ones_like(logp))
+
+
+def _liger_linear(op: str):
+    if op == "linear_dpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        loss = LigerFusedLinearDPOLoss(beta=DPO_BETA)
+        return lambda hidden, weight, targets, ref_hidden: loss(weight, hidden, targets, None, ref_hidden, weight)[0]
+    if op == "linear_grpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_high=0.28, loss_type="dapo")
+        return lambda hidden, weight, targets, old_logp, advantages: loss(
+            hidden, weight, targets, torch.ones_like(targets), advantages, old_per_token_logps=old_logp
+        )[0]
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
+    reduction = "none" if op == "linear_logprobs" else "mean"
     loss = LigerFusedLinearCrossEntropyLoss(reduction=reduction)
     sign = -1.0 if reduction == "none" else 1.0  # per-token losses are -logp
     return lambda hidden, weight, targets: sign * loss(weight, hidden, targets)
 
 
-def _cce(reduction: str):
+def _cce(op: str):
     from cut_cross_entropy import linear_cross_entropy
 
+    reduction = "none" if op == "linear_logprobs" else "mean"
     sign = -1.0 if reduction == "none" else 1.0
     return lambda hidden, weight, targets: sign * linear_cross_entropy(hidden, weight, targets, reduction=reduction)
+
+
+def _fastalign(op: str, backend: str) -> Callable:
+    if op == "logprobs_from_logits":
+        return lambda logits, targets: fastalign.logprobs_from_logits(logits, targets, backend=backend)
+    if op == "linear_logprobs":
+        return lambda h, w, t: fastalign.linear_logprobs(h, w, t, backend=backend)
+    if op == "linear_cross_entropy":
+        return lambda h, w, t: fastalign.linear_cross_entropy(h, w, t, backend=backend)
+    if op == "linear_dpo":
+        loss = fastalign.nn.LinearDPOLoss(beta=DPO_BETA, backend=backend)
+        return lambda h, w, t, ref_h: loss(h, w, t, ref_hidden=ref_h, ref_weight=w)[0]
+    if op == "linear_grpo":
+        loss = fastalign.nn.LinearPolicyLoss(loss_type="dapo", clip_eps_high=0.28, backend=backend)
+        return lambda h, w, t, old, adv: loss(h, w, t, old, adv)[0]
+    return lambda logp, old, adv, mask: fastalign.policy_loss(
+        logp, old, adv, mask, loss_type="dapo", clip_eps_high=0.28, backend=backend
+    )[0]
+
+
+_EAGER = {
+    "linear_logprobs": _eager_linear_logprobs,
+    "linear_cross_entropy": _eager_cross_entropy,
+    "logprobs_from_logits": _eager_logprobs_from_logits,
+    "linear_dpo": _eager_linear_dpo,
+    "linear_grpo": _eager_linear_grpo,
+    "policy_loss": _eager_token_policy_loss,
+}
 
 
 def implementations(op: str, device: str) -> dict[str, Callable]:
     """``{impl name: fn(*inputs)}`` for one op; peers only where installed and on CUDA (they are GPU kernels)."""
     on_gpu = device == "cuda"
-    fastalign_backends = ["torch", "triton"] if on_gpu else ["torch"]
-    if op == "logprobs_from_logits":
-        impls = {"eager": _eager_logprobs_from_logits}
-        for backend in fastalign_backends:
-            impls[f"fastalign-{backend}"] = lambda x, t, b=backend: fastalign.logprobs_from_logits(x, t, backend=b)
-        return impls
-    if op == "linear_logprobs":
-        impls = {"eager": _eager_linear_logprobs}
-        fused, peer_reduction = fastalign.linear_logprobs, "none"
-    else:
-        impls = {"eager": _eager_cross_entropy}
-        fused, peer_reduction = fastalign.linear_cross_entropy, "mean"
-    for backend in fastalign_backends:
-        impls[f"fastalign-{backend}"] = lambda h, w, t, b=backend, f=fused: f(h, w, t, backend=b)
-    if on_gpu and importlib.util.find_spec("liger_kernel") is not None:
-        impls["liger-kernel"] = _liger(peer_reduction)
-    if on_gpu and importlib.util.find_spec("cut_cross_entropy") is not None:
-        impls["cut-cross-entropy"] = _cce(peer_reduction)
+    impls = {"eager": _EAGER[op]}
+    for backend in ["torch", "triton"] if on_gpu else ["torch"]:
+        impls[f"fastalign-{backend}"] = _fastalign(op, backend)
+    if on_gpu and op not in ("logprobs_from_logits", "policy_loss"):
+        if importlib.util.find_spec("liger_kernel") is not None:
+            impls["liger-kernel"] = _liger_linear(op)
+        if op not in TRAINING_ONLY and importlib.util.find_spec("cut_cross_entropy") is not None:
+            impls["cut-cross-entropy"] = _cce(op)
     return impls
 
 
 def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
-    """Seeded inputs on the case's device; floating inputs require grad for ``fwd+bwd``."""
+    """Seeded inputs on the case's device; the trained inputs require grad for ``fwd+bwd``."""
     gen = torch.Generator(device=case.device).manual_seed(0)
     dtype = DTYPES[case.dtype]
     needs_grad = case.mode == "fwd+bwd"
+
+    def randn(*shape, scale=1.0, dtype=dtype):
+        return torch.randn(*shape, generator=gen, device=case.device, dtype=dtype) * scale
+
+    if case.op == "policy_loss":
+        rows = case.n // case.t
+        logp = -randn(rows, case.t, dtype=torch.float32).abs()
+        old = logp + randn(rows, case.t, scale=0.2, dtype=torch.float32)
+        mask = (randn(rows, case.t, dtype=torch.float32) > -1.5).float()
+        return logp.requires_grad_(needs_grad), old, randn(rows, dtype=torch.float32), mask
     targets = torch.randint(0, case.v, (case.n,), generator=gen, device=case.device)
     if case.op == "logprobs_from_logits":
-        logits = torch.randn(case.n, case.v, generator=gen, device=case.device, dtype=dtype) * 2
-        return logits.requires_grad_(needs_grad), targets
-    hidden = torch.randn(case.n, case.d, generator=gen, device=case.device, dtype=dtype)
+        return randn(case.n, case.v, scale=2.0).requires_grad_(needs_grad), targets
     # A realistic logit scale (std about 1) for a freshly initialised head.
-    weight = torch.randn(case.v, case.d, generator=gen, device=case.device, dtype=dtype) / case.d**0.5
-    return hidden.requires_grad_(needs_grad), weight.requires_grad_(needs_grad), targets
+    weight = randn(case.v, case.d, scale=case.d**-0.5).requires_grad_(needs_grad)
+    if case.op not in TRAINING_ONLY:
+        return randn(case.n, case.d).requires_grad_(needs_grad), weight, targets
+    rows = case.n // case.t
+    hidden = randn(rows, case.t, case.d).requires_grad_(needs_grad)
+    targets = targets.view(rows, case.t)
+    if case.op == "linear_dpo":
+        targets[:, : case.t // 4] = -100  # the prompt
+        return hidden, weight, targets, randn(rows, case.t, case.d)
+    with torch.no_grad():
+        old = fastalign.linear_logprobs(hidden, weight, targets) + randn(rows, case.t, scale=0.1, dtype=torch.float32)
+    return hidden, weight, targets, old, randn(rows, dtype=torch.float32)
 
 
 def make_step(case: Case, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
@@ -130,22 +236,22 @@ def make_step(case: Case, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None
 
         return step
 
-    leaves = [x for x in inputs if x.is_floating_point()]
+    leaves = [x for x in inputs if x.requires_grad]
 
     def step() -> None:
         for leaf in leaves:
             leaf.grad = None
-        out = fn(*inputs)
-        out.sum().backward()
+        fn(*inputs).sum().backward()
 
     return step
 
 
 def matmul_flops(case: Case) -> float:
-    """Matmul work of the linear ops: 2·N·D·V forward, 6·N·D·V forward+backward."""
-    if case.op == "logprobs_from_logits":
+    """Matmul work of the linear ops: 2·N·D·V forward, 6·N·D·V forward+backward (+2·N·D·V for DPO's reference)."""
+    if case.op in ("logprobs_from_logits", "policy_loss"):
         return 0.0
-    return (2.0 if case.mode == "fwd" else 6.0) * case.n * case.d * case.v
+    work = (2.0 if case.mode == "fwd" else 6.0) * case.n * case.d * case.v
+    return work + (2.0 * case.n * case.d * case.v if case.op == "linear_dpo" else 0.0)
 
 
 def min_bytes(case: Case) -> float:

@@ -49,7 +49,10 @@ def _gradient_bytes(inputs: tuple[torch.Tensor, ...]) -> int:
 
 
 def measure_here_cpu(case: Case, repeats: int) -> dict:
-    tiny = dataclasses.replace(case, n=min(case.n, 64), d=min(case.d, 64), v=min(case.v, 512))
+    if case.t:  # two rows of a short sequence: one chosen/rejected pair for DPO
+        tiny = dataclasses.replace(case, n=16, t=8, d=min(case.d, 64), v=min(case.v, 512))
+    else:
+        tiny = dataclasses.replace(case, n=min(case.n, 64), d=min(case.d, 64), v=min(case.v, 512))
     make_step(tiny, make_inputs(tiny))()
     inputs = make_inputs(case)
     step = make_step(case, inputs)

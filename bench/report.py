@@ -104,7 +104,31 @@ def check_targets(rows: list[dict], preset_name: str) -> list[tuple[bool, str]]:
                 row = index.get((op, mode, "fastalign-torch"))
                 text = f"{op} {mode} extra peak memory <= 10% of eager's"
                 results.append((row is not None and row["mem_vs_eager"] <= 0.10, _detail(text, row, "memory")))
+        for op in ("linear_dpo", "linear_grpo"):
+            row = index.get((op, "fwd+bwd", "fastalign-torch"))
+            text = f"{op} (fused-linear module) fwd+bwd extra peak memory <= 10% of eager's"
+            results.append((row is not None and row["mem_vs_eager"] <= 0.10, _detail(text, row, "memory")))
         return results
+    for op in ("linear_dpo", "linear_grpo"):
+        ours, theirs = index.get((op, "fwd+bwd", "fastalign-triton")), index.get((op, "fwd+bwd", "liger-kernel"))
+        if ours is None or theirs is None:
+            results.append((False, f"{op} fwd+bwd vs liger-kernel: not measured"))
+        else:
+            speed, memory = (
+                theirs["time_ms"] / ours["time_ms"],
+                ours["peak_extra_mib"] / max(theirs["peak_extra_mib"], 1e-9),
+            )
+            results.append((speed >= 1.3, f"{op} fwd+bwd >= 1.3x faster than liger-kernel: {speed:.2f}x"))
+            results.append(
+                (memory <= 0.5, f"{op} fwd+bwd extra peak memory <= 50% of liger-kernel's: {100 * memory:.0f}%")
+            )
+    row = index.get(("policy_loss", "fwd+bwd", "fastalign-triton"))
+    results.append(
+        (
+            row is not None and row["vs_eager"] >= 5,
+            _detail("policy_loss kernel fwd+bwd >= 5x faster than eager", row, "speed"),
+        )
+    )
     for op in ("linear_logprobs", "linear_cross_entropy"):
         ours = index.get((op, "fwd+bwd", "fastalign-triton"))
         text = f"{op} fwd+bwd >= 1.5x faster than eager"

@@ -90,3 +90,90 @@ def test_peak_memory_stays_far_below_the_logits(backend):
     bound = scratch_budget(hidden.device) + 6 * gradient_elements + (64 << 20)
     assert extra <= bound, f"extra {extra / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
     assert bound < n * vocab * 2, "the bound must be below one bf16 copy of the logits to mean anything"
+
+
+@pytest.mark.parametrize("case", ["dapo", "grpo-sequence", "dual-kl-entropy"])
+def test_policy_loss_kernels_on_gpu(case):
+    """The Triton policy kernels (float32) against the torch backend in float64, at realistic sizes."""
+    from test_policy_loss import make_inputs
+
+    options = {
+        "dapo": {"loss_type": "dapo", "clip_eps_high": 0.28, "with_is_weights": True},
+        "grpo-sequence": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+        "dual-kl-entropy": {"dual_clip": 3.0, "kl_coef": 0.05, "with_ref": True, "entropy_coef": 0.01,
+                            "with_entropy": True, "per_token_advantages": True},
+    }[case]  # fmt: skip
+    inputs, options = make_inputs(options, rows=64, width=1000, seed=3)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = {k: v.to(device="cuda", dtype=dtype) for k, v in inputs.items()}
+        leaves["logp"].requires_grad_()
+        loss, metrics = fastalign.policy_loss(**leaves, **options, backend=backend)
+        (grad,) = torch.autograd.grad(loss, leaves["logp"])
+        results[backend] = (loss.double(), grad.double(), {k: v.double() for k, v in metrics.items()})
+    (loss, grad, metrics), (want_loss, want_grad, want_metrics) = results["triton"], results["torch"]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+    for name, value in want_metrics.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dpo_kernels_on_gpu():
+    """Every DPO type through the Triton reduction + loss kernels against the torch path in float64."""
+    from fastalign.ops.preference import DPO_LOSS_TYPES, dpo_loss_from_token_logps
+
+    gen = torch.Generator().manual_seed(0)
+    token_logps = -3 * torch.rand(16, 700, generator=gen, dtype=torch.float64)
+    mask = torch.rand(16, 700, generator=gen) > 0.2
+    ref = -500 * torch.rand(16, generator=gen, dtype=torch.float64)
+    for name in DPO_LOSS_TYPES:
+        smoothing = 1e-3 if name == "exo_pair" else 0.0
+        got_leaf = token_logps.float().cuda().requires_grad_()
+        got, sums, _ = dpo_loss_from_token_logps(got_leaf, mask.cuda(), ref.float().cuda(), loss_type=name,
+                                                 label_smoothing=smoothing, backend="triton")  # fmt: skip
+        want_leaf = token_logps.clone().requires_grad_()
+        want, want_sums, _ = dpo_loss_from_token_logps(want_leaf, mask, ref, loss_type=name,
+                                                       label_smoothing=smoothing, backend="torch")  # fmt: skip
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4, msg=name)
+        (g,) = torch.autograd.grad(got.sum() + sums.sum(), got_leaf)
+        (w,) = torch.autograd.grad(want.sum() + want_sums.sum(), want_leaf)
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "grad-in-forward"])
+@pytest.mark.parametrize("module", ["dpo", "grpo", "ce"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_modules_on_gpu(module, fused, dtype):
+    """The modules on CUDA (Triton kernels, both gradient paths) against the float64 composition on
+    materialised logits: float32 within 1e-4, bfloat16 within eager bfloat16's own error (x1.5)."""
+    from test_nn import make_batch, reference_dpo
+
+    hidden, weight, targets = make_batch(rows=8, width=300, prompt=40, seed=4)
+    zeros = torch.zeros(4, dtype=torch.float64)
+    advantages = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    old_logp = torch.full(targets.shape, -5.0, dtype=torch.float64)
+
+    def ours(hidden, weight, targets):
+        if module == "dpo":
+            z = zeros.to(hidden)
+            loss_fn = fastalign.nn.LinearDPOLoss(gradient_in_forward=fused)
+            return loss_fn(hidden, weight, targets, ref_chosen_logps=z, ref_rejected_logps=z)[0]
+        if module == "grpo":
+            loss_fn = fastalign.nn.LinearPolicyLoss(loss_type="grpo", gradient_in_forward=fused)
+            as_float = {"device": hidden.device, "dtype": torch.float32}  # old log-probs come from a float32 op
+            return loss_fn(hidden, weight, targets, old_logp.to(**as_float), advantages.to(**as_float))[0]
+        return fastalign.nn.LinearCrossEntropy(gradient_in_forward=fused)(hidden, weight, targets)
+
+    def composed(hidden, weight, targets):
+        if module == "dpo":
+            return reference_dpo(hidden, weight, targets, torch.zeros(8, dtype=hidden.dtype, device=hidden.device))
+        if module == "grpo":
+            from fastalign.ops import reference_losses
+
+            logp = reference.linear_logprobs(hidden, weight, targets)
+            return reference_losses.policy_loss(logp, old_logp.to(logp), advantages.to(logp), targets != -100,
+                                                loss_type="grpo")  # fmt: skip
+        return reference.linear_cross_entropy(hidden, weight, targets)
+
+    inputs = {"hidden": hidden, "weight": weight, "targets": targets}
+    assert_matches_reference(ours, composed, inputs, dtype, device="cuda")
