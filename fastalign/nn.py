@@ -162,8 +162,9 @@ class LinearPolicyLoss(torch.nn.Module):
             logp, entropy = out if need_entropy else (out, None)
             return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, backend=self.backend,
                                **extra, **self.loss_options)  # fmt: skip
-        # logp and entropy are filled in chunk by chunk; old_logp stands in for their shape here.
-        args = check_policy_args(old_logp, old_logp, advantages, mask, entropy=old_logp if need_entropy else None,
+        # logp and entropy are filled in chunk by chunk; a placeholder shaped like targets is checked against here.
+        placeholder = torch.zeros(targets.shape, device=targets.device)
+        args = check_policy_args(placeholder, old_logp, advantages, mask, entropy=placeholder if need_entropy else None,
                                  **extra, **self.loss_options)  # fmt: skip
         keep = args.mask != 0
         weights = row_weights(

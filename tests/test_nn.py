@@ -178,6 +178,17 @@ def test_units_larger_than_the_budget_fall_back_to_two_sweeps(scratch_budget, bu
     assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
 
 
+@pytest.mark.parametrize("fused", FUSED)
+def test_linear_policy_loss_rejects_mismatched_inputs(fused):
+    hidden, weight, targets = make_batch()
+    module = fastalign.nn.LinearPolicyLoss(gradient_in_forward=fused)
+    h = hidden.float().requires_grad_()
+    with pytest.raises(ValueError, match=re.escape("old_logp must have shape (4, 7) like logp")):
+        module(h, weight.float(), targets, torch.zeros(4, 6), torch.zeros(4))
+    with pytest.raises(ValueError, match=re.escape("advantages must be [B] = (4,) or [B, T] = (4, 7)")):
+        module(h, weight.float(), targets, torch.zeros(4, 7), torch.zeros(5))
+
+
 def test_gradient_in_forward_is_skipped_without_a_gradient():
     hidden, weight, targets = make_batch()
     with torch.no_grad():
