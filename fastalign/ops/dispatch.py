@@ -1,8 +1,9 @@
 """Which implementation runs an op: availability, the ``auto`` choice, and the scratch-memory budget.
 
-``backend="auto"`` picks the torch backend for CPU tensors and the fastest available GPU backend for CUDA
-tensors; the environment variable ``FASTALIGN_BACKEND`` replaces that choice. A backend asked for by name that
-cannot run the given inputs raises :class:`BackendUnavailableError` saying why; there is no silent fallback.
+``backend="auto"`` picks the torch backend for CPU tensors and, for CUDA tensors, the backend listed for the op
+in :data:`AUTO_ON_CUDA`; the environment variable ``FASTALIGN_BACKEND`` replaces that choice (for ops without
+a kernel in that backend, ``auto``'s choice stands). A backend asked for by name that cannot run the given
+inputs raises :class:`BackendUnavailableError` saying why; there is no silent fallback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,29 @@ from typing import NamedTuple
 
 import torch
 
+from fastalign.ops import _cuda_ext
+
 BACKEND_NAMES = ("torch", "triton", "cuda")
+
+# The backends with a kernel for each op family. The CUDA C++ extension covers the bandwidth-bound ops; the
+# matmul-fused ones (from hidden states and the lm_head weight) are Triton's.
+KERNELS = {
+    "linear_stats": ("torch", "triton"),
+    "logits_stats": ("torch", "triton", "cuda"),
+    "policy_loss": ("torch", "triton", "cuda"),
+    "dpo_loss": ("torch", "triton", "cuda"),
+}
+
+# What ``auto`` runs on CUDA tensors, per op. The choice should be the fastest backend in the GPU benchmark
+# tables of bench/results/ (``python -m bench --preset gpu``); no GPU table exists yet (every benchmark so far
+# ran on CPU: bench/results/core_ops-cpu.md), so every op stays on Triton, the backend its GPU tests cover
+# longest, until a measurement says otherwise.
+AUTO_ON_CUDA = {
+    "linear_stats": "triton",
+    "logits_stats": "triton",
+    "policy_loss": "triton",
+    "dpo_loss": "triton",
+}
 
 _DEFAULT_SCRATCH_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 _scratch_override: int | None = None
@@ -48,8 +71,13 @@ def _triton_status(device_type: str | None = None) -> BackendStatus:
     return BackendStatus(True, f"triton on {torch.cuda.get_device_name()}")
 
 
-def _cuda_status() -> BackendStatus:
-    return BackendStatus(False, "the CUDA C++ extension fastalign._C is not part of this build yet")
+def _cuda_status(device_type: str | None = None) -> BackendStatus:
+    if device_type is not None and device_type != "cuda":
+        return BackendStatus(False, f"the CUDA kernels need CUDA tensors, the inputs are on {device_type}")
+    reason = _cuda_ext.unavailable_reason()
+    if reason is not None:
+        return BackendStatus(False, reason)
+    return BackendStatus(True, f"fastalign._C on {torch.cuda.get_device_name()}")
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -66,32 +94,39 @@ def backends() -> dict[str, BackendStatus]:
     }
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn ``backend`` ("auto" or a name) into the backend that runs inputs of this device and dtype."""
-    if backend not in ("auto", *BACKEND_NAMES):
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {backend!r}")
+def _check_name(name: str, source: str) -> None:
+    if name not in ("auto", *BACKEND_NAMES):
+        raise ValueError(f"{source} must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str = "linear_stats") -> str:
+    """Turn ``backend`` ("auto" or a name) into the backend that runs ``op`` on inputs of this device and dtype.
+
+    ``op`` is a key of :data:`KERNELS`.
+    """
+    _check_name(backend, "backend")
+    kernels = KERNELS[op]
     if backend == "auto":
         override = os.environ.get("FASTALIGN_BACKEND", "").strip()
-        if override and override != "auto":
-            if override not in BACKEND_NAMES:
-                raise ValueError(
-                    f"FASTALIGN_BACKEND must be one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}; got {override!r}"
-                )
+        _check_name(override or "auto", "FASTALIGN_BACKEND")
+        if override and override != "auto" and override in kernels:
             backend = override
         elif device.type == "cuda" and dtype != torch.float64 and _triton_status("cuda").available:
-            return "triton"
+            return AUTO_ON_CUDA[op]
         else:
             return "torch"
     if backend == "torch":
         return backend
-    if backend == "cuda":
-        raise BackendUnavailableError(f"backend='cuda' is unavailable: {_cuda_status().reason}")
-    status = _triton_status(device.type)
+    if backend not in kernels:
+        raise BackendUnavailableError(
+            f"backend={backend!r} has no kernel for {op.replace('_', ' ')}; it runs on {', '.join(kernels)}"
+        )
+    status = _cuda_status(device.type) if backend == "cuda" else _triton_status(device.type)
     if not status.available:
-        raise BackendUnavailableError(f"backend='triton' is unavailable: {status.reason}")
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {status.reason}")
     if dtype == torch.float64:
         raise BackendUnavailableError(
-            "backend='triton' is unavailable for float64 inputs: its kernels take float16, bfloat16 or "
+            f"backend={backend!r} is unavailable for float64 inputs: its kernels take float16, bfloat16 or "
             "float32; use backend='torch' for float64"
         )
     return backend

@@ -226,7 +226,7 @@ def fused_linear_loss(
     vocab_size = weight.shape[0]
     prepared, opts, chosen = _prepare(
         targets, vocab_size, hidden, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        need_entropy=need_entropy, need_sum=need_sum, backend=backend,
+        need_entropy=need_entropy, need_sum=need_sum, backend=backend, op="linear_stats",
     )  # fmt: skip
     flat = hidden.reshape(-1, hidden.shape[-1])
     # The chunk's logits and their gradient, in the input dtype, share the scratch budget.

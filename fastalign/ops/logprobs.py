@@ -37,7 +37,7 @@ class PreparedTargets:
 
 
 def _prepare(
-    targets, vocab_size, like, *, temperature, softcap, ignore_index, need_entropy, need_sum, backend
+    targets, vocab_size, like, *, temperature, softcap, ignore_index, need_entropy, need_sum, backend, op
 ) -> tuple[PreparedTargets, StatsOptions, str]:
     """Checks shared by every op after the input-specific ones: options, target values, backend."""
     check_scalar_options(temperature, softcap, ignore_index)
@@ -49,7 +49,7 @@ def _prepare(
         need_sum=need_sum,
         scratch_bytes=scratch_budget(like.device),
     )
-    backend = resolve_backend(backend, like.device, like.dtype)
+    backend = resolve_backend(backend, like.device, like.dtype, op)
     return PreparedTargets(targets, vocab_size, ignore_index), opts, backend
 
 
@@ -67,7 +67,14 @@ def linear_stats(hidden, weight, bias, targets, *, need_entropy, need_sum, backe
     """
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
     prepared, opts, backend = _prepare(
-        targets, weight.shape[0], hidden, need_entropy=need_entropy, need_sum=need_sum, backend=backend, **options
+        targets,
+        weight.shape[0],
+        hidden,
+        need_entropy=need_entropy,
+        need_sum=need_sum,
+        backend=backend,
+        op="linear_stats",
+        **options,
     )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     return LinearStats.apply(flat_hidden, weight, bias, prepared.safe, backend, opts), prepared
@@ -146,7 +153,7 @@ def logprobs_from_logits(
     prepared, opts, backend = _prepare(
         targets, vocab_size, logits,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        need_entropy=return_entropy, need_sum=False, backend=backend,
+        need_entropy=return_entropy, need_sum=False, backend=backend, op="logits_stats",
     )  # fmt: skip
     _, target_logp, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, backend, opts)
     return _logprob_outputs(target_logp, entropy, prepared, return_entropy)

@@ -222,7 +222,7 @@ def policy_loss(
         entropy_coef=entropy_coef, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, is_weights=is_weights,
     )  # fmt: skip
-    chosen = resolve_backend(backend, logp.device, logp.dtype)
+    chosen = resolve_backend(backend, logp.device, logp.dtype, "policy_loss")
     if chosen == "triton":
         from fastalign.ops._policy_triton import policy_loss_triton
 

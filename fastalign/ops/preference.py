@@ -272,7 +272,7 @@ def dpo_loss_from_token_logps(
     averaged = [name in LENGTH_AVERAGED_TYPES if average_log_prob is None else bool(average_log_prob) for name in types]
     from fastalign.ops.dispatch import resolve_backend
 
-    if resolve_backend(backend, token_logps.device, token_logps.dtype) == "triton":
+    if resolve_backend(backend, token_logps.device, token_logps.dtype, "dpo_loss") == "triton":
         from fastalign.ops._dpo_triton import dpo_from_token_logps_triton
 
         return dpo_from_token_logps_triton(

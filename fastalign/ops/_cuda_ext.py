@@ -1,0 +1,60 @@
+"""Loading ``fastalign._C`` and the conventions of its torch-free ABI.
+
+The extension takes device pointers as ints (``tensor.data_ptr()``, 0 for an absent optional tensor), sizes,
+dtype codes and the CUDA stream handle; it never sees a torch tensor. Callers check devices, dtypes, shapes and
+contiguity before calling. Launch failures raise ``RuntimeError`` with CUDA's error text.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        from fastalign import _C
+    except ImportError as error:
+        return None, (
+            f"fastalign was installed without its CUDA extension fastalign._C ({error}); reinstall on a machine "
+            "with nvcc (CUDA_HOME or PATH): FASTALIGN_BUILD_CUDA=1 pip install ."
+        )
+    return _C, ""
+
+
+def extension() -> ModuleType:
+    """The loaded ``fastalign._C``; raises ``ImportError`` saying how to build it when it is missing."""
+    module, why = _load()
+    if module is None:
+        raise ImportError(why)
+    return module
+
+
+def unavailable_reason() -> str | None:
+    """``None`` when the extension is built and a CUDA device is visible to it, else why not."""
+    module, why = _load()
+    if module is None:
+        return why
+    count, cuda_error = module.device_count()
+    if count == 0:
+        return f"fastalign._C ({module.build_info()['archs']}) sees no CUDA device: {cuda_error or 'none visible'}"
+    return None
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
+
+
+def stream(tensor: torch.Tensor) -> int:
+    """Handle of torch's current stream on the tensor's device, so kernels order with torch's work."""
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def ptr(tensor: torch.Tensor | None) -> int:
+    """Device address of a tensor's first element, 0 for ``None`` (an absent optional input)."""
+    return 0 if tensor is None else tensor.data_ptr()
