@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed-torch-$(TORCH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# The editable install compiles csrc/ (when nvcc is found), so kernel sources are prerequisites too.
+$(STAMP): pyproject.toml setup.py $(shell find csrc -type f)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "torch==$(TORCH)"

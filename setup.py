@@ -172,4 +172,6 @@ def native_extensions() -> list[Extension]:
     ]
 
 
-setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildNative})
+# setuptools runs this file as __main__; tests import it for its helpers.
+if __name__ == "__main__":
+    setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildNative})

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.cases import MODES, OPS, PRESETS, TRAINING_ONLY, Case, implementations, matmul_flops, min_bytes
-from bench.measure import measure_cpu, measure_gpu
+from bench.measure import copy_bandwidth_gbps, measure_cpu, measure_gpu
 from bench.report import add_derived, environment, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({**case.to_dict(), **result, "flops": matmul_flops(case), "bytes": min_bytes(case)})
     add_derived(rows)
     env = environment(preset.device)
+    if preset.device == "cuda":
+        env["dram_copy_gbps"] = f"{copy_bandwidth_gbps():.0f}"
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     title = preset.description if args.shape is None else f"{preset.description}, shapes overridden by --shape"
     path = write(rows, env, args.preset, preset.device, title, command.strip(), args.out)

@@ -15,7 +15,12 @@ import fastalign
 OPS = (
     "linear_logprobs", "linear_cross_entropy", "logprobs_from_logits",  # the core ops (issue 2)
     "linear_dpo", "linear_grpo", "policy_loss",  # the alignment losses (issue 3)
+    "dpo_loss",  # the DPO reduction + loss from per-token log-probs, for the CUDA kernels (issue 4)
 )  # fmt: skip
+# Ops with a CUDA C++ kernel: they get a fastalign-cuda row when fastalign._C is built and sees the GPU.
+CUDA_OPS = ("logprobs_from_logits", "policy_loss", "dpo_loss")
+# Ops on per-token log-probs (no matmul): their shape is (rows, T) from the preset's policy_shape.
+TOKEN_LOSSES = ("policy_loss", "dpo_loss")
 MODES = ("fwd", "fwd+bwd")
 # Losses are measured as training steps only.
 TRAINING_ONLY = ("linear_dpo", "linear_grpo")
@@ -47,7 +52,7 @@ class Preset:
     linear_shape: tuple[int, int, int]  # N, D, V
     logits_shape: tuple[int, int]  # N, V
     sequence_shape: tuple[int, int]  # rows, T of linear_dpo (2B rows) and linear_grpo (B rows); D, V as linear
-    policy_shape: tuple[int, int]  # B, T of policy_loss alone
+    policy_shape: tuple[int, int]  # B, T of policy_loss alone (B pairs = 2B rows for dpo_loss)
     repeats: int
 
     def shape(self, op: str) -> tuple[int, int, int, int]:
@@ -57,8 +62,9 @@ class Preset:
         if op in TRAINING_ONLY:
             rows, t = self.sequence_shape
             return rows * t, self.linear_shape[1], self.linear_shape[2], t
-        if op == "policy_loss":
+        if op in TOKEN_LOSSES:
             rows, t = self.policy_shape
+            rows *= 2 if op == "dpo_loss" else 1
             return rows * t, 0, 0, t
         return (*self.linear_shape, 0)
 
@@ -116,6 +122,13 @@ def _eager_token_policy_loss(logp, old_logp, advantages, mask):
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _eager_dpo_loss(token_logps, mask, ref_logps):
+    """TRL-style sigmoid DPO from per-token log-probs: masked sums, then the loss."""
+    sums = (token_logps * mask).sum(-1) - ref_logps
+    pairs = sums.shape[0] // 2
+    return -F.logsigmoid(DPO_BETA * (sums[:pairs] - sums[pairs:])).mean()
+
+
 def _eager_linear_grpo(hidden, weight, targets, old_logp, advantages):
     logp = _eager_linear_logprobs(hidden, weight, targets)
     return _eager_token_policy_loss(logp, old_logp, advantages, torch.ones_like(logp))
@@ -163,6 +176,10 @@ def _fastalign(op: str, backend: str) -> Callable:
     if op == "linear_grpo":
         loss = fastalign.nn.LinearPolicyLoss(loss_type="dapo", clip_eps_high=0.28, backend=backend)
         return lambda h, w, t, old, adv: loss(h, w, t, old, adv)[0]
+    if op == "dpo_loss":
+        return lambda logps, mask, ref: fastalign.dpo_loss_from_token_logps(
+            logps, mask, ref, beta=DPO_BETA, backend=backend
+        )[0].mean()
     return lambda logp, old, adv, mask: fastalign.policy_loss(
         logp, old, adv, mask, loss_type="dapo", clip_eps_high=0.28, backend=backend
     )[0]
@@ -175,6 +192,7 @@ _EAGER = {
     "linear_dpo": _eager_linear_dpo,
     "linear_grpo": _eager_linear_grpo,
     "policy_loss": _eager_token_policy_loss,
+    "dpo_loss": _eager_dpo_loss,
 }
 
 
@@ -184,7 +202,9 @@ def implementations(op: str, device: str) -> dict[str, Callable]:
     impls = {"eager": _EAGER[op]}
     for backend in ["torch", "triton"] if on_gpu else ["torch"]:
         impls[f"fastalign-{backend}"] = _fastalign(op, backend)
-    if on_gpu and op not in ("logprobs_from_logits", "policy_loss"):
+    if on_gpu and op in CUDA_OPS and fastalign.backends()["cuda"].available:
+        impls["fastalign-cuda"] = _fastalign(op, "cuda")
+    if on_gpu and op not in ("logprobs_from_logits", *TOKEN_LOSSES):
         if importlib.util.find_spec("liger_kernel") is not None:
             impls["liger-kernel"] = _liger_linear(op)
         if op not in TRAINING_ONLY and importlib.util.find_spec("cut_cross_entropy") is not None:
@@ -207,6 +227,11 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
         old = logp + randn(rows, case.t, scale=0.2, dtype=torch.float32)
         mask = (randn(rows, case.t, dtype=torch.float32) > -1.5).float()
         return logp.requires_grad_(needs_grad), old, randn(rows, dtype=torch.float32), mask
+    if case.op == "dpo_loss":
+        rows = case.n // case.t
+        logps = -randn(rows, case.t, dtype=torch.float32).abs()
+        mask = (torch.arange(case.t, device=case.device) >= case.t // 4).float().expand(rows, -1).contiguous()
+        return logps.requires_grad_(needs_grad), mask, randn(rows, dtype=torch.float32)
     targets = torch.randint(0, case.v, (case.n,), generator=gen, device=case.device)
     if case.op == "logprobs_from_logits":
         return randn(case.n, case.v, scale=2.0).requires_grad_(needs_grad), targets
@@ -248,15 +273,24 @@ def make_step(case: Case, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None
 
 def matmul_flops(case: Case) -> float:
     """Matmul work of the linear ops: 2·N·D·V forward, 6·N·D·V forward+backward (+2·N·D·V for DPO's reference)."""
-    if case.op in ("logprobs_from_logits", "policy_loss"):
+    if case.op in ("logprobs_from_logits", *TOKEN_LOSSES):
         return 0.0
     work = (2.0 if case.mode == "fwd" else 6.0) * case.n * case.d * case.v
     return work + (2.0 * case.n * case.d * case.v if case.op == "linear_dpo" else 0.0)
 
 
 def min_bytes(case: Case) -> float:
-    """Least memory traffic of ``logprobs_from_logits``: read the logits once (+ read and write d_logits once)."""
-    if case.op != "logprobs_from_logits":
+    """Least memory traffic of the bandwidth-bound ops (0 for the matmul-bound ones).
+
+    ``logprobs_from_logits``: read the logits once forward; read them and write ``d_logits`` once backward.
+    ``policy_loss`` (float32 logp, old_logp, mask; per-sequence advantages): read the three forward; read them
+    again and write ``d_logp`` backward. ``dpo_loss``: read the log-probs and the mask forward; read the mask and
+    write ``d_logps`` backward.
+    """
+    if case.op == "logprobs_from_logits":
+        size = case.n * case.v * DTYPES[case.dtype].itemsize
+        return size if case.mode == "fwd" else 3.0 * size
+    per_token = {"policy_loss": (12, 28), "dpo_loss": (8, 16)}.get(case.op)
+    if per_token is None:
         return 0.0
-    size = case.n * case.v * DTYPES[case.dtype].itemsize
-    return size if case.mode == "fwd" else 3.0 * size
+    return case.n * per_token[0 if case.mode == "fwd" else 1]

@@ -107,6 +107,16 @@ def measure_gpu(case: Case) -> dict:
     return {"time_ms": time_ms, "peak_extra_mib": extra / 2**20}
 
 
+def copy_bandwidth_gbps() -> float:
+    """The device's achievable DRAM bandwidth: a 2 GiB device-to-device copy, counting bytes read and written."""
+    import triton.testing
+
+    source = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    target = torch.empty_like(source)
+    time_ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
+    return 2 * source.numel() * source.element_size() / (time_ms / 1e3) / 1e9
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     repeats = spec.pop("repeats")

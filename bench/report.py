@@ -91,8 +91,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_targets(rows: list[dict], preset_name: str) -> list[tuple[bool, str]]:
-    """The issue's targets, as ``(met, description with the numbers)``."""
+def check_targets(rows: list[dict], preset_name: str, copy_gbps: float | None = None) -> list[tuple[bool, str]]:
+    """The issue's targets, as ``(met, description with the numbers)``.
+
+    ``copy_gbps``: the measured DRAM bandwidth (device-to-device copy) the bandwidth-bound kernels are held to.
+    """
     index = {(r["op"], r["mode"], r["impl"]): r for r in rows if "vs_eager" in r}
     results = []
     if preset_name == "cpu":
@@ -122,6 +125,7 @@ def check_targets(rows: list[dict], preset_name: str) -> list[tuple[bool, str]]:
             results.append(
                 (memory <= 0.5, f"{op} fwd+bwd extra peak memory <= 50% of liger-kernel's: {100 * memory:.0f}%")
             )
+    results += _cuda_targets(index, copy_gbps)
     row = index.get(("policy_loss", "fwd+bwd", "fastalign-triton"))
     results.append(
         (
@@ -146,6 +150,24 @@ def check_targets(rows: list[dict], preset_name: str) -> list[tuple[bool, str]]:
     return results
 
 
+def _cuda_targets(index: dict, copy_gbps: float | None) -> list[tuple[bool, str]]:
+    """Issue 4: the CUDA kernels reach 80% of DRAM bandwidth; logprobs_from_logits fwd+bwd >= 3x eager."""
+    results = []
+    row = index.get(("logprobs_from_logits", "fwd+bwd", "fastalign-cuda"))
+    text = "logprobs_from_logits cuda fwd+bwd >= 3x faster than eager"
+    results.append((row is not None and row["vs_eager"] >= 3, _detail(text, row, "bandwidth")))
+    for op, mode in (("logprobs_from_logits", "fwd"), ("logprobs_from_logits", "fwd+bwd"),
+                     ("policy_loss", "fwd+bwd"), ("dpo_loss", "fwd+bwd")):  # fmt: skip
+        row = index.get((op, mode, "fastalign-cuda"))
+        text = f"{op} cuda {mode} >= 80% of DRAM bandwidth"
+        if row is None or not copy_gbps:
+            results.append((False, f"{text}: not measured"))
+        else:
+            share = row["gbps"] / copy_gbps
+            results.append((share >= 0.8, f"{text}: {row['gbps']:.0f} of {copy_gbps:.0f} GB/s = {100 * share:.0f}%"))
+    return results
+
+
 def _detail(text: str, row: dict | None, kind: str) -> str:
     if row is None:
         return f"{text}: not measured"
@@ -153,6 +175,8 @@ def _detail(text: str, row: dict | None, kind: str) -> str:
         return f"{text}: {1 / row['vs_eager']:.2f}x"
     if kind == "speed":
         return f"{text}: {row['vs_eager']:.2f}x, {row.get('tflops', 0):.0f} TFLOP/s"
+    if kind == "bandwidth":
+        return f"{text}: {row['vs_eager']:.2f}x, {row.get('gbps', 0):.0f} GB/s"
     return f"{text}: {100 * row['mem_vs_eager']:.1f}%"
 
 
@@ -179,8 +203,8 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
         "time: median per step; fwd runs under no_grad (reference / old-policy log-probs), fwd+bwd is a",
         "training step. peak_extra_mib: peak memory during one step above the inputs and the inputs' gradients",
         "(which every implementation must produce). vs_eager: eager time / this time. tflops counts the matmul",
-        "work (2·N·D·V fwd, 6·N·D·V fwd+bwd); gbps counts the least traffic of logprobs_from_logits (read the",
-        "logits once; + read and write d_logits once).",
+        "work (2·N·D·V fwd, 6·N·D·V fwd+bwd); gbps counts the least traffic of the bandwidth-bound ops",
+        "(logprobs_from_logits: read the logits once; + read and write d_logits once; bench/cases.py min_bytes).",
         "",
     ]
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -191,5 +215,7 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
     elif preset_name not in ("cpu", "gpu"):
         lines += [f"The targets are set for the `cpu` and `gpu` presets' shapes; `{preset_name}` is informational."]
     else:
-        lines += [f"- [{'x' if met else ' '}] {text}" for met, text in check_targets(rows, preset_name)]
+        copy_gbps = float(env["dram_copy_gbps"]) if "dram_copy_gbps" in env else None
+        targets = check_targets(rows, preset_name, copy_gbps)
+        lines += [f"- [{'x' if met else ' '}] {text}" for met, text in targets]
     return "\n".join(lines) + "\n"

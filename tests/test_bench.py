@@ -14,7 +14,7 @@ def test_benchmark_writes_tables_for_every_op(tmp_path, capsys):
     main(["--preset", "tiny", "--out", str(tmp_path), "--modes", "fwd+bwd"])
     rows = read_rows(tmp_path / "core_ops-tiny.csv")
     expected_ops = {"linear_logprobs", "linear_cross_entropy", "logprobs_from_logits", "linear_dpo", "linear_grpo",
-                    "policy_loss"}  # fmt: skip
+                    "policy_loss", "dpo_loss"}  # fmt: skip
     assert {(r["op"], r["impl"]) for r in rows} == {(op, impl) for op in expected_ops
                                                    for impl in ("eager", "fastalign-torch")}  # fmt: skip
     for row in rows:
@@ -33,3 +33,19 @@ def test_shape_override_is_recorded(tmp_path):
     rows = read_rows(tmp_path / "core_ops-demo.csv")
     assert [(r["n"], r["d"], r["v"]) for r in rows] == [("48", "16", "300")] * 2
     assert "overrode them with --shape" in (tmp_path / "core_ops-demo.md").read_text()
+
+
+def test_cuda_targets_hold_kernels_to_the_measured_bandwidth():
+    from bench.report import check_targets
+
+    def row(op, mode, gbps, vs_eager=1.0):
+        return {"op": op, "mode": mode, "impl": "fastalign-cuda", "gbps": gbps, "vs_eager": vs_eager}
+
+    rows = [row("logprobs_from_logits", "fwd", 2500.0), row("logprobs_from_logits", "fwd+bwd", 2300.0, 3.5),
+            row("policy_loss", "fwd+bwd", 900.0)]  # fmt: skip
+    results = {text.split(":")[0]: met for met, text in check_targets(rows, "gpu", copy_gbps=3000.0)}
+    assert results["logprobs_from_logits cuda fwd >= 80% of DRAM bandwidth"]  # 83%
+    assert not results["logprobs_from_logits cuda fwd+bwd >= 80% of DRAM bandwidth"]  # 77%
+    assert results["logprobs_from_logits cuda fwd+bwd >= 3x faster than eager"]
+    assert not results["policy_loss cuda fwd+bwd >= 80% of DRAM bandwidth"]  # 30%
+    assert not results["dpo_loss cuda fwd+bwd >= 80% of DRAM bandwidth"]  # not measured

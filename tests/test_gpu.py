@@ -30,7 +30,7 @@ def test_linear_logprobs_on_gpu(backend, dtype, case):
     assert_matches_reference(op, reference.linear_logprobs, inputs, dtype, device="cuda", **options)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logprobs_from_logits_on_gpu(backend, dtype):
     targets = torch.randint(0, 32001, (2, 517))

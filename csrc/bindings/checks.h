@@ -11,7 +11,7 @@
 namespace fastalign {
 
 inline void raise_on_error(const char* kernel, LaunchError error) {
-  if (error != nullptr) throw std::runtime_error(std::string("fastalign._C.") + kernel + ": CUDA error: " + error);
+  if (error != nullptr) throw std::runtime_error(std::string("fastalign._C.") + kernel + " failed: " + error);
 }
 
 // Pointers cross the boundary as Python ints (tensor.data_ptr(), 0 for "absent").

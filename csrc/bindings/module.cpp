@@ -4,6 +4,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "fastalign/runtime.h"
@@ -30,6 +31,13 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(count, why);
       },
       "(count, reason): visible CUDA devices, and CUDA's error text when there are none");
+  m.def(
+      "set_device",
+      [](int device) {
+        const char* error = fastalign::set_device(device);
+        if (error != nullptr) throw std::runtime_error(std::string("fastalign._C.set_device: CUDA error: ") + error);
+      },
+      py::arg("device"), "Make a device current for this extension's launches (its CUDA runtime is its own)");
   m.def("device_capability", &fastalign::device_capability, py::arg("device"),
         "Compute capability of a device as major * 10 + minor (0 if it cannot be read)");
   m.def(

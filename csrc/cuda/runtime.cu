@@ -17,6 +17,11 @@ int cuda_device_count(std::string* why) {
 
 int cuda_runtime_version() { return CUDART_VERSION; }
 
+const char* set_device(int device) {
+  const cudaError_t status = cudaSetDevice(device);
+  return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
+}
+
 int device_capability(int device) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||

@@ -51,7 +51,12 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def stream(tensor: torch.Tensor) -> int:
-    """Handle of torch's current stream on the tensor's device, so kernels order with torch's work."""
+    """Make the tensor's device current for the extension and return torch's current stream there.
+
+    The extension links its own CUDA runtime, whose current device torch's ``cuda.set_device`` does not move,
+    so every launch sets it; launching on torch's stream orders the kernels with torch's work.
+    """
+    extension().set_device(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 

@@ -215,8 +215,9 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
 
 
 def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
-    """``d_logits [N, V]`` in the logits' dtype."""
-    grad_logits = torch.empty_like(logits)
+    """``d_logits [N, V]`` in the logits' dtype (written into ``logits`` itself with ``grad_into_logits``)."""
+    # Every tile is copied out before its gradient is written back, so the gradient may overwrite the logits.
+    grad_logits = logits if opts.grad_into_logits else torch.empty_like(logits)
     for rows, cols, _ in _tiles(
         logits.shape[0], logits.shape[1], _bytes_per_element(logits.dtype), opts.scratch_bytes, logits.device
     ):

@@ -16,7 +16,7 @@ import torch
 from fastalign.kernels.triton import linear_stats as linear_kernels
 from fastalign.kernels.triton import logits_stats as logits_kernels
 from fastalign.kernels.triton.softmax_tile import INTERPRETING
-from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats
+from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats, empty_stats
 
 # Vocabulary splits are multiples of the widest vocabulary tile in the autotune configs.
 _SPLIT_ALIGN = 256
@@ -45,11 +45,6 @@ def _vocab_splits(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, 
     splits = max(1, min(_cdiv(2 * multiprocessors, token_blocks), _cdiv(n_cols, 4 * _SPLIT_ALIGN)))
     cols_per_split = _cdiv(_cdiv(n_cols, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return _cdiv(n_cols, cols_per_split), cols_per_split
-
-
-def _empty_stats(like: torch.Tensor, opts: StatsOptions) -> TokenStats:
-    empty = torch.empty(0, dtype=torch.float32, device=like.device)
-    return TokenStats(empty, empty, empty, empty if opts.need_entropy else None, empty if opts.need_sum else None)
 
 
 def _merge_splits(partial: torch.Tensor, opts: StatsOptions) -> TokenStats:
@@ -81,7 +76,7 @@ def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenSt
     n_rows, width = hidden.shape
     n_cols = weight.shape[0]
     if n_rows == 0:
-        return _empty_stats(hidden, opts)
+        return empty_stats(hidden, opts)
     splits, cols_per_split = _vocab_splits(n_rows, n_cols, hidden.device)
     partial = torch.empty(5, splits, n_rows, dtype=torch.float32, device=hidden.device)
     linear_kernels.linear_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
@@ -166,7 +161,7 @@ def linear_backward(
 def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
     n_rows, n_cols = logits.shape
     if n_rows == 0:
-        return _empty_stats(logits, opts)
+        return empty_stats(logits, opts)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     stats = torch.empty(5, n_rows, dtype=torch.float32, device=logits.device)
@@ -182,11 +177,12 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
 
 def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
     n_rows, n_cols = logits.shape
-    grad = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
-    if n_rows == 0:
-        return grad
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    # Each program reads its tile before writing it, so the gradient may overwrite the logits.
+    grad = logits if opts.grad_into_logits else torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
+    if n_rows == 0:
+        return grad
     alpha = coeffs.alpha
     logits_kernels.logits_grad_kernel[
         lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(n_cols, meta["BLOCK_V"]))
@@ -199,4 +195,6 @@ def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficient
         HAS_SOFTCAP=opts.softcap is not None, HAS_BETA=coeffs.beta is not None,
         HAS_GAMMA=coeffs.gamma is not None, HAS_KAPPA=coeffs.kappa is not None,
     )  # fmt: skip
+    if opts.grad_into_logits:
+        torch.autograd.graph.increment_version(grad)
     return grad

@@ -37,7 +37,18 @@ class PreparedTargets:
 
 
 def _prepare(
-    targets, vocab_size, like, *, temperature, softcap, ignore_index, need_entropy, need_sum, backend, op
+    targets,
+    vocab_size,
+    like,
+    *,
+    temperature,
+    softcap,
+    ignore_index,
+    need_entropy,
+    need_sum,
+    backend,
+    op,
+    grad_into_logits=False,
 ) -> tuple[PreparedTargets, StatsOptions, str]:
     """Checks shared by every op after the input-specific ones: options, target values, backend."""
     check_scalar_options(temperature, softcap, ignore_index)
@@ -48,6 +59,7 @@ def _prepare(
         need_entropy=need_entropy,
         need_sum=need_sum,
         scratch_bytes=scratch_budget(like.device),
+        grad_into_logits=grad_into_logits,
     )
     backend = resolve_backend(backend, like.device, like.dtype, op)
     return PreparedTargets(targets, vocab_size, ignore_index), opts, backend
@@ -136,6 +148,7 @@ def logprobs_from_logits(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob (and entropy) of each target token from given logits ``[..., V]``.
@@ -143,17 +156,25 @@ def logprobs_from_logits(
     Same transform, outputs and gradients as :func:`linear_logprobs`, for callers that already hold the logits.
     Unlike ``log_softmax(logits.float())`` it never allocates a float32 copy of the whole logits.
 
+    With ``inplace_backward=True`` the backward writes ``d_logits`` into the logits' own storage instead of a new
+    ``[..., V]`` buffer (saving that much memory): use it only when nothing else reads the logits after this
+    op's backward. Autograd's version counter is bumped, so a graph that saved the same logits elsewhere raises
+    rather than silently using the overwritten values.
+
     Example:
         >>> import torch, fastalign
         >>> logits, targets = torch.randn(3, 7, 50), torch.randint(0, 50, (3, 7))
         >>> logp, entropy = fastalign.logprobs_from_logits(logits, targets, temperature=0.7, return_entropy=True)
     """
     logits, targets = check_logits_inputs(logits, targets)
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     vocab_size = logits.shape[-1]
     prepared, opts, backend = _prepare(
         targets, vocab_size, logits,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         need_entropy=return_entropy, need_sum=False, backend=backend, op="logits_stats",
+        grad_into_logits=inplace_backward,
     )  # fmt: skip
     _, target_logp, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, backend, opts)
     return _logprob_outputs(target_logp, entropy, prepared, return_entropy)

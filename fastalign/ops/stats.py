@@ -38,6 +38,8 @@ class StatsOptions:
     need_entropy: bool
     need_sum: bool
     scratch_bytes: int
+    # Logits input only: the backward writes d_logits into the logits' own storage.
+    grad_into_logits: bool = False
 
 
 class TokenStats(NamedTuple):
@@ -54,6 +56,12 @@ class TokenStats(NamedTuple):
     sum_logits: torch.Tensor | None
 
 
+def empty_stats(like: torch.Tensor, opts: StatsOptions) -> TokenStats:
+    """The statistics of zero rows."""
+    empty = torch.empty(0, dtype=accum_dtype(like.dtype), device=like.device)
+    return TokenStats(empty, empty, empty, empty if opts.need_entropy else None, empty if opts.need_sum else None)
+
+
 class GradCoefficients(NamedTuple):
     """Per-token coefficients of ``d_l = p (α + β log p) + γ [j = y] + κ``; ``None`` means zero."""
 
@@ -63,11 +71,15 @@ class GradCoefficients(NamedTuple):
     kappa: torch.Tensor | None
 
 
-_BACKEND_MODULES = {"torch": "fastalign.ops._torch_backend", "triton": "fastalign.ops._triton_backend"}
+_BACKEND_MODULES = {
+    "torch": "fastalign.ops._torch_backend",
+    "triton": "fastalign.ops._triton_backend",
+    "cuda": "fastalign.ops._cuda_backend",
+}
 
 
 def backend_module(name: str) -> ModuleType:
-    """The module implementing ``linear_forward/backward`` and ``logits_forward/backward`` for a backend."""
+    """The module implementing ``logits_forward/backward`` (and, but for cuda, ``linear_forward/backward``)."""
     return importlib.import_module(_BACKEND_MODULES[name])
 
 

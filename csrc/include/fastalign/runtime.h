@@ -9,6 +9,9 @@ namespace fastalign {
 int cuda_device_count(std::string* why);
 // The CUDA runtime version the extension was built with (e.g. 13000).
 int cuda_runtime_version();
+// Make device the calling thread's current device in this extension's CUDA runtime (it is separate from
+// torch's: the extension links the runtime statically). nullptr on success, else CUDA's error text.
+const char* set_device(int device);
 // Compute capability major * 10 + minor of a device.
 int device_capability(int device);
 

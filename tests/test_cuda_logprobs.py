@@ -1,0 +1,194 @@
+"""logprobs_from_logits on the CUDA C++ backend.
+
+CPU: the kernels' shared device math (``csrc/include/fastalign/softmax_math.h``), compiled into
+``fastalign._host_math``, against torch in float64; the in-place backward on the torch and Triton backends;
+launcher errors surfacing as Python exceptions. GPU (marked): the kernels against the float64 reference.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from oracle import assert_matches_reference
+
+import fastalign
+from fastalign.ops import reference
+
+host_math = pytest.importorskip("fastalign._host_math", reason="built with the CUDA extension (nvcc at install)")
+
+
+def _row_reference(logits: torch.Tensor, target: int) -> tuple[float, float]:
+    log_p = torch.log_softmax(logits.double(), dim=0)
+    return float(log_p[target]), float(-(log_p.exp() * torch.where(log_p.exp() > 0, log_p, 0.0)).sum())
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("parts", [1, 32, 512])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+def test_host_row_stats_match_torch(group, parts, scale):
+    """Any grouping of the online softmax and any merge tree give the row's log-prob and entropy."""
+    generator = torch.Generator().manual_seed(group * 1000 + parts)
+    logits = (scale * torch.randn(1001, generator=generator)).float()
+    target = 417
+    max_logit, log_sum, target_logp, entropy = host_math.row_stats(logits.numpy(), target, group, parts)
+    expected_logp, expected_entropy = _row_reference(logits, target)
+    assert max_logit == pytest.approx(float(logits.max()))
+    assert log_sum == pytest.approx(float(torch.logsumexp(logits.double() - logits.max(), 0)), rel=1e-5, abs=1e-6)
+    assert target_logp == pytest.approx(expected_logp, rel=1e-5, abs=1e-5)
+    assert entropy == pytest.approx(expected_entropy, rel=1e-4, abs=1e-5)
+
+
+def test_host_row_stats_with_infinite_logits():
+    """-inf logits add nothing (no NaN); a row of one finite logit has log-prob 0 and entropy 0."""
+    logits = np.full(37, -np.inf, dtype=np.float32)
+    logits[5] = 3.0
+    _, log_sum, target_logp, entropy = host_math.row_stats(logits, 5, 8, 4)
+    assert (log_sum, target_logp, entropy) == (0.0, 0.0, 0.0)
+    logits[9] = 3.0
+    _, _, target_logp, entropy = host_math.row_stats(logits, 5, 8, 4)
+    assert target_logp == pytest.approx(-np.log(2.0)) and entropy == pytest.approx(np.log(2.0))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_host_transform_matches_torch(softcap):
+    z = torch.linspace(-40, 40, 321)
+    out = host_math.transform_logits(z.numpy(), softcap or 1.0, 1 / 0.7, softcap is not None)
+    expected = (z.double() if softcap is None else softcap * torch.tanh(z.double() / softcap)) / 0.7
+    np.testing.assert_allclose(out, expected.numpy(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_host_logit_grads_match_autograd(softcap):
+    """The per-logit gradient for upstream gradients on the target log-prob, entropy and lse."""
+    generator = torch.Generator().manual_seed(3)
+    z = (3 * torch.randn(211, generator=generator)).double().requires_grad_()
+    target, inv_temperature = 17, 1 / 1.3
+    logits = (z if softcap is None else softcap * torch.tanh(z / softcap)) * inv_temperature
+    log_p = torch.log_softmax(logits, 0)
+    entropy = -(log_p.exp() * log_p).sum()
+    lse = torch.logsumexp(logits, 0)
+    g_target, g_entropy, g_lse = 0.7, -0.4, 0.25
+    (g_target * log_p[target] + g_entropy * entropy + g_lse * lse).backward()
+    # The coefficients fastalign.ops.stats derives from those upstream gradients.
+    alpha = g_lse - g_target - g_entropy * float(entropy.detach())
+    beta = -g_entropy
+    max_logit = float(logits.max())
+    log_sum = float(torch.logsumexp(logits - max_logit, 0))
+    grads = host_math.logit_grads(
+        z.detach().float().numpy(), target, max_logit, log_sum, alpha, beta, g_target, 0.0,
+        softcap or 1.0, inv_temperature, softcap is not None,
+    )  # fmt: skip
+    np.testing.assert_allclose(grads, z.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_launch_errors_raise_with_the_kernel_name():
+    """A launcher's error reaches Python as RuntimeError naming the function (checked before any launch)."""
+    from fastalign import _C
+
+    with pytest.raises(RuntimeError, match=r"fastalign\._C\.logprobs_forward failed: unsupported dtype code"):
+        _C.logprobs_forward(1, 7, 1, 4, 4, 1, 1.0, 1.0, False, 1, 1, 1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_backward_writes_the_gradient_into_the_logits(backend):
+    x = torch.randn(3, 5, 41)
+    targets = torch.randint(0, 41, (3, 5))
+    targets[0, 1] = -100
+    options = {"temperature": 0.8, "softcap": 6.0, "return_entropy": True, "backend": backend}
+    leaf = x.clone().requires_grad_()
+    logp, entropy = fastalign.logprobs_from_logits(leaf, targets, **options)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+
+    source = x.clone().requires_grad_()
+    logits = source * 1.0
+    logp, entropy = fastalign.logprobs_from_logits(logits, targets, inplace_backward=True, **options)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    torch.testing.assert_close(source.grad, leaf.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.detach(), leaf.grad, rtol=1e-5, atol=1e-6)  # the buffer now holds d_logits
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_backward_is_caught_when_the_logits_are_needed_elsewhere(backend):
+    source = torch.randn(4, 23, requires_grad=True)
+    logits = source * 1.0
+    other_use = (logits * logits).sum()  # saves the logits for its own backward
+    logp = fastalign.logprobs_from_logits(logits, torch.randint(0, 23, (4,)), inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logp.sum() + other_use).backward()
+
+
+def test_inplace_backward_must_be_a_bool():
+    with pytest.raises(ValueError, match="inplace_backward must be a bool"):
+        fastalign.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), inplace_backward=1)
+
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 37, 4099, 151936])
+def test_cuda_logprobs_match_reference(dtype, vocab):
+    """Vocabulary sizes below, at and not divisible by the vector width; ignored positions."""
+    rows = 64 if vocab < 100_000 else 6
+    targets = torch.randint(0, vocab, (rows,))
+    targets[::5] = -100
+    inputs = {"logits": 4 * torch.randn(rows, vocab, dtype=torch.float64), "targets": targets}
+    op = functools.partial(fastalign.logprobs_from_logits, backend="cuda")
+    for options in ({}, {"return_entropy": True, "temperature": 0.7}, {"return_entropy": True, "softcap": 5.0}):
+        assert_matches_reference(op, reference.logprobs_from_logits, inputs, dtype, device="cuda", **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_logprobs_on_misaligned_strided_rows(dtype):
+    """Rows that start off a 16-byte boundary (a column slice of a wider buffer) and an odd row stride."""
+    wide = torch.randn(9, 1003, dtype=dtype, device="cuda")
+    logits = wide[:, 1:1000]
+    targets = torch.randint(0, 999, (9,), device="cuda")
+    expected_logp, expected_entropy = reference.logprobs_from_logits(
+        logits.double(), targets, return_entropy=True, temperature=1.0
+    )
+    logp, entropy = fastalign.logprobs_from_logits(logits, targets, return_entropy=True, backend="cuda")
+    tolerance = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(logp.double(), expected_logp, **tolerance)
+    torch.testing.assert_close(entropy.double(), expected_entropy, **tolerance)
+    leaf = logits.detach().clone().requires_grad_()
+    fastalign.logprobs_from_logits(leaf[:, :], targets, backend="cuda").sum().backward()
+    reference_leaf = logits.detach().double().requires_grad_()
+    reference.logprobs_from_logits(reference_leaf, targets).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_logprobs_edge_rows():
+    """No rows; every position ignored (zero gradient); a row of -inf but the target."""
+    empty = torch.empty(0, 50, device="cuda", requires_grad=True)
+    out = fastalign.logprobs_from_logits(empty, torch.empty(0, dtype=torch.long, device="cuda"), backend="cuda")
+    out.sum().backward()
+    assert out.shape == (0,) and empty.grad.shape == (0, 50)
+    logits = torch.randn(3, 50, device="cuda", requires_grad=True)
+    ignored = torch.full((3,), -100, device="cuda")
+    logp = fastalign.logprobs_from_logits(logits, ignored, backend="cuda")
+    logp.sum().backward()
+    assert torch.equal(logp, torch.zeros(3, device="cuda")) and torch.equal(logits.grad, torch.zeros_like(logits))
+    spiky = torch.full((1, 300), float("-inf"), device="cuda")
+    spiky[0, 7] = 2.0
+    logp, entropy = fastalign.logprobs_from_logits(
+        spiky, torch.tensor([7], device="cuda"), return_entropy=True, backend="cuda"
+    )
+    assert logp.item() == 0.0 and entropy.item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_inplace_backward(dtype):
+    x = torch.randn(33, 5003, dtype=dtype, device="cuda")
+    targets = torch.randint(0, 5003, (33,), device="cuda")
+    leaf = x.clone().requires_grad_()
+    fastalign.logprobs_from_logits(leaf, targets, backend="cuda").sum().backward()
+    source = x.clone().requires_grad_()
+    logits = source * 1
+    fastalign.logprobs_from_logits(logits, targets, inplace_backward=True, backend="cuda").sum().backward()
+    assert torch.equal(source.grad, leaf.grad) and torch.equal(logits.detach(), leaf.grad)
