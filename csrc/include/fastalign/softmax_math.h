@@ -38,14 +38,14 @@ FA_HD SoftmaxState softmax_rescale(SoftmaxState state, float new_max) {
   const float old_shift = softmax_shift(state.max);
   const float shift = softmax_shift(new_max);
   // States with nothing summed yet rescale by 0 (never inf * 0 when the new shift is very negative).
-  const float scale = state.sum > 0.0f ? expf(old_shift - shift) : 0.0f;
+  const float scale = state.sum > 0.0f ? fast_exp(old_shift - shift) : 0.0f;
   return SoftmaxState{new_max, state.sum * scale, scale * (state.centered + (old_shift - shift) * state.sum)};
 }
 
 // Add one logit that does not exceed state.max (rescale first).
 FA_HD void softmax_add_below_max(SoftmaxState& state, float l) {
   const float centered = l - softmax_shift(state.max);
-  const float e = expf(centered);
+  const float e = fast_exp(centered);
   state.sum += e;
   // A -inf logit adds e = 0 and must not add 0 * -inf.
   state.centered += e > 0.0f ? e * centered : 0.0f;
@@ -99,7 +99,7 @@ struct GradCoefficients {
 FA_HD float logit_grad(float l, bool is_target, float max_logit, float log_sum, GradCoefficients c, float softcap,
                        float inv_temperature, bool has_softcap) {
   const float log_p = (l - max_logit) - log_sum;
-  const float p = expf(log_p);
+  const float p = fast_exp(log_p);
   // Where p = 0 (a -inf logit) the log-prob term must vanish, not become 0 * -inf.
   float grad = p * (c.alpha + c.beta * (p > 0.0f ? log_p : 0.0f)) + c.kappa;
   if (is_target) grad += c.gamma;
