@@ -73,6 +73,7 @@ def test_host_logit_grads_match_autograd(softcap):
     # The coefficients fastalign.ops.stats derives from those upstream gradients.
     alpha = g_lse - g_target - g_entropy * float(entropy.detach())
     beta = -g_entropy
+    logits = logits.detach()
     max_logit = float(logits.max())
     log_sum = float(torch.logsumexp(logits - max_logit, 0))
     grads = host_math.logit_grads(
