@@ -2,7 +2,7 @@
 
 Semantics follow TRL's GRPOTrainer and verl's ``core_algos`` (which agree on everything below unless a docstring
 says which one is followed). The torch implementation here is the CPU path and the reference of the Triton
-kernels in ``fastalign/kernels/triton/policy_loss.py``.
+kernels in ``fastalign/kernels/triton/policy_loss.py`` and the CUDA ones in ``csrc/cuda/policy_loss.cu``.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def policy_loss(
         loss_agg_mode / loss_type: see :func:`aggregate`; ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``,
             ``dapo``) wins when given. num_items_in_batch: the global completion-token count for ``token-mean``.
         is_weights: ``[B]`` or ``[B, T]`` truncated importance weights (no gradient).
-        backend: ``"auto" | "torch" | "triton"``.
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     Returns:
         ``(loss, metrics)``: a scalar, and detached scalar tensors (no host sync): ``clip_frac_low`` (tokens
@@ -223,11 +223,11 @@ def policy_loss(
         num_items_in_batch=num_items_in_batch, is_weights=is_weights,
     )  # fmt: skip
     chosen = resolve_backend(backend, logp.device, logp.dtype, "policy_loss")
-    if chosen == "triton":
-        from fastalign.ops._policy_triton import policy_loss_triton
+    if chosen == "torch":
+        return policy_loss_torch(args)
+    from fastalign.ops._policy_kernels import LAUNCHES, policy_loss_kernels
 
-        return policy_loss_triton(args)
-    return policy_loss_torch(args)
+    return policy_loss_kernels(args, LAUNCHES[chosen])
 
 
 @dataclass(frozen=True)

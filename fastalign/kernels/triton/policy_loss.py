@@ -6,7 +6,7 @@
 
 Token-level ratios are per token; at sequence level (GSPO) a first pass forms the row's mean log-ratio and the
 backward spreads ``d loss / d ratio`` back over the row's tokens. Advantages and importance weights come with a
-token stride of 0 when they are per sequence. No autograd, no checks: ``fastalign.ops._policy_triton`` owns both.
+token stride of 0 when they are per sequence. No autograd, no checks: ``fastalign.ops._policy_kernels`` owns both.
 """
 
 import triton

@@ -1,0 +1,221 @@
+// The PPO / GRPO policy loss on CUDA: one block per row, its threads striding over the row's tokens (adjacent
+// threads read adjacent tokens), the per-token math of policy_math.h in float32, and block reductions through
+// warp shuffles. Each input comes with its own dtype code, the same for the whole grid, so branching on it
+// never diverges. The [rows, tokens] inputs are contiguous; advantages and importance weights come with element
+// strides (a token stride of 0 for one value per row). Masks of any torch dtype are read as raw bits.
+//
+// Forward: per-row sums [8, rows] (the host reduces them over rows into the loss and the metrics). Backward:
+// d_logp (and d_entropy) from each row's weight in the aggregation. At sequence level (GSPO) a first pass
+// forms the row's mean log-ratio; the backward then sums d loss / d ratio over the row and spreads it back.
+
+#include "device_utils.cuh"
+#include "fastalign/mask.h"
+#include "fastalign/launch_policy.h"
+#include "fastalign/policy_math.h"
+
+namespace fastalign {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Blocks per SM the register budget must allow (32 warps in flight to cover the loads' latency). Without a
+// minimum, ptxas for sm_80 went down to 32 registers (full occupancy) and spilled.
+constexpr int kMinBlocksPerSM = 4;
+
+__device__ __forceinline__ float load(const void* data, int dtype, int64_t i) {
+  switch (dtype) {
+    case kFloat16:
+      return Convert<__half>::load(static_cast<const __half*>(data)[i]);
+    case kBFloat16:
+      return Convert<__nv_bfloat16>::load(static_cast<const __nv_bfloat16*>(data)[i]);
+    default:
+      return Convert<float>::load(static_cast<const float*>(data)[i]);
+  }
+}
+
+// i: the token's index in the contiguous [rows, tokens] inputs.
+__device__ __forceinline__ float load(const PolicyInput& in, int64_t i) { return load(in.data, in.dtype, i); }
+
+__device__ __forceinline__ float load(const PolicyRowInput& in, int64_t row, int64_t t) {
+  return load(in.data, in.dtype, row * in.row_stride + t * in.token_stride);
+}
+
+__device__ __forceinline__ void store(void* out, int dtype, int64_t i, float value) {
+  switch (dtype) {
+    case kFloat16:
+      static_cast<__half*>(out)[i] = Convert<__half>::store(value);
+      return;
+    case kBFloat16:
+      static_cast<__nv_bfloat16*>(out)[i] = Convert<__nv_bfloat16>::store(value);
+      return;
+    default:
+      static_cast<float*>(out)[i] = Convert<float>::store(value);
+  }
+}
+
+__device__ __forceinline__ bool keeps(const PolicyMask& mask, int64_t i) {
+  return mask_keeps_at(mask.data, i, mask.bytes, mask.is_float);
+}
+
+// Which inputs of a token a pass reads; the others keep their neutral values (0, is_weight 1).
+struct Reads {
+  bool log_ratio;  // logp and old_logp (token level)
+  bool surrogate;  // advantage and importance weight
+  bool kl;         // logp and ref_logp, when ref_logp is given
+  bool entropy;    // when given
+};
+
+// row, t: the token's position; i = row * tokens + t.
+__device__ __forceinline__ policy::Token load_token(const PolicyProblem& p, int64_t row, int64_t t, int64_t i,
+                                                    Reads reads) {
+  policy::Token x{0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f};
+  const bool kl = reads.kl && p.ref_logp.data != nullptr;
+  if (reads.log_ratio || kl) x.logp = load(p.logp, i);
+  if (reads.log_ratio) x.old_logp = load(p.old_logp, i);
+  if (reads.surrogate) {
+    x.advantage = load(p.advantages, row, t);
+    if (p.is_weights.data != nullptr) x.is_weight = load(p.is_weights, row, t);
+  }
+  if (kl) x.ref_logp = load(p.ref_logp, i);
+  if (reads.entropy && p.entropy.data != nullptr) x.entropy = load(p.entropy, i);
+  return x;
+}
+
+// Sums each of v[0..N) over the block. Every thread receives the totals, bit for bit the same in each (the
+// xor butterfly adds the same pairs in every lane).
+template <int N>
+__device__ __forceinline__ void block_sum(float (&v)[N]) {
+  __shared__ float partial[N][kWarps];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < N; ++k)
+    for (int mask = 16; mask > 0; mask >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], mask);
+  __syncthreads();  // an earlier call's readers are done with `partial`
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) partial[k][warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    v[k] = lane < kWarps ? partial[k][lane] : 0.0f;
+    for (int mask = 16; mask > 0; mask >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], mask);
+  }
+}
+
+// The token loops read every input of a token before testing its mask, so the loads go out together rather
+// than behind the mask's (positions off the mask are in bounds; their values are not used). The loops are kept
+// rolled: unrolled, they more than double the registers (and halve the blocks an SM holds) in a loop bound by
+// memory.
+
+// GSPO's first pass: the mean of logp - old_logp over the row's kept tokens (unclamped) and their count. The
+// forward and backward kernels run it with the same block size, so both see the same bits.
+__device__ __forceinline__ float2 sequence_log_ratio(const PolicyProblem& p, int64_t row) {
+  float sums[2] = {0.0f, 0.0f};
+#pragma unroll 1
+  for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+    const int64_t i = row * p.tokens + t;
+    const float log_ratio = load(p.logp, i) - load(p.old_logp, i);
+    if (keeps(p.mask, i)) {
+      sums[0] += log_ratio;
+      sums[1] += 1.0f;
+    }
+  }
+  block_sum(sums);
+  return make_float2(sums[0] / fmaxf(sums[1], 1.0f), sums[1]);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    policy_fwd_kernel(const PolicyProblem p, float* __restrict__ stats) {
+  const int64_t row = blockIdx.x;
+  const policy::Options& o = p.options;
+  const bool has_ref = p.ref_logp.data != nullptr;
+  const float seq_ratio =
+      o.sequence_level ? policy::ratio_from_log_ratio(sequence_log_ratio(p, row).x, o.log_ratio_limit) : 1.0f;
+  const Reads reads{!o.sequence_level, true, true, true};
+  float sums[policy::kNumStats] = {};
+#pragma unroll 1
+  for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+    const int64_t i = row * p.tokens + t;
+    const policy::Token x = load_token(p, row, t, i, reads);
+    if (keeps(p.mask, i)) policy::add_token_stats(sums, x, seq_ratio, has_ref, o);
+  }
+  block_sum(sums);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < policy::kNumStats; ++k) stats[k * p.rows + row] = sums[k];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    policy_bwd_kernel(const PolicyProblem p, const float* __restrict__ row_weights, void* __restrict__ grad_logp,
+                      void* __restrict__ grad_entropy) {
+  const int64_t row = blockIdx.x;
+  const policy::Options& o = p.options;
+  const bool has_ref = p.ref_logp.data != nullptr;
+  const float weight = row_weights[row];
+  float spread = 0.0f;
+  if (o.sequence_level) {
+    const float2 seq = sequence_log_ratio(p, row);
+    const float seq_ratio = policy::ratio_from_log_ratio(seq.x, o.log_ratio_limit);
+    const Reads reads{false, true, false, false};
+    float ratio_grad[1] = {0.0f};
+#pragma unroll 1
+    for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+      const int64_t i = row * p.tokens + t;
+      const policy::Token x = load_token(p, row, t, i, reads);
+      if (keeps(p.mask, i)) ratio_grad[0] += policy::sequence_ratio_grad(x, seq_ratio, o);
+    }
+    block_sum(ratio_grad);
+    spread = policy::sequence_spread(ratio_grad[0], seq.x, seq.y, o.log_ratio_limit);
+  }
+  const Reads reads{!o.sequence_level, !o.sequence_level, true, false};
+#pragma unroll 1
+  for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+    const int64_t i = row * p.tokens + t;
+    const policy::Token x = load_token(p, row, t, i, reads);
+    const bool kept = keeps(p.mask, i);
+    const float grad = kept ? policy::token_grad(x, spread, has_ref, o) * weight : 0.0f;
+    store(grad_logp, p.logp.dtype, i, grad);
+    if (grad_entropy != nullptr) store(grad_entropy, p.entropy.dtype, i, kept ? -o.entropy_coef * weight : 0.0f);
+  }
+}
+
+// What the kernels cannot read; the Python side never passes it.
+LaunchError check_problem(const PolicyProblem& p) {
+  if (p.logp.data == nullptr || p.old_logp.data == nullptr || p.advantages.data == nullptr || p.mask.data == nullptr)
+    return "logp, old_logp, advantages and mask are required (a null pointer was passed)";
+  const auto readable = [](const void* data, int dtype) {
+    return data == nullptr || dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16;
+  };
+  if (!readable(p.logp.data, p.logp.dtype) || !readable(p.old_logp.data, p.old_logp.dtype) ||
+      !readable(p.ref_logp.data, p.ref_logp.dtype) || !readable(p.entropy.data, p.entropy.dtype) ||
+      !readable(p.advantages.data, p.advantages.dtype) || !readable(p.is_weights.data, p.is_weights.dtype))
+    return "unsupported dtype code (expected 0 = float32, 1 = float16, 2 = bfloat16)";
+  const int bytes = p.mask.bytes;
+  if (bytes != 1 && bytes != 2 && bytes != 4 && bytes != 8)
+    return "unsupported mask element size (expected 1, 2, 4 or 8 bytes)";
+  if (p.rows > 0x7fffffff) return "more than 2^31 - 1 rows";
+  return nullptr;
+}
+
+}  // namespace
+
+LaunchError policy_loss_forward(const PolicyProblem& problem, float* stats, uintptr_t stream) {
+  if (problem.rows == 0 || problem.tokens == 0) return nullptr;
+  if (const LaunchError error = check_problem(problem)) return error;
+  policy_fwd_kernel<<<static_cast<unsigned>(problem.rows), kThreads, 0, as_stream(stream)>>>(problem, stats);
+  return last_launch_error();
+}
+
+LaunchError policy_loss_backward(const PolicyProblem& problem, const float* row_weights, void* grad_logp,
+                                 void* grad_entropy, uintptr_t stream) {
+  if (problem.rows == 0 || problem.tokens == 0) return nullptr;
+  if (const LaunchError error = check_problem(problem)) return error;
+  policy_bwd_kernel<<<static_cast<unsigned>(problem.rows), kThreads, 0, as_stream(stream)>>>(
+      problem, row_weights, grad_logp, grad_entropy);
+  return last_launch_error();
+}
+
+}  // namespace fastalign
