@@ -251,12 +251,13 @@ def dpo_loss_from_token_logps(
 
     Reduces each row to its sum over ``mask`` and applies :func:`dpo_loss` per type, with length-averaged
     log-probs for types that take them (``average_log_prob=None``: ``ipo`` and ``sigmoid_norm``, as TRL 1.x;
-    ``True``: every type; ``False``: none). On CUDA the reduction, every type and the backward are one Triton
-    launch each, with no ``[2B, T]`` intermediate.
+    ``True``: every type; ``False``: none). On CUDA the reduction, every type and the backward are one kernel
+    launch each (Triton, or CUDA C++ with ``backend="cuda"``), with no ``[2B, T]`` intermediate.
 
     Args:
         token_logps: ``[2B, T]`` float (gradient flows into it). mask: ``[2B, T]``, nonzero on completion tokens.
         ref_logps: ``[2B]`` summed reference log-probs (no gradient; zeros for reference-free losses).
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     Returns:
         ``(losses [B], sums [2B], lengths [2B])``: the weighted per-pair loss, each row's summed log-prob (both
@@ -268,16 +269,19 @@ def dpo_loss_from_token_logps(
         raise ValueError(f"mask must have token_logps' shape {tuple(token_logps.shape)}")
     if not isinstance(ref_logps, torch.Tensor) or ref_logps.shape != token_logps.shape[:1]:
         raise ValueError(f"ref_logps must be [2B] = ({token_logps.shape[0]},)")
+    for name, value in (("mask", mask), ("ref_logps", ref_logps)):
+        if value.device != token_logps.device:
+            raise ValueError(f"{name} is on {value.device} but token_logps is on {token_logps.device}")
     types, weights = check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, loss_weights)
     averaged = [name in LENGTH_AVERAGED_TYPES if average_log_prob is None else bool(average_log_prob) for name in types]
     from fastalign.ops.dispatch import resolve_backend
 
-    if resolve_backend(backend, token_logps.device, token_logps.dtype, "dpo_loss") == "triton":
-        from fastalign.ops._dpo_triton import dpo_from_token_logps_triton
+    chosen_backend = resolve_backend(backend, token_logps.device, token_logps.dtype, "dpo_loss")
+    if chosen_backend != "torch":
+        from fastalign.ops._dpo_kernels import dpo_from_token_logps_kernels, type_plan
 
-        return dpo_from_token_logps_triton(
-            token_logps, mask, ref_logps, types, weights, averaged, beta, label_smoothing, discopop_tau
-        )
+        plan = type_plan(types, weights, averaged, beta, label_smoothing, discopop_tau)
+        return dpo_from_token_logps_kernels(chosen_backend, token_logps, mask, ref_logps, plan)
     keep = mask != 0
     sums = torch.where(keep, token_logps, 0.0).sum(-1)
     lengths = keep.sum(-1).to(sums.dtype)
