@@ -168,6 +168,28 @@ def _cuda_targets(index: dict, copy_gbps: float | None) -> list[tuple[bool, str]
     return results
 
 
+# The dispatch key (fastalign.ops.dispatch.AUTO_ON_CUDA) each benchmarked op informs.
+DISPATCH_KEYS = {
+    "linear_logprobs": "linear_stats",
+    "logprobs_from_logits": "logits_stats",
+    "policy_loss": "policy_loss",
+    "dpo_loss": "dpo_loss",
+}
+
+
+def fastest_backends(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """``{dispatch key: (backend, evidence)}``: the fastest fastalign backend on each op's fwd+bwd step."""
+    choice = {}
+    for op, key in DISPATCH_KEYS.items():
+        timed = [r for r in rows if r["op"] == op and r["mode"] == "fwd+bwd" and r["impl"].startswith("fastalign-")
+                 and r.get("time_ms")]  # fmt: skip
+        if timed:
+            best = min(timed, key=lambda r: r["time_ms"])
+            evidence = ", ".join(f"{r['impl'].removeprefix('fastalign-')} {r['time_ms']:.3g} ms" for r in timed)
+            choice[key] = (best["impl"].removeprefix("fastalign-"), f"{op} fwd+bwd: {evidence}")
+    return choice
+
+
 def _detail(text: str, row: dict | None, kind: str) -> str:
     if row is None:
         return f"{text}: not measured"
@@ -209,6 +231,15 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
     ]
     for op in dict.fromkeys(r["op"] for r in rows):
         lines += [f"## {op}", "", markdown_table([r for r in rows if r["op"] == op]), ""]
+    if any(r["device"] == "cuda" for r in rows):
+        lines += [
+            "## fastest backend per op",
+            "",
+            "What `fastalign.ops.dispatch.AUTO_ON_CUDA` should say, from this run:",
+            "",
+        ]
+        lines += [f"- `{key}`: `{backend}` ({evidence})" for key, (backend, evidence) in fastest_backends(rows).items()]
+        lines += [""]
     lines += ["## targets", ""]
     if "--shape" in command:
         lines += ["The targets are set for the preset's shapes; this run overrode them with --shape."]

@@ -49,3 +49,15 @@ def test_cuda_targets_hold_kernels_to_the_measured_bandwidth():
     assert results["logprobs_from_logits cuda fwd+bwd >= 3x faster than eager"]
     assert not results["policy_loss cuda fwd+bwd >= 80% of DRAM bandwidth"]  # 30%
     assert not results["dpo_loss cuda fwd+bwd >= 80% of DRAM bandwidth"]  # not measured
+
+
+def test_fastest_backend_per_dispatch_key():
+    from bench.report import fastest_backends
+
+    rows = [
+        {"op": "logprobs_from_logits", "mode": "fwd+bwd", "impl": impl, "time_ms": time_ms}
+        for impl, time_ms in (("eager", 1.0), ("fastalign-triton", 3.0), ("fastalign-cuda", 2.0))
+    ] + [{"op": "policy_loss", "mode": "fwd", "impl": "fastalign-cuda", "time_ms": 0.1}]
+    choice = fastest_backends(rows)
+    assert set(choice) == {"logits_stats"}  # eager is not a backend; policy_loss has no fwd+bwd row
+    assert choice["logits_stats"][0] == "cuda" and "triton 3 ms" in choice["logits_stats"][1]

@@ -27,10 +27,10 @@ KERNELS = {
     "dpo_loss": ("torch", "triton", "cuda"),
 }
 
-# What ``auto`` runs on CUDA tensors, per op. The choice should be the fastest backend in the GPU benchmark
-# tables of bench/results/ (``python -m bench --preset gpu``); no GPU table exists yet (every benchmark so far
-# ran on CPU: bench/results/core_ops-cpu.md), so every op stays on Triton, the backend its GPU tests cover
-# longest, until a measurement says otherwise.
+# What ``auto`` runs on CUDA tensors, per op: the fastest backend in the GPU benchmark tables of bench/results/
+# (``python -m bench --preset gpu`` prints it under "fastest backend per op"). No GPU table exists yet (every
+# benchmark so far ran on CPU: bench/results/core_ops-cpu.md), so every op stays on Triton, the backend its GPU
+# tests cover longest, until a measurement says otherwise.
 AUTO_ON_CUDA = {
     "linear_stats": "triton",
     "logits_stats": "triton",
