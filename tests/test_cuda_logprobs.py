@@ -5,7 +5,9 @@ CPU: the kernels' shared device math (``csrc/include/fastalign/softmax_math.h``)
 launcher errors surfacing as Python exceptions. GPU (marked): the kernels against the float64 reference.
 """
 
+import ctypes
 import functools
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ import torch
 from oracle import assert_matches_reference
 
 import fastalign
-from fastalign.ops import reference
+from fastalign.ops import _cuda_ext, reference
+from fastalign.ops.stats import LogitsStats, StatsOptions
 
 host_math = pytest.importorskip("fastalign._host_math", reason="built with the CUDA extension (nvcc at install)")
 
@@ -122,6 +125,79 @@ def test_inplace_backward_is_caught_when_the_logits_are_needed_elsewhere(backend
 def test_inplace_backward_must_be_a_bool():
     with pytest.raises(ValueError, match="inplace_backward must be a bool"):
         fastalign.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), inplace_backward=1)
+
+
+class FakeLogprobsExtension:
+    """``fastalign._C``'s logprobs entry points emulated on CPU memory: the same arguments (addresses, sizes,
+    dtype codes, strides), the kernels' per-row math from ``fastalign._host_math``. It checks how
+    ``fastalign/ops/_cuda_backend.py`` marshals its arguments, on a machine without a GPU."""
+
+    DTYPES: ClassVar = {code: dtype for dtype, code in _cuda_ext.DTYPE_CODES.items()}
+
+    @staticmethod
+    def _at(address: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        buffer = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(address)
+        return torch.frombuffer(buffer, dtype=dtype, count=count)
+
+    def _rows(self, address, dtype, rows, cols, row_stride) -> torch.Tensor:
+        flat = self._at(address, self.DTYPES[dtype], (rows - 1) * row_stride + cols)
+        return flat.as_strided((rows, cols), (row_stride, 1))
+
+    def logprobs_forward(self, logits, dtype, rows, cols, row_stride, targets, softcap, inv_temperature,
+                         has_softcap, max_logit, log_sum, target_logp, entropy, sum_logits, stream):  # fmt: skip
+        values = self._rows(logits, dtype, rows, cols, row_stride).float()
+        target_ids = self._at(targets, torch.int64, rows)
+        outputs = {name: self._at(address, torch.float32, rows) if address else None for name, address in
+                   (("max", max_logit), ("log_sum", log_sum), ("logp", target_logp), ("entropy", entropy),
+                    ("sum", sum_logits))}  # fmt: skip
+        for row in range(rows):
+            transformed = host_math.transform_logits(values[row].numpy(), softcap, inv_temperature, has_softcap)
+            stats = host_math.row_stats(transformed, int(target_ids[row]), 8, 32)
+            for name, value in zip(("max", "log_sum", "logp", "entropy"), stats, strict=True):
+                if outputs[name] is not None:
+                    outputs[name][row] = value
+            if outputs["sum"] is not None:
+                outputs["sum"][row] = float(transformed.sum())
+
+    def logprobs_backward(self, logits, dtype, rows, cols, row_stride, targets, max_logit, log_sum, alpha,
+                          beta, gamma, kappa, softcap, inv_temperature, has_softcap, grad, grad_row_stride,
+                          stream):  # fmt: skip
+        values = self._rows(logits, dtype, rows, cols, row_stride).float()
+        out = self._rows(grad, dtype, rows, cols, grad_row_stride)
+        per_row = [self._at(a, torch.float32, rows) if a else torch.zeros(rows)
+                   for a in (targets, max_logit, log_sum, alpha, beta, gamma, kappa)]  # fmt: skip
+        per_row[0] = self._at(targets, torch.int64, rows)
+        for row in range(rows):
+            target, *coefficients = (x[row].item() for x in per_row)
+            out[row] = torch.from_numpy(host_math.logit_grads(
+                values[row].numpy(), target, *coefficients, softcap, inv_temperature, has_softcap
+            ))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_backend_marshals_its_arguments(monkeypatch, dtype, inplace):
+    """The CUDA backend's host side against the torch backend, with the extension emulated on CPU memory:
+    a column slice (row stride > V), every statistic, and upstream gradients on all four outputs."""
+    monkeypatch.setattr(_cuda_ext, "extension", FakeLogprobsExtension)
+    monkeypatch.setattr(_cuda_ext, "stream", lambda tensor: 0)
+    wide = (3 * torch.randn(6, 45)).to(dtype)
+    targets = torch.tensor([0, 44, 7, 3, 19, 40])
+    opts = StatsOptions(1 / 0.8, 5.0, need_entropy=True, need_sum=True, scratch_bytes=1 << 20)
+    upstream = torch.randn(4, 6)
+    results = {}
+    for backend in ("torch", "cuda"):
+        leaf = wide.clone().requires_grad_()
+        # A strided column slice, or for the in-place backward a fresh buffer it may overwrite.
+        logits = leaf[:, 2:43] * 1 if inplace else leaf[:, 2:43]
+        use = StatsOptions(**{**opts.__dict__, "grad_into_logits": inplace and backend == "cuda"})
+        outputs = LogitsStats.apply(logits, targets.clamp_max(40), backend, use)
+        sum(o.mul(u).sum() for o, u in zip(outputs, upstream, strict=True)).backward()
+        results[backend] = ([o.detach() for o in outputs], leaf.grad)
+    for got, expected in zip(results["cuda"][0], results["torch"][0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    torch.testing.assert_close(results["cuda"][1], results["torch"][1], **tolerance)
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
