@@ -1,0 +1,126 @@
+"""Supervised fine-tuning (and pre-training: SFT on ``text`` with packing) on ``transformers.Trainer``.
+
+The loss is :func:`fastalign.linear_cross_entropy` on the backbone's hidden states and the lm_head weight, so
+the ``[tokens, vocab]`` logits never exist; everything else (optimiser, schedule, logging, checkpoints in
+safetensors, resume) is ``transformers.Trainer``'s. Constructor keywords and config fields follow TRL 1.x.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, Trainer
+
+from fastalign.data import SFTCollator, pack_sequences, require_format, tokenize_dataset
+from fastalign.models import CausalLMAdapter, load_causal_lm, shift_labels
+from fastalign.trainers.configs import SFTConfig
+
+# Columns the collator reads; Trainer drops every other column unless told which to keep.
+_SFT_COLUMNS = ["input_ids", "completion_mask", "labels", "position_ids"]
+
+
+def prepare_sft_dataset(dataset: datasets.Dataset, tokenizer: Any, args: SFTConfig) -> datasets.Dataset:
+    """Tokenise (unless ``input_ids`` are already there) and, with ``args.packing``, pack into ``max_length`` rows.
+
+    Raises ``ValueError`` naming the missing columns when the dataset is in no SFT format.
+    """
+    if "input_ids" in dataset.column_names:
+        return dataset
+    if args.dataset_text_field != "text" and args.dataset_text_field in dataset.column_names:
+        dataset = dataset.rename_column(args.dataset_text_field, "text")
+    require_format(dataset, "sft")
+    completion_only = True if args.completion_only_loss is None else args.completion_only_loss
+    tokenized = tokenize_dataset(
+        dataset, tokenizer, "sft", num_proc=args.dataset_num_proc,
+        max_length=None if args.packing else args.max_length, completion_only_loss=completion_only,
+    )  # fmt: skip
+    if not args.packing:
+        return tokenized
+    if args.max_length is None:
+        raise ValueError("packing=True needs max_length (the packed rows' length)")
+    return datasets.Dataset.from_list(pack_sequences(tokenized, args.max_length))
+
+
+class SFTTrainer(Trainer):
+    """SFT with fastalign's fused cross-entropy (TRL's ``SFTTrainer`` keywords).
+
+    Args:
+        model: a causal LM, or its name/path (loaded with :func:`fastalign.models.load_causal_lm`).
+        args: :class:`SFTConfig` (default: ``output_dir="fastalign-sft"``).
+        train_dataset / eval_dataset: ``datasets.Dataset`` in a TRL SFT format (``text``, ``messages``,
+            ``prompt`` + ``completion``) or already tokenised (``input_ids`` [+ ``completion_mask``]).
+        processing_class: the tokenizer (default: loaded from the model's name).
+        peft_config: a ``peft`` config: the model is wrapped with ``peft.get_peft_model``.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        args: SFTConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ):
+        args = args if args is not None else SFTConfig(output_dir="fastalign-sft")
+        if isinstance(model, str):
+            model = load_causal_lm(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if args.eos_token is not None:
+            processing_class.eos_token = args.eos_token
+        if args.pad_token is not None:
+            processing_class.pad_token = args.pad_token
+        elif processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if train_dataset is not None:
+            train_dataset = prepare_sft_dataset(train_dataset, processing_class, args)
+        if eval_dataset is not None:
+            eval_dataset = prepare_sft_dataset(eval_dataset, processing_class, args)
+        if data_collator is None:
+            data_collator = SFTCollator(processing_class.pad_token_id, padding_free=args.padding_free)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+        )  # fmt: skip
+        self._adapters: dict[int, CausalLMAdapter] = {}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = _SFT_COLUMNS
+
+    def _adapter(self, model: nn.Module) -> CausalLMAdapter:
+        key = id(model)
+        if key not in self._adapters:
+            self._adapters[key] = CausalLMAdapter(model)
+        return self._adapters[key]
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean next-token cross-entropy over the label tokens of the whole (gradient-accumulated) batch.
+
+        ``num_items_in_batch`` (counted by ``Trainer`` over every micro-batch of the optimiser step) makes the
+        loss a token mean over the step rather than a mean of micro-batch means, as transformers' own loss does.
+        """
+        targets = shift_labels(inputs["labels"])
+        loss_sum = self._adapter(model).cross_entropy_loss(
+            inputs["input_ids"], inputs.get("attention_mask"), targets, position_ids=inputs.get("position_ids"),
+            reduction="sum", backend=self.args.backend,
+        )  # fmt: skip
+        tokens = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = loss_sum / torch.as_tensor(tokens, device=loss_sum.device).clamp_min(1)
+        return (loss, {}) if return_outputs else loss
