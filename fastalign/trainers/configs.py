@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -57,7 +58,8 @@ class FastalignTrainingConfig(TrainingArguments):
         default=True, metadata={"help": "Recompute activations in the backward to save memory."}
     )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bfloat16 mixed precision; default: on unless fp16 is set (as TRL)."}
+        default=None,
+        metadata={"help": "bfloat16 mixed precision; default: on when the GPU supports it and fp16 is not set."},
     )
     backend: str = field(
         default="auto",
@@ -65,7 +67,10 @@ class FastalignTrainingConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if self.bf16 is None:
+            # TRL turns bf16 on whenever fp16 is off; on a machine without a bf16 GPU transformers then refuses to
+            # start (unless use_cpu), so the default also asks for the hardware.
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
 
 
