@@ -94,3 +94,26 @@ def test_wrong_columns_name_what_is_missing(tmp_path):
         trainer(tmp_path, rows=[{"prompt": "add one to two ."}])
     with pytest.raises(ValueError, match="text"):
         trainer(tmp_path, rows=[{"body": "two plus two"}])
+
+
+def test_lora_training_updates_only_the_adapters(tmp_path):
+    from peft import LoraConfig
+
+    dataset = datasets.Dataset.from_list(addition_rows())
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    sft = SFTTrainer(tiny_causal_lm(), args=config(tmp_path, max_steps=3, learning_rate=1e-2), train_dataset=dataset,
+                     processing_class=word_tokenizer(), peft_config=lora)  # fmt: skip
+    before = {name: p.detach().clone() for name, p in sft.model.named_parameters()}
+    sft.train()
+    changed = {name for name, p in sft.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed), changed
+
+
+def test_packed_rows_go_padding_free_with_flash_attention(tmp_path, monkeypatch):
+    text = [{"text": " ".join(row.values())} for row in addition_rows()]
+    model = tiny_causal_lm()
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    sft = SFTTrainer(model, args=config(tmp_path, packing=True, max_length=40), processing_class=word_tokenizer(),
+                     train_dataset=datasets.Dataset.from_list(text))  # fmt: skip
+    assert sft.data_collator.padding_free
+    assert not trainer(tmp_path, rows=text, packing=True, max_length=40).data_collator.padding_free  # sdpa

@@ -44,6 +44,11 @@ def prepare_sft_dataset(dataset: datasets.Dataset, tokenizer: Any, args: SFTConf
     return datasets.Dataset.from_list(pack_sequences(tokenized, args.max_length))
 
 
+def _uses_flash_attention(model: nn.Module) -> bool:
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return implementation.startswith("flash_attention")
+
+
 class SFTTrainer(Trainer):
     """SFT with fastalign's fused cross-entropy (TRL's ``SFTTrainer`` keywords).
 
@@ -87,7 +92,9 @@ class SFTTrainer(Trainer):
         if eval_dataset is not None:
             eval_dataset = prepare_sft_dataset(eval_dataset, processing_class, args)
         if data_collator is None:
-            data_collator = SFTCollator(processing_class.pad_token_id, padding_free=args.padding_free)
+            # Packed rows go padding-free whenever the attention can separate documents by position_ids.
+            padding_free = args.padding_free or (args.packing and _uses_flash_attention(model))
+            data_collator = SFTCollator(processing_class.pad_token_id, padding_free=padding_free)
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
