@@ -1,6 +1,19 @@
 """Thin trainers over the fused ops, on ``transformers.Trainer``, with TRL 1.x's names and defaults."""
 
-from fastalign.trainers.configs import ModelConfig, ScriptArguments, SFTConfig
+from fastalign.trainers.configs import DPOConfig, ModelConfig, RewardConfig, ScriptArguments, SFTConfig
+from fastalign.trainers.dpo import DPOTrainer, prepare_dpo_dataset
+from fastalign.trainers.reward import RewardTrainer
 from fastalign.trainers.sft import SFTTrainer, prepare_sft_dataset
 
-__all__ = ["ModelConfig", "SFTConfig", "SFTTrainer", "ScriptArguments", "prepare_sft_dataset"]
+__all__ = [
+    "DPOConfig",
+    "DPOTrainer",
+    "ModelConfig",
+    "RewardConfig",
+    "RewardTrainer",
+    "SFTConfig",
+    "SFTTrainer",
+    "ScriptArguments",
+    "prepare_dpo_dataset",
+    "prepare_sft_dataset",
+]

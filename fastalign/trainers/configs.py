@@ -94,3 +94,175 @@ class SFTConfig(FastalignTrainingConfig):
     eos_token: str | None = field(default=None, metadata={"help": "End-of-sequence token (default: tokenizer's)."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: tokenizer's)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenising the dataset."})
+
+
+@dataclass
+class RewardConfig(FastalignTrainingConfig):
+    """Bradley-Terry reward modelling on preference pairs (TRL's ``RewardConfig``)."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenising the dataset."})
+    eos_token: str | None = field(default=None, metadata={"help": "End-of-sequence token (default: tokenizer's)."})
+    pad_token: str | None = field(
+        default=None, metadata={"help": "Padding token (default: the tokenizer's, else its EOS token)."}
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Pairs whose chosen or rejected sequence is longer are dropped (as TRL); None keeps all."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad every batch's length up to a multiple of this."}
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={"help": "Weight of mean((r_chosen + r_rejected)^2), keeping rewards centred (0.01 recommended)."},
+    )
+
+
+# TRL 1.x DPO loss types fastalign does not implement, with what to use instead.
+_UNSUPPORTED_DPO_LOSSES = {
+    "aot": "AOT sorts the batch's log-ratios; fastalign has no fused version of it",
+    "aot_unpaired": "AOT sorts the batch's log-ratios; fastalign has no fused version of it",
+}
+
+
+@dataclass
+class DPOConfig(FastalignTrainingConfig):
+    """Direct preference optimisation (TRL's ``DPOConfig``: same field names and defaults).
+
+    TRL options that fastalign does not implement are accepted at their defaults and refused, when this config
+    is built, at any other value: ``ld_alpha``, ``f_divergence_type`` other than ``"reverse_kl"``,
+    ``use_weighting``, ``sync_ref_model``, ``activation_offloading``, ``router_aux_loss_coef`` (other than None or
+    0), ``truncation_mode="keep_end"`` and the ``aot`` / ``aot_unpaired`` loss types.
+    """
+
+    _VALID_DICT_FIELDS = (*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs")  # JSON strings from the CLI
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    # Parameters that control the model
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained when the model is given as a name or path."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE load-balancing loss coefficient; not implemented by fastalign (None or 0 only)."},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Disable dropout in the model and the reference model."}
+    )
+    # Parameters that control the data preprocessing
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenising the dataset."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Tokens per prompt + completion sequence; longer ones keep their first max_length tokens "
+            "(pairs whose prompt alone fills max_length are dropped). None: no truncation."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Only 'keep_start' (TRL's only supported value).", "choices": ["keep_end", "keep_start"]},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Unavailable in TRL 1.x's DPO as in fastalign: True warns and pads (as TRL)."},
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad sequences to a multiple of this; 'auto': no padding multiple."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference log-probs once over the dataset before training (no ref model kept)."},
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of that pass; default: per_device_train/eval_batch_size."},
+    )
+    # Parameters that control the training
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "Loss type(s): 'sigmoid', 'hinge', 'ipo', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', "
+            "'sppo_hard', 'apo_zero', 'apo_down', 'discopop', 'sft', 'sigmoid_norm'; several are summed with "
+            "loss_weights."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss type (default: 1.0 each)."}
+    )
+    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO alpha; not implemented (None only)."})
+    f_divergence_type: str = field(
+        default="reverse_kl", metadata={"help": "f-DPO divergence; fastalign implements 'reverse_kl' only."}
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "alpha of the alpha-divergence (unused: only reverse_kl is implemented)."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Label smoothing: flip probability of 'robust' in [0, 0.5), EXO's epsilon in (0, 1), and "
+            "(fastalign, as TRL < 1.0) conservative DPO for 'sigmoid' in [0, 0.5]."
+        },
+    )
+    beta: float = field(default=0.1, metadata={"help": "Deviation from the reference model (IPO's tau)."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO weighting; not implemented (False only)."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP's tau."})
+    activation_offloading: bool = field(
+        default=False, metadata={"help": "Offload activations to the CPU; not implemented (False only)."}
+    )
+    sync_ref_model: bool = field(
+        default=False, metadata={"help": "TR-DPO reference syncing; not implemented (False only)."}
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO alpha (needs sync_ref_model)."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO tau (needs sync_ref_model)."})
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: tokenizer's, else EOS)."})
+
+    def __post_init__(self):
+        from fastalign.ops.preference import check_dpo_options
+
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ValueError(
+                    f"loss_weights must have one weight per loss type: got {len(self.loss_weights)} weights for "
+                    f"{len(self.loss_type)} loss types {self.loss_type}"
+                )
+        for name in self.loss_type:
+            if name in _UNSUPPORTED_DPO_LOSSES:
+                raise ValueError(f"loss_type {name!r} is not implemented by fastalign: {_UNSUPPORTED_DPO_LOSSES[name]}")
+        unsupported = {
+            "ld_alpha": (self.ld_alpha is not None, "LD-DPO length desensitisation"),
+            "f_divergence_type": (self.f_divergence_type != "reverse_kl", "f-DPO divergences other than reverse_kl"),
+            "use_weighting": (self.use_weighting, "WPO weighting"),
+            "sync_ref_model": (self.sync_ref_model, "TR-DPO reference syncing"),
+            "activation_offloading": (self.activation_offloading, "activation offloading"),
+            "router_aux_loss_coef": (bool(self.router_aux_loss_coef), "the MoE load-balancing loss"),
+            "truncation_mode": (self.truncation_mode != "keep_start", "truncation_mode='keep_end' (deprecated in TRL)"),
+        }
+        for name, (is_set, what) in unsupported.items():
+            if is_set:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: fastalign's DPOTrainer does not implement {what}; leave "
+                    f"{name} at its default"
+                )
+        dpo_types = [name for name in self.loss_type if name != "sft"]
+        weights = self.loss_weights or [1.0] * len(self.loss_type)
+        dpo_weights = [w for name, w in zip(self.loss_type, weights, strict=True) if name != "sft"]
+        if dpo_types:  # validates the names, beta, discopop_tau and label_smoothing's range per type
+            check_dpo_options(dpo_types, self.beta, self.label_smoothing, self.discopop_tau, dpo_weights)
+        elif not self.loss_type:
+            raise ValueError("loss_type must name at least one loss")
+        elif self.label_smoothing != 0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} would be ignored by loss_type {self.loss_type}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1 or None, got {self.max_length}")
+        super().__post_init__()
+        if isinstance(self.pad_to_multiple_of, str):  # the CLI passes it as a string
+            value = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = None if value in ("auto", "none", "null") else int(value)
