@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from fastalign.trainers.configs import ModelConfig, ScriptArguments, SFTConfig
+from fastalign.trainers.configs import ModelConfig, RewardConfig, ScriptArguments, SFTConfig
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -119,12 +119,32 @@ def run_pretrain(script: ScriptArguments, model_args: ModelConfig, config: SFTCo
     run_sft(script, model_args, config, from_scratch_ok=True)
 
 
+def run_reward(script: ScriptArguments, model_args: ModelConfig, config: RewardConfig):
+    from fastalign.models import load_reward_model
+    from fastalign.trainers import RewardTrainer
+
+    train, evaluate = _datasets(script, config)
+    tokenizer = _load_tokenizer(model_args)
+    model = load_reward_model(
+        model_args.model_name_or_path, dtype=_torch_dtype(model_args.dtype),
+        attn_implementation=model_args.attn_implementation, revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )  # fmt: skip
+    trainer = RewardTrainer(
+        model, args=config, train_dataset=train, eval_dataset=evaluate, processing_class=tokenizer,
+        peft_config=_peft_config(model_args, "SEQ_CLS"),
+    )  # fmt: skip
+    _train(trainer, config)
+
+
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "pre-train a causal LM on `text` data with packing (from a config-only folder: from scratch)",
         SFTConfig, run_pretrain, {"packing": True, "completion_only_loss": False},
     ),
     "sft": Command("supervised fine-tuning on text, messages or prompt-completion data", SFTConfig, run_sft, {}),
+    "reward": Command("a Bradley-Terry reward model on preference pairs (prompt, chosen, rejected)", RewardConfig,
+                      run_reward, {}),
 }  # fmt: skip
 
 

@@ -78,3 +78,21 @@ def test_help_lists_the_commands_and_the_fields():
                          check=True)  # fmt: skip
     for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--max_steps", "--packing", "--config"):
         assert flag in sub.stdout
+
+
+def test_reward_model_from_the_command_line(workspace):
+    from transformers import LlamaForSequenceClassification
+
+    tmp_path, config = workspace
+    model_dir = tmp_path / "reward-init"
+    base = tiny_causal_lm()
+    LlamaForSequenceClassification(base.config.__class__(**{**base.config.to_dict(), "num_labels": 1})).save_pretrained(
+        model_dir
+    )
+    word_tokenizer().save_pretrained(model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
+    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    main(["reward", "--config", str(config), "--model_name_or_path", str(model_dir), "--dataset_name", str(pairs),
+          "--output_dir", str(tmp_path / "rm")])  # fmt: skip
+    assert (tmp_path / "rm" / "model.safetensors").exists()
