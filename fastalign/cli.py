@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from fastalign.trainers.configs import ModelConfig, RewardConfig, ScriptArguments, SFTConfig
+from fastalign.trainers.configs import DPOConfig, ModelConfig, RewardConfig, ScriptArguments, SFTConfig
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -137,6 +137,19 @@ def run_reward(script: ScriptArguments, model_args: ModelConfig, config: RewardC
     _train(trainer, config)
 
 
+def run_dpo(script: ScriptArguments, model_args: ModelConfig, config: DPOConfig):
+    from fastalign.trainers import DPOTrainer
+
+    train, evaluate = _datasets(script, config)
+    # No ref_model: DPOTrainer uses the LoRA base with adapters disabled (--use_peft), precomputed reference
+    # log-probs (--precompute_ref_log_probs), or a frozen copy of the starting policy.
+    trainer = DPOTrainer(
+        _load_policy(model_args, from_scratch_ok=False), args=config, train_dataset=train, eval_dataset=evaluate,
+        processing_class=_load_tokenizer(model_args), peft_config=_peft_config(model_args, "CAUSAL_LM"),
+    )  # fmt: skip
+    _train(trainer, config)
+
+
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "pre-train a causal LM on `text` data with packing (from a config-only folder: from scratch)",
@@ -145,6 +158,7 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("supervised fine-tuning on text, messages or prompt-completion data", SFTConfig, run_sft, {}),
     "reward": Command("a Bradley-Terry reward model on preference pairs (prompt, chosen, rejected)", RewardConfig,
                       run_reward, {}),
+    "dpo": Command("direct preference optimisation (every DPO loss_type) on preference pairs", DPOConfig, run_dpo, {}),
 }  # fmt: skip
 
 

@@ -73,7 +73,8 @@ def test_unknown_yaml_fields_and_missing_model_are_errors(workspace, tmp_path):
 
 def test_help_lists_the_commands_and_the_fields():
     top = subprocess.run([sys.executable, "-m", "fastalign", "--help"], capture_output=True, text=True, check=True)
-    assert "pretrain" in top.stdout and "sft" in top.stdout and "--model_name_or_path" in top.stdout
+    for command in ("pretrain", "sft", "reward", "dpo", "--model_name_or_path"):
+        assert command in top.stdout
     sub = subprocess.run([sys.executable, "-m", "fastalign", "sft", "--help"], capture_output=True, text=True,
                          check=True)  # fmt: skip
     for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--max_steps", "--packing", "--config"):
@@ -96,3 +97,15 @@ def test_reward_model_from_the_command_line(workspace):
     main(["reward", "--config", str(config), "--model_name_or_path", str(model_dir), "--dataset_name", str(pairs),
           "--output_dir", str(tmp_path / "rm")])  # fmt: skip
     assert (tmp_path / "rm" / "model.safetensors").exists()
+
+
+def test_dpo_from_the_command_line(workspace):
+    tmp_path, config = workspace
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
+    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    main(["dpo", "--config", str(config), "--dataset_name", str(pairs), "--output_dir", str(tmp_path / "dpo"),
+          "--loss_type", "sigmoid", "hinge", "--loss_weights", "1.0", "0.5", "--beta", "0.2"])  # fmt: skip
+    assert (tmp_path / "dpo" / "model.safetensors").exists()
+    _, _, dpo = parse("dpo", ["--config", str(config), "--loss_type", "ipo"])
+    assert dpo.loss_type == ["ipo"] and dpo.beta == 0.1

@@ -145,7 +145,6 @@ class DPOConfig(FastalignTrainingConfig):
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained when the model is given as a name or path."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "MoE load-balancing loss coefficient; not implemented by fastalign (None or 0 only)."},

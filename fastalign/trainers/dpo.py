@@ -168,8 +168,8 @@ class DPOTrainer(Trainer):
         args = args if args is not None else DPOConfig(output_dir="fastalign-dpo")
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}")
+        # trust_remote_code lives in ModelConfig (the command line's flag); pass it here through model_init_kwargs.
         init_kwargs = dict(args.model_init_kwargs or {})
-        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         if isinstance(model, str):
             model = load_causal_lm(model, **init_kwargs)
         if isinstance(ref_model, str):
