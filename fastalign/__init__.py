@@ -24,7 +24,21 @@ from fastalign.ops import (
 
 __version__ = "0.1.0"
 
+# The trainers pull in transformers.Trainer, accelerate and datasets: imported on first use, so that
+# `import fastalign` for the ops stays light.
+_TRAINER_NAMES = ("DPOConfig", "DPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from fastalign import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
+
+
 __all__ = [
+    *_TRAINER_NAMES,
     "BackendStatus",
     "BackendUnavailableError",
     "__version__",

@@ -117,3 +117,16 @@ def test_packed_rows_go_padding_free_with_flash_attention(tmp_path, monkeypatch)
                      train_dataset=datasets.Dataset.from_list(text))  # fmt: skip
     assert sft.data_collator.padding_free
     assert not trainer(tmp_path, rows=text, packing=True, max_length=40).data_collator.padding_free  # sdpa
+
+
+def test_trainers_are_top_level_names_loaded_on_first_use():
+    import subprocess
+    import sys
+
+    probe = "import sys, fastalign; print('transformers.trainer' in sys.modules); print(fastalign.SFTTrainer.__name__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "SFTTrainer"]
+    import fastalign
+    from fastalign.trainers import DPOConfig, RewardTrainer
+
+    assert fastalign.DPOConfig is DPOConfig and fastalign.RewardTrainer is RewardTrainer
