@@ -5,6 +5,7 @@ Examples:
     python -m bench                      # the CPU preset (or the GPU preset on a CUDA machine)
     python -m bench --preset gpu-small   # a quick GPU run
     python -m bench --demo               # the quick CPU run behind `make demo`
+    python -m bench train-step --help    # the training-step benchmark (bench/train_step.py)
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["train-step"]:  # the training-step benchmark
+        from bench.train_step import main as train_step_main
+
+        train_step_main((sys.argv[1:] if argv is None else argv)[1:])
+        return
     args = parse_args(sys.argv[1:] if argv is None else argv)
     preset = PRESETS[args.preset]
     repeats = args.repeats or preset.repeats

@@ -1,0 +1,649 @@
+"""``python -m bench.train_step`` (or ``python -m bench train-step``): time and peak memory of one SFT or DPO training
+step on a Qwen2.5-0.5B-shaped random-init model: fastalign's trainers, the same step with eager losses (full
+logits), and TRL's trainers when installed.
+
+Examples:
+    python -m bench.train_step                                  # preset cpu (gpu on a CUDA machine)
+    python -m bench.train_step --preset gpu --batch-size 8      # the H100 targets, 8 rows (SFT) / 8 pairs (DPO)
+    python -m bench.train_step --preset tiny --out /tmp/bench   # toy model and sequence: seconds
+    python -m bench.train_step --stages sft --impls fastalign eager
+
+A step is ``zero_grad``, the loss forward, backward and ``AdamW.step``. Each case (stage x implementation)
+starts from the same seeded random-init model and batch. Before the measured step a short warm-up step (16
+tokens per row; plus one full-size step on CUDA, for kernel autotuning) allocates the optimizer state, so the
+memory figures are the step's own: its peak above the model and the optimizer state, with the parameter
+gradients (the same for every implementation) included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import dataclasses
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.measure import _memory_status, _reset_peak_rss
+from bench.report import device_slug, environment
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ("sft", "dpo")
+IMPLS = ("fastalign", "eager", "trl")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DPO_BETA = 0.1
+WARMUP_TOKENS = 16  # tokens per row of the warm-up step that allocates the optimizer state
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A Qwen2 causal LM's shape (tied embeddings, random init)."""
+
+    name: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 1e6
+
+
+QWEN2_5_0_5B = ModelShape("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936)
+TOY = ModelShape("toy Qwen2", 32, 2, 4, 2, 64, 512)
+MODELS = {shape.name: shape for shape in (QWEN2_5_0_5B, TOY)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    description: str
+    device: str
+    dtype: str
+    model: ModelShape
+    seq_len: int
+    batch_size: int  # SFT rows; DPO pairs (2 rows each)
+    steps: int  # timed steps after the memory step (0: the memory step's time is the time)
+    isolate: bool  # each case in a fresh process (clean peak RSS, no state shared between cases)
+
+
+PRESETS = {
+    "cpu": Preset("Qwen2.5-0.5B shape at 2048 tokens on CPU", "cpu", "float32", QWEN2_5_0_5B, 2048, 1, 0, True),
+    "gpu": Preset("the H100 targets: Qwen2.5-0.5B shape at 2048 tokens", "cuda", "bfloat16", QWEN2_5_0_5B, 2048, 4,
+                  10, True),
+    "tiny": Preset("toy model and sequence, for tests", "cpu", "float32", TOY, 32, 1, 3, False),
+}  # fmt: skip
+
+COLUMNS = [
+    "stage", "impl", "rows", "seq_len", "tokens", "time_s", "tokens_per_s", "vs_eager", "vs_trl", "state_mib",
+    "peak_extra_mib", "peak_mib", "mem_vs_eager", "mem_vs_trl", "loss", "timed_steps", "error",
+]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    stage: str
+    impl: str
+    device: str
+    dtype: str
+    model: str  # a key of MODELS
+    seq_len: int
+    batch_size: int
+    steps: int
+    gradient_checkpointing: bool
+    ref_chosen_logps: tuple[float, ...] = ()  # [batch_size] precomputed reference log-probs (DPO)
+    ref_rejected_logps: tuple[float, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * (2 if self.stage == "dpo" else 1)
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+
+
+def build_model(shape: ModelShape, dtype: str, device: str, gradient_checkpointing: bool, seed: int = 0):
+    """The random-init Qwen2 model of ``shape`` (seeded: every case gets the same weights), in train mode."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from fastalign.models import select_attention_implementation
+
+    config = Qwen2Config(
+        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+        intermediate_size=shape.intermediate_size, rope_theta=shape.rope_theta, max_position_embeddings=32768,
+        tie_word_embeddings=True, use_cache=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=select_attention_implementation(), dtype=DTYPES[dtype]
+        )
+    if gradient_checkpointing:  # newer transformers call it activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def build_tokenizer():
+    """A word-level tokenizer: the trainers want a ``processing_class``; the benchmark's batches are token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", "one", "two", "three", "four"]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_batch(
+    stage: str, vocab_size: int, seq_len: int, batch_size: int, device: str, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random token ids, the first quarter of each row a prompt (``-100`` labels).
+
+    SFT: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``. DPO: ``B`` pairs as ``2B`` rows, chosen rows
+    first, the prompt shared by a pair: ``input_ids``, ``attention_mask``, ``completion_mask``, ``labels``
+    ``[2B, T]`` (what :class:`fastalign.data.PreferenceCollator` makes).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prompt = seq_len // 4
+    if stage == "sft":
+        ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = IGNORE_INDEX
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    else:
+        prompts = torch.randint(0, vocab_size, (batch_size, prompt), generator=gen).repeat(2, 1)
+        completions = torch.randint(0, vocab_size, (2 * batch_size, seq_len - prompt), generator=gen)
+        ids = torch.cat([prompts, completions], dim=1)
+        completion_mask = torch.zeros_like(ids)
+        completion_mask[:, prompt:] = 1
+        labels = ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask,
+                 "labels": labels}  # fmt: skip
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def with_reference(batch: dict[str, torch.Tensor], chosen, rejected) -> dict[str, torch.Tensor]:
+    """``batch`` plus precomputed reference log-probs ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]``."""
+    device = batch["input_ids"].device
+    return {
+        **batch,
+        "ref_chosen_logps": torch.as_tensor(chosen, dtype=torch.float32, device=device),
+        "ref_rejected_logps": torch.as_tensor(rejected, dtype=torch.float32, device=device),
+    }
+
+
+def reference_logps(case: Case) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Summed completion log-probs of the DPO batch under the frozen reference (the model at initialisation, as
+    TRL's and fastalign's ``precompute_ref_log_probs`` compute them before training)."""
+    from fastalign.models import CausalLMAdapter, shift_labels
+
+    shape = MODELS[case.model]
+    model = build_model(shape, case.dtype, case.device, gradient_checkpointing=False).eval()
+    batch = make_batch("dpo", shape.vocab_size, case.seq_len, case.batch_size, case.device)
+    with torch.no_grad():
+        logps = CausalLMAdapter(model).token_logprobs(
+            batch["input_ids"], batch["attention_mask"], shift_labels(batch["labels"])
+        )
+    sums = logps.sum(-1).double().cpu().tolist()
+    del model, logps
+    if case.device == "cuda":
+        torch.cuda.empty_cache()
+    return tuple(sums[: case.batch_size]), tuple(sums[case.batch_size :])
+
+
+# ------------------------------------------------------------------------------------------------------- losses
+
+
+def trl_status() -> str | None:
+    """``None`` when TRL's trainers import, else why not."""
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install trl)"
+    try:
+        from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
+    except Exception as error:  # any import-time failure: a missing dependency, an incompatible transformers
+        return f"trl does not import: {type(error).__name__}: {error}"
+    return None
+
+
+def _eager_sft_loss(model) -> Callable[[dict], torch.Tensor]:
+    """Full logits, float32 cross-entropy over the label tokens; the token mean of fastalign's SFTTrainer."""
+    from fastalign.models import shift_labels
+
+    def loss(batch: dict) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = shift_labels(batch["labels"])
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+    return loss
+
+
+def _eager_dpo_loss(model) -> Callable[[dict], torch.Tensor]:
+    """Full logits, float32 log_softmax, gathered and summed over the completion; sigmoid DPO, mean over pairs."""
+    from fastalign.models import shift_labels
+
+    def loss(batch: dict) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = shift_labels(batch["labels"])
+        mask = targets != IGNORE_INDEX
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1))
+        logps = (token_logps.squeeze(-1) * mask).sum(-1)
+        pairs = logps.shape[0] // 2
+        chosen = logps[:pairs] - batch["ref_chosen_logps"]
+        rejected = logps[pairs:] - batch["ref_rejected_logps"]
+        return -F.logsigmoid(DPO_BETA * (chosen - rejected)).mean()
+
+    return loss
+
+
+def _common_args(device: str, workdir: str) -> dict:
+    # Checkpointing is set on the model (the same for every implementation): the configs' flag only acts in train().
+    return {"output_dir": workdir, "report_to": "none", "use_cpu": device == "cpu", "bf16": False,
+            "save_strategy": "no", "disable_tqdm": True}  # fmt: skip
+
+
+def make_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torch.Tensor], tuple[str, ...]]:
+    """``(loss(batch) -> scalar, keys of the batch it reads)`` for one case.
+
+    ``fastalign`` and ``trl``: the trainer's own ``compute_loss`` on a trainer built around ``model`` (TRL's
+    trainers patch the model's forward with their chunked LM head, so each case gets its own model).
+    """
+    if case.impl == "eager":
+        fn = _eager_sft_loss(model) if case.stage == "sft" else _eager_dpo_loss(model)
+        return fn, ("input_ids", "attention_mask", "labels", "ref_chosen_logps", "ref_rejected_logps")
+    tokenizer = build_tokenizer()
+    common = _common_args(case.device, workdir)
+    if case.impl == "fastalign" and case.stage == "sft":
+        from fastalign.trainers import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(model, args=SFTConfig(**common), processing_class=tokenizer)
+        keys = ("input_ids", "attention_mask", "labels")
+    elif case.impl == "fastalign":
+        from fastalign.trainers.configs import DPOConfig
+        from fastalign.trainers.dpo import DPOTrainer
+
+        args = DPOConfig(**common, beta=DPO_BETA, precompute_ref_log_probs=True)
+        trainer = DPOTrainer(model, args=args, processing_class=tokenizer)
+        keys = ("input_ids", "attention_mask", "completion_mask", "labels", "ref_chosen_logps", "ref_rejected_logps")
+    elif case.stage == "sft":
+        import datasets
+        from trl import SFTConfig, SFTTrainer
+
+        train = datasets.Dataset.from_dict({"text": ["one two three four"]})
+        trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer)
+        keys = ("input_ids", "attention_mask", "labels")
+    else:
+        import datasets
+        from trl import DPOConfig, DPOTrainer
+
+        # A one-pair dataset: TRL requires one; its reference pass over it is what frees the step of a ref model.
+        train = datasets.Dataset.from_dict({"prompt": ["one two"], "chosen": [" three"], "rejected": [" four"]})
+        args = DPOConfig(**common, beta=DPO_BETA, precompute_ref_log_probs=True)
+        trainer = DPOTrainer(model, args=args, train_dataset=train, processing_class=tokenizer)
+        # TRL passes every key but completion_mask and the reference log-probs to the model: no labels.
+        keys = ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+    model.train()
+
+    def loss(batch: dict) -> torch.Tensor:
+        return trainer.compute_loss(model, dict(batch))  # a copy: TRL's compute_loss adds keys to its inputs
+
+    return loss, keys
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _memory_before(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    _malloc_trim()
+    _reset_peak_rss()
+    return _memory_status("VmRSS")
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the warm-up's freed gradients do not stay in the RSS the
+    measured step is compared with (the step would then reuse them unseen)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _memory_peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _memory_status("VmHWM")
+
+
+def build_case(case: Case, workdir: str):
+    """``(model, optimizer, loss(batch), batch, warm-up batch)`` of one case, each batch holding the keys its
+    implementation reads."""
+    shape = MODELS[case.model]
+    model = build_model(shape, case.dtype, case.device, case.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    loss, keys = make_loss(case, model, workdir)
+
+    def batch_of(seq_len: int) -> dict[str, torch.Tensor]:
+        batch = make_batch(case.stage, shape.vocab_size, seq_len, case.batch_size, case.device)
+        if case.stage == "dpo":
+            chosen = case.ref_chosen_logps or (0.0,) * case.batch_size
+            rejected = case.ref_rejected_logps or (0.0,) * case.batch_size
+            batch = with_reference(batch, chosen, rejected)
+        return {key: value for key, value in batch.items() if key in keys}
+
+    return model, optimizer, loss, batch_of(case.seq_len), batch_of(min(WARMUP_TOKENS, case.seq_len))
+
+
+def _measure_steps(case: Case, workdir: str) -> dict:
+    _model, optimizer, loss_fn, batch, warm = build_case(case, workdir)
+
+    def step(inputs: dict) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(inputs)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    step(warm)  # allocates the AdamW state, pages in the code
+    if case.device == "cuda":
+        step(batch)  # kernel autotuning and cuBLAS workspaces outside the measured step
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    _sync(case.device)
+    before = _memory_before(case.device)
+    start = time.perf_counter()
+    loss = step(batch)
+    _sync(case.device)
+    first = time.perf_counter() - start
+    peak = _memory_peak(case.device)
+    times = []
+    for _ in range(case.steps):
+        start = time.perf_counter()
+        step(batch)
+        _sync(case.device)
+        times.append(time.perf_counter() - start)
+    return {
+        "time_s": statistics.median(times) if times else first,
+        "state_mib": before / 2**20,
+        "peak_extra_mib": max(0, peak - before) / 2**20,
+        "peak_mib": peak / 2**20,
+        "loss": float(loss),
+        "timed_steps": len(times) or 1,
+    }
+
+
+def run_case(case: Case) -> dict:
+    """Measure one case in this process: ``time_s`` (median), ``state_mib``, ``peak_extra_mib``, ``peak_mib``,
+    ``loss`` and ``timed_steps``."""
+    with tempfile.TemporaryDirectory() as workdir:
+        result = _measure_steps(case, workdir)
+    gc.collect()
+    if case.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def measure(case: Case, isolate: bool) -> dict:
+    """:func:`run_case` in a fresh interpreter (``isolate``) or here; errors become an ``error`` entry."""
+    if not isolate:
+        try:
+            return run_case(case)
+        except Exception as error:  # an out-of-memory or a trainer refusing the setup is a result, not a crash
+            return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    command = [sys.executable, "-m", "bench.train_step", "--case", json.dumps(dataclasses.asdict(case))]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=RESULTS.parent.parent)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"error": (lines or [f"exit status {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------ reports
+
+
+def add_derived(rows: list[dict]) -> None:
+    """tokens/s; speed and step memory relative to eager and to TRL on the same stage."""
+    for row in rows:
+        if "time_s" in row:
+            row["tokens_per_s"] = row["tokens"] / row["time_s"]
+    for base_impl, speed, memory in (("eager", "vs_eager", "mem_vs_eager"), ("trl", "vs_trl", "mem_vs_trl")):
+        bases = {r["stage"]: r for r in rows if r["impl"] == base_impl and "time_s" in r}
+        for row in rows:
+            base = bases.get(row["stage"])
+            if base is None or "time_s" not in row:
+                continue
+            row[speed] = base["time_s"] / row["time_s"]
+            row[memory] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+
+
+def check_targets(rows: list[dict]) -> list[tuple[bool | None, str]]:
+    """The issue's H100 targets, fastalign vs TRL per stage: ``(met, text)``, ``met`` None when not measured."""
+    results = []
+    for stage in STAGES:
+        ours = next((r for r in rows if r["stage"] == stage and r["impl"] == "fastalign" and "time_s" in r), None)
+        theirs = next((r for r in rows if r["stage"] == stage and r["impl"] == "trl" and "time_s" in r), None)
+        if ours is None or theirs is None:
+            missing = "fastalign" if ours is None else "trl"
+            results.append((None, f"{stage}: tokens/s >= 1.3x TRL's: not measured ({missing} has no result)"))
+            results.append((None, f"{stage}: step peak memory <= 60% of TRL's: not measured"))
+            continue
+        speed, memory = ours["vs_trl"], ours["mem_vs_trl"]
+        results.append(
+            (
+                speed >= 1.3,
+                f"{stage}: tokens/s >= 1.3x TRL's: {speed:.2f}x "
+                f"({ours['tokens_per_s']:.0f} vs {theirs['tokens_per_s']:.0f} tokens/s)",
+            )
+        )
+        mib = f"{ours['peak_extra_mib']:.0f} vs {theirs['peak_extra_mib']:.0f} MiB"
+        results.append((memory <= 0.6, f"{stage}: step peak memory <= 60% of TRL's: {100 * memory:.0f}% ({mib})"))
+    return results
+
+
+def _format(value: object, column: str) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        if column in ("vs_eager", "vs_trl"):
+            return f"{value:.2f}x"
+        if column in ("mem_vs_eager", "mem_vs_trl"):
+            return f"{100 * value:.1f}%"
+        if column == "loss":
+            return f"{value:.5g}"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    shown = [c for c in COLUMNS if c != "stage" and any(r.get(c) not in (None, "") for r in rows)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_format(row.get(c), c) for c in shown) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], env: dict[str, str], preset_name: str, title: str, command: str, notes: list[str]) -> str:
+    lines = [f"# fastalign training-step benchmark: `{preset_name}` ({title})", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += [f"- command: `{command}`", ""]
+    lines += [
+        "One step: `zero_grad`, the loss forward, backward, `AdamW.step`. `fastalign`: the trainer's own",
+        "`compute_loss` (fastalign.trainers SFTTrainer / DPOTrainer: fused cross-entropy / log-probs on the hidden",
+        "states, no `[tokens, vocab]` logits); `eager`: `model(...).logits` → float32 `cross_entropy` /",
+        "`log_softmax` + gather, the same loss formula; `trl`: TRL's SFTTrainer / DPOTrainer `compute_loss`. DPO:",
+        "sigmoid loss, β = 0.1, 1 pair = 2 rows (chosen, rejected) sharing the prompt, the reference's summed",
+        "log-probs precomputed (`precompute_ref_log_probs`), so the step is the policy's forward and backward.",
+        "Every row's first quarter is prompt (no loss). time_s: median of the timed steps (the measured step's",
+        "own time when timed_steps is 1 on CPU). state_mib: memory before the step (model, AdamW state; on CPU",
+        "the process's RSS, libraries included). peak_extra_mib: the step's peak above that, parameter gradients",
+        "included (the same for every implementation). peak_mib: the total. vs_*: that row's time / this time;",
+        "mem_vs_*: this peak_extra / that row's. CPU: peak RSS in a fresh process per case (`/proc/self/clear_refs`);",
+        "CUDA: `torch.cuda.max_memory_allocated`.",
+        "",
+    ]
+    lines += [f"- {note}" for note in notes]
+    lines += [""] if notes else []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        lines += [f"## {stage}", "", markdown_table([r for r in rows if r["stage"] == stage]), ""]
+    lines += ["## targets", ""]
+    if preset_name == "gpu":
+        lines += ["fastalign vs TRL at the same batch (the issue's H100 targets), judged where both were measured:", ""]
+        for met, text in check_targets(rows):
+            lines.append(f"- [{'x' if met else ' '}] {text}" if met is not None else f"- [-] {text}")
+    elif preset_name == "cpu":
+        lines += ["No speed targets on CPU: the memory figures are the record (the targets are the `gpu` preset's)."]
+    else:
+        lines += [f"`{preset_name}` is informational; the targets are the `gpu` preset's."]
+    return "\n".join(lines) + "\n"
+
+
+def write(
+    rows: list[dict], env: dict[str, str], preset_name: str, title: str, command: str, notes: list[str], out: Path
+) -> Path:
+    """Write ``train_step-<preset>[-<gpu>].{csv,md}``; return the markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_step-{preset_name}" + (f"-{device_slug(env)}" if rows and rows[0]["device"] == "cuda" else "")
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = out / f"{stem}.md"
+    markdown.write_text(render(rows, env, preset_name, title, command, notes))
+    return markdown
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_step",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1] + "\npresets:\n" + "\n".join(
+            f"  {k:5s} {p.description}: {p.model.name}, T={p.seq_len}, batch {p.batch_size}, {p.dtype}, {p.device}, "
+            f"{p.steps} timed steps" for k, p in PRESETS.items()),
+    )  # fmt: skip
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--batch-size", type=int, help="SFT rows / DPO pairs per step (default: the preset's)")
+    parser.add_argument("--seq-len", type=int, help="tokens per row (default: the preset's)")
+    parser.add_argument("--steps", type=int, help="timed steps after the memory step (default: the preset's)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="keep all activations (default: checkpointing, as the trainers' configs)")  # fmt: skip
+    parser.add_argument("--out", type=Path, help=f"output folder (default: {RESULTS})")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
+    args = parser.parse_args(argv)
+    if args.case:
+        return args
+    args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    args.out = args.out or RESULTS
+    if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seq_len is not None and args.seq_len < 4:
+        parser.error("--seq-len must be >= 4 (a prompt and a completion)")
+    if args.steps is not None and args.steps < 0:
+        parser.error("--steps must be >= 0")
+    return args
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("transformers", "trl"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.case:
+        case = json.loads(args.case)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            case[key] = tuple(case[key])
+        print(json.dumps(run_case(Case(**case))))
+        return
+    preset = PRESETS[args.preset]
+    batch_size = args.batch_size or preset.batch_size
+    seq_len = args.seq_len or preset.seq_len
+    steps = preset.steps if args.steps is None else args.steps
+    checkpointing = not args.no_gradient_checkpointing
+    trl_missing = trl_status() if "trl" in args.impls else None
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows = []
+    for stage in args.stages:
+        case = Case(
+            stage, "", preset.device, preset.dtype, preset.model.name, seq_len, batch_size, steps, checkpointing
+        )
+        if stage == "dpo":
+            print("dpo: reference log-probs ...", file=sys.stderr, flush=True)
+            chosen, rejected = reference_logps(case)
+            case = dataclasses.replace(case, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
+        for impl in args.impls:
+            case = dataclasses.replace(case, impl=impl)
+            row = {"stage": stage, "impl": impl, "device": preset.device, "rows": case.rows, "seq_len": seq_len,
+                   "tokens": case.rows * seq_len}  # fmt: skip
+            print(f"{stage} {impl} ...", end=" ", file=sys.stderr, flush=True)
+            if impl == "trl" and trl_missing:
+                result = {"error": f"skipped: {trl_missing}"}
+            else:
+                result = measure(case, preset.isolate)
+            print(result.get("error") or f"{result['time_s']:.3g} s, {result['peak_extra_mib']:.0f} MiB",
+                  file=sys.stderr)  # fmt: skip
+            rows.append({**row, **result})
+    add_derived(rows)
+    env = {**environment(preset.device), **_versions()}
+    shape = preset.model
+    env["model"] = (f"{shape.name}-shaped Qwen2ForCausalLM, random init: hidden {shape.hidden_size}, "
+                    f"{shape.num_hidden_layers} layers, {shape.num_attention_heads} heads / "
+                    f"{shape.num_key_value_heads} KV heads, intermediate {shape.intermediate_size}, vocabulary "
+                    f"{shape.vocab_size}, tied embeddings, {preset.dtype}")  # fmt: skip
+    if load_at_start is not None:  # other work on the machine slows the steps, most on CPU
+        env["load average (1 min) at start / end"] = f"{load_at_start:.2f} / {os.getloadavg()[0]:.2f}"
+    env["gradient checkpointing"] = "on (the trainers' default)" if checkpointing else "off"
+    notes = []
+    if (batch_size, seq_len, steps) != (preset.batch_size, preset.seq_len, preset.steps):
+        notes.append(f"overridden from the preset: batch {batch_size}, sequence length {seq_len}, {steps} timed steps")
+    if preset.device == "cpu" and steps == 0 and preset.model is QWEN2_5_0_5B:
+        notes.append("CPU: one full-size step per case (after the 16-token warm-up): at this shape a step takes "
+                     "minutes on a few cores, so its time is a single measurement, not a median.")  # fmt: skip
+    command = "python -m bench.train_step " + shlex.join(argv)
+    title = preset.description + (", overridden" if notes and notes[0].startswith("overridden") else "")
+    path = write(rows, env, args.preset, title, command.strip(), notes, args.out)
+    print(path.read_text())
+    print(f"written: {path} and {path.with_suffix('.csv')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
