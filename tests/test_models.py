@@ -56,8 +56,32 @@ def _granite_scaled():
     return transformers.GraniteForCausalLM(transformers.GraniteConfig(**SMALL, logits_scaling=4.0))
 
 
+def _mistral():
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=8))
+
+
+def _qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SMALL, head_dim=8))
+
+
+def _phi3():
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL))
+
+
+def _gemma3_softcap():
+    # Gemma 3's text model: the softcap sits in the text config.
+    config = transformers.Gemma3TextConfig(
+        **SMALL, head_dim=8, final_logit_softcapping=5.0, attn_implementation="eager", sliding_window=8
+    )
+    return transformers.Gemma3ForCausalLM(config)
+
+
 MODELS = {
     "llama": _llama,
+    "mistral": _mistral,
+    "qwen3": _qwen3,
+    "phi3": _phi3,
+    "gemma3-softcap": _gemma3_softcap,
     "qwen2-tied": _qwen2_tied,
     "gemma2-softcap": _gemma2_softcap,
     "cohere-scale": _cohere_scaled,
@@ -154,7 +178,9 @@ def test_gradients_match_eager(name):
 
     assert fused.keys() == eager.keys() and len(fused) == len(list(model.parameters()))
     for key in eager:
-        torch.testing.assert_close(fused[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
+        # Normwise (the house rule): gradients reach ~1e2 here, so float32 rounding alone is ~1e-5 absolute.
+        error = (fused[key] - eager[key]).abs().max() / eager[key].abs().max().clamp_min(1e-3)
+        assert error < 1e-5, f"{key}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("name", list(MODELS))
