@@ -260,3 +260,20 @@ def test_config_defaults_follow_trl(tmp_path):
     assert args.loss_type == ["ipo"] and args.learning_rate == 1e-6 and args.beta == 0.1
     assert args.max_length == 1024 and args.truncation_mode == "keep_start" and args.disable_dropout
     assert not args.precompute_ref_log_probs and args.pad_to_multiple_of is None and args.label_smoothing == 0.0
+
+
+def test_conversational_pairs_with_an_implicit_prompt(tmp_path):
+    """Message lists whose shared first turn is the prompt: the prompt is extracted and the pair trains."""
+    rows = [
+        {"chosen": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["chosen"]}],
+         "rejected": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["rejected"]}]}
+        for row in preference_rows()
+    ]  # fmt: skip
+    dpo = trainer(tmp_path, rows=rows, max_steps=2)
+    example = dpo.train_dataset[0]
+    tokenizer = word_tokenizer()
+    prompt_text = tokenizer.apply_chat_template(rows[0]["chosen"][:1], tokenize=False, add_generation_prompt=True)
+    assert example["prompt_ids"] == tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    assert example["chosen_ids"] != example["rejected_ids"]
+    dpo.train()
+    assert any("rewards/accuracies" in entry for entry in dpo.state.log_history)

@@ -130,3 +130,20 @@ def test_trainers_are_top_level_names_loaded_on_first_use():
     from fastalign.trainers import DPOConfig, RewardTrainer
 
     assert fastalign.DPOConfig is DPOConfig and fastalign.RewardTrainer is RewardTrainer
+
+
+def test_conversational_prompt_completion_trains_on_the_assistant_turn(tmp_path):
+    rows = [
+        {"prompt": [{"role": "user", "content": row["prompt"]}],
+         "completion": [{"role": "assistant", "content": row["completion"].strip()}]}
+        for row in addition_rows()
+    ]  # fmt: skip
+    sft = trainer(tmp_path, rows=rows, max_steps=2)
+    tokenizer = word_tokenizer()
+    example = sft.train_dataset[0]
+    prompt_text = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    prompt_tokens = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    assert example["completion_mask"][:prompt_tokens] == [0] * prompt_tokens
+    assert sum(example["completion_mask"]) > 0
+    sft.train()
+    assert losses(sft.state.log_history)
