@@ -35,10 +35,10 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer
 from fastalign.data import IGNORE_INDEX, PreferenceCollator, tokenize_dataset
 from fastalign.models import CausalLMAdapter, load_causal_lm, shift_labels, unwrap_peft
 from fastalign.nn import LinearDPOLoss
+from fastalign.trainers._common import FusedLossTrainerMixin, disable_dropout, prepare_splits, set_pad_token
 from fastalign.trainers.configs import DPOConfig
 
-# Columns the collator reads; Trainer drops every other column unless told which to keep.
-_DPO_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+# The precomputed reference log-probs' columns.
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # TRL's metric names, in the order they are logged.
 METRIC_NAMES = (
@@ -93,12 +93,6 @@ def _is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def _disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
 @contextlib.contextmanager
 def _no_activation_checkpointing(model: nn.Module) -> Iterator[None]:
     """Turn gradient checkpointing off for a forward without gradient (it would only recompute for nothing)."""
@@ -129,7 +123,7 @@ def _dpo_loss_module(args: DPOConfig, adapter: CausalLMAdapter) -> LinearDPOLoss
     )  # fmt: skip
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(FusedLossTrainerMixin, Trainer):
     """DPO and its variants with fastalign's fused log-probs (TRL's ``DPOTrainer`` keywords and metrics).
 
     Args:
@@ -149,6 +143,8 @@ class DPOTrainer(Trainer):
     ``logits/*`` and ``mean_token_accuracy`` need full-vocabulary statistics the fused DPO path does not form,
     and are not logged.
     """
+
+    signature_columns = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
 
     # compute_loss returns the micro-batch's mean over pairs; Trainer divides it by the accumulation steps (as TRL).
     loss_is_scaled_for_ga = False
@@ -178,10 +174,7 @@ class DPOTrainer(Trainer):
             raise ValueError("model and ref_model cannot be the same object; leave ref_model out for a frozen copy")
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if args.pad_token is not None:
-            processing_class.pad_token = args.pad_token
-        elif processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        set_pad_token(processing_class, args.pad_token)
         if args.padding_free:
             warnings.warn("padding_free is not available for DPO (as in TRL 1.x): batches are padded", stacklevel=2)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -204,19 +197,16 @@ class DPOTrainer(Trainer):
         if ref_model is None and not use_adapters_off and not args.precompute_ref_log_probs:
             ref_model = copy.deepcopy(unwrap_peft(model))
         if args.disable_dropout:
-            _disable_dropout(model)
+            disable_dropout(model)
             if ref_model is not None:
-                _disable_dropout(ref_model)
+                disable_dropout(ref_model)
         if ref_model is not None:
             ref_model.requires_grad_(False)
             ref_model.eval()
 
-        if train_dataset is not None:
-            train_dataset = prepare_dpo_dataset(train_dataset, processing_class, args)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prepare_dpo_dataset(d, processing_class, args) for name, d in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = prepare_dpo_dataset(eval_dataset, processing_class, args)
+        train_dataset, eval_dataset = prepare_splits(
+            train_dataset, eval_dataset, lambda split: prepare_dpo_dataset(split, processing_class, args)
+        )
         if data_collator is None:
             data_collator = DPOCollator(processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(
@@ -225,7 +215,6 @@ class DPOTrainer(Trainer):
         )  # fmt: skip
         # The DPO loss takes no token count: skip Trainer's per-step count of label tokens (a host sync).
         self.model_accepts_loss_kwargs = False
-        self._adapters: dict[int, CausalLMAdapter] = {}
         self.loss_fn = _dpo_loss_module(args, self._adapter(self.model))
         self.ref_model = None
         if ref_model is not None:
@@ -247,16 +236,6 @@ class DPOTrainer(Trainer):
             self.ref_model = None  # the stored columns are the reference from now on
 
     # ----------------------------------------------------------------------------------------------- reference
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = _DPO_COLUMNS
-
-    def _adapter(self, model: nn.Module) -> CausalLMAdapter:
-        key = id(model)
-        if key not in self._adapters:
-            self._adapters[key] = CausalLMAdapter(model)
-        return self._adapters[key]
 
     @staticmethod
     def _targets(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer
 from fastalign.data import RewardCollator, tokenize_dataset
 from fastalign.models import load_reward_model
 from fastalign.ops.preference import reward_loss
+from fastalign.trainers._common import disable_dropout, prepare_splits
 from fastalign.trainers.configs import RewardConfig
 
 # Columns the collator reads; Trainer drops every other column unless told which to keep.
@@ -63,16 +64,6 @@ def prepare_reward_dataset(dataset: datasets.Dataset, tokenizer: Any, args: Rewa
             stacklevel=2,
         )
     return dataset
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set the probability of every ``nn.Dropout*`` module (LoRA dropout included) and every float
-    ``attention_dropout`` attribute (Hugging Face attention modules read it in the forward) to 0."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 def _seq_cls_peft_config(peft_config: Any) -> Any:
@@ -155,12 +146,9 @@ class RewardTrainer(Trainer):
                 model.enable_input_require_grads()
         if args.disable_dropout:
             disable_dropout(model)
-        if train_dataset is not None:
-            train_dataset = prepare_reward_dataset(train_dataset, processing_class, args)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_reward_dataset(v, processing_class, args) for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = prepare_reward_dataset(eval_dataset, processing_class, args)
+        train_dataset, eval_dataset = prepare_splits(
+            train_dataset, eval_dataset, lambda split: prepare_reward_dataset(split, processing_class, args)
+        )
         if data_collator is None:
             data_collator = RewardCollator(processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(
@@ -183,12 +171,10 @@ class RewardTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         """``Trainer.evaluate``; a dataset passed here is prepared as in ``__init__`` (a ``str`` names one of the
         eval datasets given there)."""
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                k: prepare_reward_dataset(v, self.processing_class, self.args) for k, v in eval_dataset.items()
-            }
-        elif eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = prepare_reward_dataset(eval_dataset, self.processing_class, self.args)
+        if not isinstance(eval_dataset, str):
+            _, eval_dataset = prepare_splits(
+                None, eval_dataset, lambda split: prepare_reward_dataset(split, self.processing_class, self.args)
+            )
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def compute_loss(

@@ -15,11 +15,9 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, Trainer
 
 from fastalign.data import SFTCollator, pack_sequences, require_format, tokenize_dataset
-from fastalign.models import CausalLMAdapter, load_causal_lm, shift_labels
+from fastalign.models import load_causal_lm, shift_labels
+from fastalign.trainers._common import FusedLossTrainerMixin, prepare_splits, set_pad_token
 from fastalign.trainers.configs import SFTConfig
-
-# Columns the collator reads; Trainer drops every other column unless told which to keep.
-_SFT_COLUMNS = ["input_ids", "completion_mask", "labels", "position_ids"]
 
 
 def prepare_sft_dataset(dataset: datasets.Dataset, tokenizer: Any, args: SFTConfig) -> datasets.Dataset:
@@ -49,7 +47,7 @@ def _uses_flash_attention(model: nn.Module) -> bool:
     return implementation.startswith("flash_attention")
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(FusedLossTrainerMixin, Trainer):
     """SFT with fastalign's fused cross-entropy (TRL's ``SFTTrainer`` keywords).
 
     Args:
@@ -60,6 +58,8 @@ class SFTTrainer(Trainer):
         processing_class: the tokenizer (default: loaded from the model's name).
         peft_config: a ``peft`` config: the model is wrapped with ``peft.get_peft_model``.
     """
+
+    signature_columns = ("input_ids", "completion_mask", "labels", "position_ids")
 
     def __init__(
         self,
@@ -79,18 +79,14 @@ class SFTTrainer(Trainer):
             processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
         if args.eos_token is not None:
             processing_class.eos_token = args.eos_token
-        if args.pad_token is not None:
-            processing_class.pad_token = args.pad_token
-        elif processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        set_pad_token(processing_class, args.pad_token)
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        if train_dataset is not None:
-            train_dataset = prepare_sft_dataset(train_dataset, processing_class, args)
-        if eval_dataset is not None:
-            eval_dataset = prepare_sft_dataset(eval_dataset, processing_class, args)
+        train_dataset, eval_dataset = prepare_splits(
+            train_dataset, eval_dataset, lambda split: prepare_sft_dataset(split, processing_class, args)
+        )
         if data_collator is None:
             # Packed rows go padding-free whenever the attention can separate documents by position_ids.
             padding_free = args.padding_free or (args.packing and _uses_flash_attention(model))
@@ -99,17 +95,6 @@ class SFTTrainer(Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
         )  # fmt: skip
-        self._adapters: dict[int, CausalLMAdapter] = {}
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = _SFT_COLUMNS
-
-    def _adapter(self, model: nn.Module) -> CausalLMAdapter:
-        key = id(model)
-        if key not in self._adapters:
-            self._adapters[key] = CausalLMAdapter(model)
-        return self._adapters[key]
 
     def compute_loss(
         self,

@@ -1,0 +1,60 @@
+"""Pieces every fastalign trainer shares: the adapter cache, the columns Trainer keeps, dataset preparation for
+the train and eval splits, the pad token, and switching dropout off."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from fastalign.models import CausalLMAdapter
+
+
+class FusedLossTrainerMixin:
+    """For ``transformers.Trainer`` subclasses whose loss runs the backbone through a :class:`CausalLMAdapter`.
+
+    ``signature_columns``: the dataset columns the collator reads (Trainer drops every other column unless
+    told which to keep).
+    """
+
+    signature_columns: tuple[str, ...] = ()
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = list(self.signature_columns)
+
+    def _adapter(self, model: nn.Module) -> CausalLMAdapter:
+        adapters = self.__dict__.setdefault("_adapters", {})
+        if id(model) not in adapters:
+            adapters[id(model)] = CausalLMAdapter(model)
+        return adapters[id(model)]
+
+
+def prepare_splits(train_dataset: Any, eval_dataset: Any, prepare: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """``prepare`` applied to the train split and to the eval split (or to each of a dict of eval splits)."""
+    if train_dataset is not None:
+        train_dataset = prepare(train_dataset)
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: prepare(split) for name, split in eval_dataset.items()}
+    elif eval_dataset is not None:
+        eval_dataset = prepare(eval_dataset)
+    return train_dataset, eval_dataset
+
+
+def set_pad_token(tokenizer: Any, pad_token: str | None) -> None:
+    """The configured pad token, else the tokenizer's own, else its EOS token (as TRL)."""
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set the probability of every ``nn.Dropout*`` module (LoRA dropout included) and every float
+    ``attention_dropout`` attribute (Hugging Face attention modules read it in the forward) to 0."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
