@@ -1,13 +1,23 @@
 """Thin trainers over the fused ops, on ``transformers.Trainer``, with TRL 1.x's names and defaults."""
 
-from fastalign.trainers.configs import DPOConfig, ModelConfig, RewardConfig, ScriptArguments, SFTConfig
+from fastalign.trainers.configs import (
+    DPOConfig,
+    GRPOConfig,
+    ModelConfig,
+    RewardConfig,
+    ScriptArguments,
+    SFTConfig,
+)
 from fastalign.trainers.dpo import DPOTrainer, prepare_dpo_dataset
+from fastalign.trainers.grpo import GRPOTrainer
 from fastalign.trainers.reward import RewardTrainer
 from fastalign.trainers.sft import SFTTrainer, prepare_sft_dataset
 
 __all__ = [
     "DPOConfig",
     "DPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
     "ModelConfig",
     "RewardConfig",
     "RewardTrainer",

@@ -265,3 +265,93 @@ class DPOConfig(FastalignTrainingConfig):
         if isinstance(self.pad_to_multiple_of, str):  # the CLI passes it as a string
             value = self.pad_to_multiple_of.lower()
             self.pad_to_multiple_of = None if value in ("auto", "none", "null") else int(value)
+
+
+@dataclass
+class GRPOConfig(FastalignTrainingConfig):
+    """Group Relative Policy Optimization (TRL's ``GRPOConfig``; DAPO's dynamic sampling is fastalign's own).
+
+    ``per_device_train_batch_size`` counts completions, as in TRL: one optimiser step of
+    ``per_device_train_batch_size × gradient_accumulation_steps`` completions is
+    ``… / num_generations`` prompts.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: reward functions read them (e.g. solution)."}
+    )
+    disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
+    # generation
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (the group size)."})
+    max_completion_length: int = field(default=512, metadata={"help": "Tokens generated per completion at most."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "fastalign: prompts keep their last this many tokens (None: all)."}
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Completions generated at once (default: per_device_train_batch_size × steps_per_generation)."
+        },
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches each generation feeds (default: gradient_accumulation_steps)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for the log-probs)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p sampling threshold."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty while sampling."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (pip install 'fastalign[vllm]')."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of GPU memory."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism."})
+    vllm_importance_sampling_correction: bool = field(
+        default=True, metadata={"help": "Truncated importance weights for the sampler/trainer log-prob mismatch."}
+    )
+    vllm_importance_sampling_cap: float = field(default=3.0, metadata={"help": "Cap of those weights."})
+    # loss
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (k3 to the reference); 0 loads no reference."})
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each generation (μ)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip: ratio >= 1 - epsilon."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip (default: epsilon; DAPO 0.28)."})
+    importance_sampling_level: str = field(default="token", metadata={"help": "'token' or 'sequence' (GSPO)."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    scale_rewards: str = field(default="group", metadata={"help": "'group', 'batch' or 'none' (Dr. GRPO)."})
+    loss_type: str = field(default="dapo", metadata={"help": "'grpo', 'bnpo', 'dr_grpo' or 'dapo'."})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Completions cut at max_completion_length carry no loss."}
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "fastalign: DAPO's dynamic sampling: drop groups whose rewards are all equal and refill."},
+    )
+    max_resample_rounds: int = field(
+        default=4, metadata={"help": "fastalign: refill rounds of dynamic sampling before keeping what there is."}
+    )
+    log_completions: bool = field(default=False, metadata={"help": "Print a sample of completions when logging."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.generation_batch_size is None:
+            self.generation_batch_size = self.per_device_train_batch_size * self.steps_per_generation
+        elif self.generation_batch_size != self.per_device_train_batch_size * self.steps_per_generation:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) must equal per_device_train_batch_size × "
+                f"steps_per_generation ({self.per_device_train_batch_size} × {self.steps_per_generation})"
+            )
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"the generation batch ({self.generation_batch_size} completions) must be a multiple of "
+                f"num_generations ({self.num_generations}): whole groups only"
+            )
+        for name, allowed in (("importance_sampling_level", ("token", "sequence")),
+                              ("scale_rewards", ("group", "batch", "none")),
+                              ("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")

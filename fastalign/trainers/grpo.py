@@ -1,0 +1,476 @@
+"""GRPO (and DAPO / Dr. GRPO / GSPO through the config) on ``transformers.Trainer``.
+
+One optimiser step, as in TRL 1.x: the sampler hands over a *generation batch* of prompts, each repeated
+``num_generations`` times; the rollout engine samples the completions, the reward functions score them,
+:func:`fastalign.group_advantages` turns the rewards into advantages, and the batch is cut into
+``steps_per_generation`` micro-batches that are trained on ``num_iterations`` times. The loss is
+:class:`fastalign.nn.LinearPolicyLoss` on the backbone's hidden states and the lm_head weight: the per-token
+log-probs of the policy, the old policy and the reference all come from the fused ops, never from full logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoTokenizer, PreTrainedModel, Trainer
+
+from fastalign.data import require_format, tokenize_prompt
+from fastalign.models import load_causal_lm, unwrap_peft
+from fastalign.nn import LinearPolicyLoss
+from fastalign.ops.advantages import group_advantages
+from fastalign.ops.logprobs import linear_logprobs
+from fastalign.rewards import RewardModelFunction, score
+from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams, truncated_importance_weights
+from fastalign.trainers._common import FusedLossTrainerMixin, disable_dropout, set_pad_token
+from fastalign.trainers.configs import GRPOConfig
+
+RewardFuncs = Callable[..., list] | str | PreTrainedModel | Sequence[Callable[..., list] | str | PreTrainedModel]
+
+
+class RepeatSampler(Sampler[int]):
+    """Dataset indices for GRPO: shuffled chunks of ``prompts_per_generation`` prompts; each chunk is yielded
+    ``repeat_count`` times (one per micro-batch it feeds, times ``num_iterations``) and every index in it
+    ``num_generations`` times in a row. Incomplete chunks at the end are dropped."""
+
+    def __init__(self, size: int, num_generations: int, prompts_per_generation: int, repeat_count: int, seed: int):
+        self.size, self.num_generations = size, num_generations
+        self.prompts_per_generation, self.repeat_count = prompts_per_generation, repeat_count
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=self.generator).tolist()
+        chunks = len(order) // self.prompts_per_generation
+        for c in range(chunks):
+            chunk = order[c * self.prompts_per_generation : (c + 1) * self.prompts_per_generation]
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    yield from [index] * self.num_generations
+
+    def __len__(self) -> int:
+        chunks = self.size // self.prompts_per_generation
+        return chunks * self.prompts_per_generation * self.num_generations * self.repeat_count
+
+
+def _reward_functions(reward_funcs: RewardFuncs, tokenizer: Any) -> list[Callable[..., list]]:
+    items = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    functions = []
+    for item in items:
+        if isinstance(item, str):
+            from fastalign.models import load_reward_model
+
+            item = load_reward_model(item)
+        if isinstance(item, nn.Module):
+            item = RewardModelFunction(item, tokenizer)
+        if not callable(item):
+            raise ValueError(f"reward_funcs must hold callables, reward models or their paths, got {item!r}")
+        functions.append(item)
+    if not functions:
+        raise ValueError("reward_funcs is empty: GRPO needs at least one reward function")
+    return functions
+
+
+def _function_name(function: Callable[..., list]) -> str:
+    return getattr(function, "__name__", None) or getattr(function, "name", None) or type(function).__name__
+
+
+class GRPOTrainer(FusedLossTrainerMixin, Trainer):
+    """GRPO with fastalign's fused policy loss (TRL's ``GRPOTrainer`` keywords).
+
+    Args:
+        model: a causal LM, or its name/path.
+        reward_funcs: TRL's contract: ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``
+            (``None``: not applicable to that row), a reward model (``num_labels=1``) or its path, or a list of
+            them, combined with ``args.reward_weights``.
+        args: :class:`GRPOConfig`.
+        train_dataset / eval_dataset: datasets with a ``prompt`` column (standard or conversational); every
+            other column is handed to the reward functions.
+        processing_class: the tokenizer (left padding is not needed: the rollout engine pads).
+        peft_config: a ``peft`` config; with ``beta > 0`` the reference is the base model with adapters off.
+        rollout_engine: a :class:`fastalign.rollout.RolloutEngine`; default: ``HFGenerateEngine`` on the model
+            being trained, or ``VLLMEngine`` with ``args.use_vllm``.
+    """
+
+    signature_columns = ()
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        reward_funcs: RewardFuncs,
+        args: GRPOConfig | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        rollout_engine: Any = None,
+        **kwargs: Any,
+    ):
+        args = args if args is not None else GRPOConfig(output_dir="fastalign-grpo")
+        if isinstance(model, str):
+            model = load_causal_lm(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        set_pad_token(processing_class, None)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        for dataset in (train_dataset, eval_dataset):
+            if dataset is not None:
+                require_format(dataset, "grpo")
+        self.reward_funcs = _reward_functions(reward_funcs, processing_class)
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = [float(w) for w in weights]
+        if args.disable_dropout:
+            disable_dropout(model)
+        self.ref_model = None
+        peft = sys.modules.get("peft")
+        self._reference_is_base = args.beta != 0 and peft is not None and isinstance(model, peft.PeftModel)
+        if args.beta != 0 and not self._reference_is_base:
+            self.ref_model = copy.deepcopy(unwrap_peft(model)).requires_grad_(False).eval()
+        super().__init__(
+            model=model, args=args, data_collator=lambda rows: rows, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+        )  # fmt: skip
+        # The loss is normalised here (see _normaliser); Trainer must not count label tokens or rescale.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = True
+        self.engine = rollout_engine if rollout_engine is not None else self._default_engine()
+        self.sampling = SamplingParams(
+            num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+        )  # fmt: skip
+        self._step = 0
+        self._buffered: list[dict[str, torch.Tensor]] | None = None
+        self._refill: Iterator[dict] | None = None
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def _default_engine(self) -> Any:
+        if self.args.use_vllm:
+            from fastalign.rollout import VLLMEngine
+
+            return VLLMEngine(
+                self.model.config._name_or_path, gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+                tensor_parallel_size=self.args.vllm_tensor_parallel_size,
+            )  # fmt: skip
+        tokenizer = self.processing_class
+        return HFGenerateEngine(self.model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def _loss_module(self) -> LinearPolicyLoss:
+        adapter = self._adapter(self.model)
+        return LinearPolicyLoss(
+            temperature=self.args.temperature * adapter.logit_temperature, softcap=adapter.softcap,
+            clip_eps_low=self.args.epsilon, clip_eps_high=self.args.epsilon_high, kl_coef=self.args.beta,
+            kl_estimator="k3", loss_type=self.args.loss_type,
+            importance_sampling_level=self.args.importance_sampling_level, entropy_coef=self.args.entropy_coef,
+            max_completion_length=self.args.max_completion_length, backend=self.args.backend,
+        )  # fmt: skip
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Each item is a whole generation batch (``generation_batch_size`` rows: prompts × num_generations),
+        repeated once per micro-batch it feeds and per iteration; :meth:`_prepare_inputs` generates on the
+        first of them and serves the micro-batches from a buffer."""
+        args = self.args
+        sampler = RepeatSampler(
+            len(self.train_dataset), args.num_generations, args.generation_batch_size // args.num_generations,
+            args.steps_per_generation * args.num_iterations, args.seed,
+        )  # fmt: skip
+        loader = DataLoader(
+            self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler, collate_fn=lambda rows: rows
+        )
+        return self.accelerator.prepare(loader)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        sampler = RepeatSampler(len(dataset), self.args.num_generations, 1, 1, self.args.seed)
+        loader = DataLoader(dataset, batch_size=self.args.num_generations, sampler=sampler, collate_fn=lambda r: r)
+        return self.accelerator.prepare(loader)
+
+    # ------------------------------------------------------------------------------------------- generation
+
+    def _prepare_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not self.model.training:
+            return self._generate_and_score(rows, "eval")
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or self._buffered is None:
+            batch = self._generate_and_score(rows, "train")
+            self._buffered = _split_rows(batch, self.args.steps_per_generation, self.args.seed + self._step)
+        inputs = self._buffered[self._step % self.args.steps_per_generation]
+        self._step += 1
+        return inputs
+
+    def _rollout(self, rows: list[dict]) -> tuple[list[dict], RolloutBatch]:
+        """Sample ``num_generations`` completions for each distinct prompt of ``rows`` (given repeated)."""
+        unique = rows[:: self.args.num_generations]
+        prompts = [
+            tokenize_prompt(row, self.processing_class, max_prompt_length=self.args.max_prompt_length)["prompt_ids"]
+            for row in unique
+        ]
+        batch = self.engine.generate(prompts, self.sampling)
+        repeated = [row for row in unique for _ in range(self.args.num_generations)]
+        return repeated, batch
+
+    def _score(self, rows: list[dict], batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-function rewards ``[N, F]`` (NaN where not applicable) and their weighted sum ``[N]``."""
+        tokenizer = self.processing_class
+        completion_ids = [
+            ids[mask.bool()].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask, strict=True)
+        ]
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [row["prompt"] for row in rows]
+        conversational = isinstance(prompts[0], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "prompt_ids")}
+        return score(self.reward_funcs, self.reward_weights, prompts, completions, completion_ids, columns)
+
+    def _generate_and_score(self, rows: list[dict], mode: str) -> dict[str, torch.Tensor]:
+        args = self.args
+        rows, batch = self._rollout(rows)
+        per_function, rewards = self._score(rows, batch)
+        if mode == "train" and args.dynamic_sampling:
+            rows, batch, per_function, rewards = self._dynamic_sampling(rows, batch, per_function, rewards)
+        advantages = group_advantages(rewards, args.num_generations, scale=args.scale_rewards)
+        mask = batch.completion_mask.clone()
+        if args.mask_truncated_completions:
+            mask[batch.truncated] = 0
+        inputs = self._training_tensors(batch, mask)
+        inputs["advantages"] = advantages.to(self.model.device)
+        # Every row carries the generation batch's token count, so that each micro-batch still knows it.
+        inputs["generation_tokens"] = mask.sum().to(self.model.device).expand(mask.shape[0]).float()
+        self._log_generation(mode, batch, per_function, rewards)
+        return inputs
+
+    def _dynamic_sampling(self, rows, batch, per_function, rewards):
+        """DAPO: keep groups whose rewards differ (the others have zero advantage and teach nothing) and sample
+        more prompts until the generation batch is full again, or ``max_resample_rounds`` are used up (then the
+        remaining places are filled with dropped groups)."""
+        groups = rewards.numel() // self.args.num_generations
+        needed = groups
+        kept: list[tuple[list[dict], RolloutBatch, torch.Tensor, torch.Tensor]] = []
+        dropped = []
+        pending = (rows, batch, per_function, rewards)
+        for _ in range(self.args.max_resample_rounds + 1):
+            for group in _split_groups(*pending, self.args.num_generations):
+                (kept if group[3].std() > 0 else dropped).append(group)
+            if len(kept) >= needed:
+                break
+            pending = self._more_rollouts(needed - len(kept))
+            self._metrics["train"]["dynamic_sampling/resampled_prompts"].append(float(needed - len(kept)))
+        self._metrics["train"]["dynamic_sampling/kept_groups"].append(float(min(len(kept), needed)))
+        chosen = (kept + dropped)[:needed]
+        return _concat_groups(chosen, self.processing_class.pad_token_id)
+
+    def _more_rollouts(self, prompts: int):
+        if self._refill is None:
+            self._refill = _cycle(self.train_dataset, self.args.seed + 1)
+        rows = [row for _ in range(prompts) for row in [next(self._refill)] * self.args.num_generations]
+        rows, batch = self._rollout(rows)
+        per_function, rewards = self._score(rows, batch)
+        return rows, batch, per_function, rewards
+
+    @torch.no_grad()
+    def _training_tensors(self, batch: RolloutBatch, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self.model.device
+        prompt_ids, prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+        completion_ids, mask = batch.completion_ids.to(device), mask.to(device)
+        attention_mask = torch.cat([prompt_mask, batch.completion_mask.to(device)], dim=1)
+        inputs = {
+            "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+            "attention_mask": attention_mask,
+            # Prompts are left-padded: positions count real tokens only, as they did during generation.
+            "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp_min(0),
+            "completion_ids": completion_ids,
+            "completion_mask": mask,
+        }
+        inputs["old_logps"] = self._old_logps(inputs, batch)
+        if self.args.beta != 0:
+            inputs["ref_logps"] = self._reference_logps(inputs)
+        if self.args.use_vllm and self.args.vllm_importance_sampling_correction and batch.sampler_logps is not None:
+            inputs["is_weights"] = truncated_importance_weights(
+                inputs["old_logps"], batch.sampler_logps.to(device), mask, self.args.vllm_importance_sampling_cap
+            )
+        return inputs
+
+    def _old_logps(self, inputs: dict[str, torch.Tensor], batch: RolloutBatch) -> torch.Tensor:
+        """The policy's log-probs at sampling time. On policy with the HF engine on the training model, the
+        sampler's own log-probs are exactly that; otherwise one forward without gradient."""
+        on_policy = (
+            self.args.num_iterations == 1 and self.args.steps_per_generation <= self.args.gradient_accumulation_steps
+        )
+        if on_policy and isinstance(self.engine, HFGenerateEngine) and batch.sampler_logps is not None:
+            return batch.sampler_logps.to(inputs["completion_ids"].device)
+        return self._completion_logps(self.model, inputs)
+
+    def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._reference_is_base:
+            with self.model.disable_adapter():
+                return self._completion_logps(self.model, inputs)
+        return self._completion_logps(self.ref_model, inputs)
+
+    @torch.no_grad()
+    def _completion_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, C]`` float32 log-probs of the completion tokens at the sampling temperature (0 off the mask)."""
+        adapter = self._adapter(model)
+        hidden, targets = self._completion_hidden(model, inputs)
+        return linear_logprobs(
+            hidden, adapter.weight, targets, bias=adapter.bias, softcap=adapter.softcap,
+            temperature=self.args.temperature * adapter.logit_temperature, backend=self.args.backend,
+        )  # fmt: skip
+
+    def _completion_hidden(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states that predict the completion tokens ``[N, C, D]`` and the targets ``[N, C]`` (-100 off
+        the mask)."""
+        completion = inputs["completion_ids"].shape[1]
+        hidden = self._adapter(model).hidden_states(
+            inputs["input_ids"], inputs["attention_mask"], position_ids=inputs["position_ids"]
+        )
+        hidden = hidden[:, -completion - 1 : -1]
+        targets = inputs["completion_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return hidden, targets
+
+    # ------------------------------------------------------------------------------------------------- loss
+
+    def _normaliser(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """dapo's token count: the whole generation batch's completion tokens per optimiser step, so the
+        micro-batches' losses add up to a token mean over the step. The other modes normalise per micro-batch."""
+        if self.args.loss_type != "dapo":
+            return None
+        tokens = inputs["generation_tokens"][0]
+        return tokens * self.args.gradient_accumulation_steps / self.args.steps_per_generation
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden, targets = self._completion_hidden(model, inputs)
+        adapter = self._adapter(model)
+        loss, metrics = self._loss_module()(
+            hidden, adapter.weight, targets, inputs["old_logps"], inputs["advantages"],
+            mask=inputs["completion_mask"], ref_logp=inputs.get("ref_logps"), is_weights=inputs.get("is_weights"),
+            num_items_in_batch=self._normaliser(inputs), bias=adapter.bias,
+        )  # fmt: skip
+        if self.args.loss_type != "dapo":
+            # Trainer does not divide by the accumulation steps here (loss_is_scaled_for_ga); these modes average
+            # per micro-batch, so the step's loss is their mean.
+            loss = loss / self.args.gradient_accumulation_steps
+        mode = "train" if model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)  # tensors: read once, when logged
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs).detach()
+        return loss, None, None
+
+    # -------------------------------------------------------------------------------------------------- logs
+
+    def _log_generation(self, mode: str, batch: RolloutBatch, per_function: torch.Tensor, rewards: torch.Tensor):
+        metrics = self._metrics[mode]
+        metrics["reward"].append(float(rewards.mean()))
+        metrics["reward_std"].append(float(rewards.view(-1, self.args.num_generations).std(dim=1).mean()))
+        metrics["frac_reward_zero_std"].append(
+            float((rewards.view(-1, self.args.num_generations).std(dim=1) == 0).float().mean())
+        )
+        metrics["completions/mean_length"].append(float(batch.completion_mask.sum(dim=1).float().mean()))
+        metrics["completions/clipped_ratio"].append(float(batch.truncated.float().mean()))
+        for function, column in zip(self.reward_funcs, per_function.T, strict=True):
+            metrics[f"rewards/{_function_name(function)}/mean"].append(float(torch.nanmean(column)))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        averaged = {
+            name: float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in values]).mean())
+            for name, values in self._metrics[mode].items()
+            if values
+        }
+        if mode == "eval":
+            averaged = {f"eval_{name}": value for name, value in averaged.items()}
+        super().log({**logs, **averaged}, start_time)
+        self._metrics[mode].clear()
+
+
+def _split_rows(batch: dict[str, torch.Tensor], parts: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Shuffle the generation batch's rows and cut them into ``parts`` micro-batches (TRL shuffles too, so a
+    micro-batch mixes groups)."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows % parts:
+        raise ValueError(f"{rows} rows cannot be cut into {parts} equal micro-batches")
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    size = rows // parts
+    return [
+        {key: value[order[i * size : (i + 1) * size].to(value.device)] for key, value in batch.items()}
+        for i in range(parts)
+    ]
+
+
+def _split_groups(rows, batch: RolloutBatch, per_function, rewards, group_size: int):
+    for start in range(0, rewards.numel(), group_size):
+        part = slice(start, start + group_size)
+        yield rows[part], _slice_batch(batch, part), per_function[part], rewards[part]
+
+
+def _slice_batch(batch: RolloutBatch, part: slice) -> RolloutBatch:
+    return RolloutBatch(
+        prompt_ids=batch.prompt_ids[part], prompt_mask=batch.prompt_mask[part],
+        completion_ids=batch.completion_ids[part], completion_mask=batch.completion_mask[part],
+        truncated=batch.truncated[part],
+        sampler_logps=None if batch.sampler_logps is None else batch.sampler_logps[part],
+    )  # fmt: skip
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    pad = tensor.new_full((tensor.shape[0], missing), value)
+    return torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
+
+
+def _concat_groups(groups, pad_id: int):
+    """Groups from different rollouts (different prompt and completion widths) joined into one batch."""
+    batches = [g[1] for g in groups]
+    prompt_width = max(b.prompt_ids.shape[1] for b in batches)
+    completion_width = max(b.completion_ids.shape[1] for b in batches)
+
+    def joined(name: str, width: int, value: float, left: bool) -> torch.Tensor:
+        return torch.cat([_pad_to(getattr(b, name), width, value, left) for b in batches])
+
+    sampler = None
+    if all(b.sampler_logps is not None for b in batches):
+        sampler = joined("sampler_logps", completion_width, 0.0, False)
+    batch = RolloutBatch(
+        prompt_ids=joined("prompt_ids", prompt_width, pad_id, True),
+        prompt_mask=joined("prompt_mask", prompt_width, 0, True),
+        completion_ids=joined("completion_ids", completion_width, pad_id, False),
+        completion_mask=joined("completion_mask", completion_width, 0, False),
+        truncated=torch.cat([b.truncated for b in batches]),
+        sampler_logps=sampler,
+    )
+    rows = [row for g in groups for row in g[0]]
+    return rows, batch, torch.cat([g[2] for g in groups]), torch.cat([g[3] for g in groups])
+
+
+def _cycle(dataset: datasets.Dataset, seed: int) -> Iterator[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for index in torch.randperm(len(dataset), generator=generator).tolist():
+            yield dataset[index]

@@ -1,0 +1,124 @@
+"""GRPOTrainer on a tiny random-init model: one step equals the eager full-logits computation of TRL's loss,
+the mean reward rises on a toy rule reward, DAPO's dynamic sampling keeps only informative groups, and bad
+configurations or datasets are refused."""
+
+import datasets
+import pytest
+import torch
+from tiny import NUMBERS, tiny_causal_lm, word_tokenizer
+
+from fastalign.trainers.configs import GRPOConfig
+from fastalign.trainers.grpo import GRPOTrainer
+
+PROMPTS = [{"prompt": f"what is {NUMBERS[n]} plus one ?", "number": n} for n in range(8)]
+
+
+def blue_reward(completions, **kwargs):
+    """The share of "blue" words in the completion: learnable by a tiny model in a few dozen steps."""
+    return [text.split().count("blue") / max(1, len(text.split())) for text in completions]
+
+
+def id_hash_reward(completions, completion_ids, **kwargs):
+    """A reward that differs between samples of one prompt almost surely (for the dynamic-sampling test)."""
+    return [float(sum(ids) % 7) for ids in completion_ids]
+
+
+def constant_for_even_numbers(completions, completion_ids, number, **kwargs):
+    return [1.0 if n % 2 == 0 else float(sum(ids) % 7) for n, ids in zip(number, completion_ids, strict=True)]
+
+
+def config(tmp_path, **overrides) -> GRPOConfig:
+    options = {
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8, "num_generations": 4,
+        "max_completion_length": 6, "learning_rate": 1e-2, "max_steps": 2, "logging_steps": 1,
+        "save_strategy": "no", "report_to": [], "bf16": False, "gradient_checkpointing": False, "use_cpu": True,
+        "seed": 0, "disable_tqdm": True,
+    }  # fmt: skip
+    return GRPOConfig(**{**options, **overrides})
+
+
+def trainer(tmp_path, reward=blue_reward, rows=PROMPTS, **overrides) -> GRPOTrainer:
+    return GRPOTrainer(
+        tiny_causal_lm(), reward_funcs=reward, args=config(tmp_path, **overrides),
+        train_dataset=datasets.Dataset.from_list(rows), processing_class=word_tokenizer(),
+    )  # fmt: skip
+
+
+def eager_loss(model, inputs, temperature, epsilon_low, epsilon_high):
+    """TRL's DAPO loss from full logits: token ratio, clip, token sum over the generation's tokens."""
+    completion = inputs["completion_ids"].shape[1]
+    logits = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"]
+    ).logits
+    logp = torch.log_softmax(logits[:, -completion - 1 : -1].float() / temperature, dim=-1)
+    logp = logp.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(logp - inputs["old_logps"])
+    advantages = inputs["advantages"].unsqueeze(-1)
+    per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages)
+    mask = inputs["completion_mask"].float()
+    return (per_token * mask).sum() / inputs["generation_tokens"][0]
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_one_step_equals_the_eager_full_logits_loss(tmp_path, iterations):
+    grpo = trainer(tmp_path, temperature=0.8, epsilon_high=0.28, num_iterations=iterations)
+    rows = next(iter(grpo.get_train_dataloader()))
+    inputs = grpo._prepare_inputs(rows)
+    model = grpo.model
+    with torch.no_grad():  # move off the sampling policy, so the ratios and the clip are exercised
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = grpo.compute_loss(model, inputs)
+    fused.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = eager_loss(model, inputs, 0.8, 0.2, 0.28)
+    eager.backward()
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        error = (fused_grads[name] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-6)
+        assert error < 1e-4, f"{name}: relative error {error:.2e}"
+
+
+def test_old_logps_are_the_policys_logps_at_sampling_time(tmp_path):
+    grpo = trainer(tmp_path, temperature=0.7)
+    inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
+    recomputed = grpo._completion_logps(grpo.model, inputs)
+    mask = inputs["completion_mask"].bool()
+    torch.testing.assert_close(inputs["old_logps"][mask], recomputed[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_mean_reward_rises_on_a_toy_rule_reward(tmp_path):
+    grpo = trainer(tmp_path, max_steps=30, learning_rate=3e-2, temperature=1.0, per_device_train_batch_size=16)
+    grpo.train()
+    rewards = [entry["reward"] for entry in grpo.state.log_history if "reward" in entry]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.2, rewards
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ(tmp_path):
+    grpo = trainer(tmp_path, reward=constant_for_even_numbers, dynamic_sampling=True, per_device_train_batch_size=16)
+    inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
+    advantages = inputs["advantages"].view(-1, 4)
+    assert advantages.shape[0] == 4 and bool((advantages.abs().sum(dim=1) > 0).all())
+    assert grpo._metrics["train"]["dynamic_sampling/kept_groups"] == [4.0]
+
+
+def test_kl_to_a_reference_model(tmp_path):
+    grpo = trainer(tmp_path, beta=0.04)
+    inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
+    mask = inputs["completion_mask"].bool()
+    torch.testing.assert_close(inputs["ref_logps"][mask], inputs["old_logps"][mask], rtol=1e-4, atol=1e-4)
+    grpo.train()
+    assert any("kl_mean" in entry for entry in grpo.state.log_history)
+
+
+def test_configuration_and_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        config(tmp_path, per_device_train_batch_size=6)
+    with pytest.raises(ValueError, match="loss_type"):
+        config(tmp_path, loss_type="ppo")
+    with pytest.raises(ValueError, match="prompt"):
+        trainer(tmp_path, rows=[{"question": "what is one plus one ?"}])
+    with pytest.raises(ValueError, match="reward_weights"):
+        trainer(tmp_path, reward=[blue_reward, id_hash_reward], reward_weights=[1.0])
