@@ -5,32 +5,140 @@
 Flags are the field names of the stage's config (``SFTConfig`` ...), of ``ModelConfig`` (``--model_name_or_path``,
 ``--dtype``, ``--use_peft`` ...) and of ``ScriptArguments`` (``--dataset_name`` ...). A YAML file passed with
 ``--config`` uses the same keys; flags on the command line override it.
+
+``fastalign grpo`` adds TRL's GRPO script flags (``--reward_funcs``, ``--reward_model_name_or_path``);
+``fastalign rejection-sample`` samples k completions per prompt, keeps the best (or those above a threshold) and
+writes an SFT dataset (:mod:`fastalign.sampling`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
-from fastalign.trainers.configs import DPOConfig, ModelConfig, RewardConfig, ScriptArguments, SFTConfig
+from fastalign.trainers.configs import (
+    DPOConfig,
+    GRPOConfig,
+    ModelConfig,
+    RewardConfig,
+    ScriptArguments,
+    SFTConfig,
+)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+BUILTIN_REWARDS = ("accuracy_reward", "think_format_reward", "code_reward", "soft_overlong_punishment")
+"""The names ``--reward_funcs`` accepts besides ``module.path:function`` (TRL's ``get_soft_overlong_punishment``
+is accepted as an alias of ``soft_overlong_punishment``)."""
+
+
+@dataclass
+class RewardArguments:
+    """The reward flags of ``fastalign grpo`` and ``fastalign rejection-sample`` (TRL's GRPO script names)."""
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: accuracy_reward, think_format_reward, code_reward, soft_overlong_punishment "
+            "(needs --soft_punish_cache), or a function of your own as module.path:function (or module.path.function; "
+            "the current folder is importable). Weighted by --reward_weights, after the reward model if any."
+        },
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A reward model (num_labels=1, e.g. from `fastalign reward`): a local folder or a hub name; "
+            "it is the first reward function."
+        },
+    )
+    soft_punish_cache: int | None = field(
+        default=None,
+        metadata={
+            "help": "DAPO's L_cache for soft_overlong_punishment: the last this many tokens before "
+            "max_completion_length are punished linearly (L_max is max_completion_length)."
+        },
+    )
+
+
+@dataclass
+class GRPOScriptArguments(RewardArguments, ScriptArguments):
+    """``fastalign grpo``'s script arguments: the dataset and the reward functions (TRL's ``GRPOScriptArguments``)."""
+
+
+@dataclass
+class RejectionSamplingArguments(RewardArguments):
+    """``fastalign rejection-sample``: sample k completions per prompt, keep the best ones, write an SFT dataset."""
+
+    output_path: str | None = field(
+        default=None, metadata={"help": "The JSONL file to write (prompt, completion, the other columns, reward)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (reward model first); default 1 each."}
+    )
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (k)."})
+    max_completion_length: int = field(default=512, metadata={"help": "Tokens generated per completion at most."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompts keep their last this many tokens when sampling (None: all)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (each gives k completions)."})
+    keep: str = field(
+        default="best",
+        metadata={
+            "help": "'best': each prompt's highest-reward completion (if >= --threshold, when given); 'threshold': "
+            "every completion with reward >= --threshold.",
+            "choices": ["best", "threshold"],
+        },
+    )
+    threshold: float | None = field(default=None, metadata={"help": "The lowest reward a kept completion may have."})
+    skip_truncated: bool = field(
+        default=False, metadata={"help": "Never keep completions cut at max_completion_length (no EOS)."}
+    )
+    deduplicate: bool = field(
+        default=True, metadata={"help": "With --keep threshold, keep identical completions of a prompt once."}
+    )
+    mix_dataset: str | None = field(
+        default=None,
+        metadata={"help": "SFT data to mix in (prompt + completion, or messages for conversational data)."},
+    )
+    mix_dataset_split: str = field(default="train", metadata={"help": "The mix dataset's split."})
+    mix_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of the output rows drawn from --mix_dataset, in [0, 1)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the sampling and of the mix."})
+    device: str | None = field(default=None, metadata={"help": "Where the models run (default: cuda if available)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+
+    def __post_init__(self):
+        from fastalign.sampling import _check_keep
+
+        _check_keep(self.keep, self.threshold)
+        if not 0 <= self.mix_ratio < 1:
+            raise ValueError(f"mix_ratio is the fraction of output rows from --mix_dataset, in [0, 1): got "
+                             f"{self.mix_ratio}")  # fmt: skip
+        if (self.mix_dataset is None) != (self.mix_ratio == 0):
+            raise ValueError("--mix_dataset and --mix_ratio go together: give both (a ratio > 0) or neither")
 
 
 @dataclass(frozen=True)
 class Command:
     summary: str
     config: type
-    run: Callable[[ScriptArguments, ModelConfig, Any], None]
+    run: Callable[[Any, ModelConfig, Any], None]
     defaults: dict[str, Any]
+    script: type = ScriptArguments
 
 
 def _torch_dtype(name: str | None):
@@ -86,16 +194,100 @@ def _peft_config(model_args: ModelConfig, task_type: str):
     )  # fmt: skip
 
 
-def _datasets(script: ScriptArguments, config: Any):
+def _datasets(script: ScriptArguments, config: Any, evaluate: bool | None = None):
     from fastalign.data import load_training_dataset
 
     if script.dataset_name is None:
         raise SystemExit("--dataset_name is required (a local JSON/JSONL/Parquet file or folder, or a hub name)")
     options = {"name": script.dataset_config} if script.dataset_config else {}
     train = load_training_dataset(script.dataset_name, split=script.dataset_train_split, **options)
-    evaluate = config.eval_strategy != "no"
+    evaluate = config.eval_strategy != "no" if evaluate is None else evaluate
     return train, (load_training_dataset(script.dataset_name, split=script.dataset_test_split, **options)
                    if evaluate else None)  # fmt: skip
+
+
+def _import_reward(spec: str) -> Callable[..., list]:
+    """``module.path:function`` or ``module.path.function`` (TRL's form), with the current folder importable."""
+    module_name, _, attribute = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module_name or not attribute:
+        raise SystemExit(f"--reward_funcs: {spec!r} is not module.path:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SystemExit(f"--reward_funcs: cannot import {module_name!r} for {spec!r}: {error}") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        found = "not callable" if function is not None else "not found"
+        raise SystemExit(f"--reward_funcs: {attribute!r} in module {module_name!r} is {found}")
+    return function
+
+
+def reward_functions_from_names(
+    names: Sequence[str] | None, max_completion_length: int, soft_punish_cache: int | None = None
+) -> list[Callable[..., list]]:
+    """The ``--reward_funcs`` names as reward functions: :data:`BUILTIN_REWARDS` or ``module.path:function``."""
+    from fastalign import rewards
+
+    functions = []
+    for name in names or []:
+        if name in ("soft_overlong_punishment", "get_soft_overlong_punishment"):
+            if soft_punish_cache is None:
+                raise SystemExit("--reward_funcs soft_overlong_punishment needs --soft_punish_cache (DAPO's L_cache)")
+            try:
+                functions.append(rewards.soft_overlong_punishment(max_completion_length, soft_punish_cache))
+            except ValueError as error:
+                raise SystemExit(f"--soft_punish_cache: {error}") from None
+        elif name in BUILTIN_REWARDS:
+            functions.append(getattr(rewards, name))
+        elif ":" in name or "." in name:
+            functions.append(_import_reward(name))
+        else:
+            raise SystemExit(
+                f"--reward_funcs: unknown reward function {name!r}; the built-ins are {', '.join(BUILTIN_REWARDS)}, "
+                "or give your own as module.path:function"
+            )
+    return functions
+
+
+def _reward_setup(args: RewardArguments, weights: Sequence[float] | None, max_completion_length: int):
+    """The named reward functions, checked (with the weights' count) before any model is loaded."""
+    named = reward_functions_from_names(args.reward_funcs, max_completion_length, args.soft_punish_cache)
+    count = len(named) + (args.reward_model_name_or_path is not None)
+    if count == 0:
+        raise SystemExit("no reward: give --reward_funcs and/or --reward_model_name_or_path")
+    if weights is not None and len(weights) != count:
+        raise SystemExit(
+            f"--reward_weights has {len(weights)} weights for {count} reward functions (the reward model first, "
+            "then --reward_funcs in order)"
+        )
+    return named
+
+
+def _with_reward_model(args: RewardArguments, named: list, model_args: ModelConfig, tokenizer: Any, device: Any):
+    """The reward model (first, as in TRL's script) as a :class:`~fastalign.rewards.RewardModelFunction` on
+    ``device`` with its own tokenizer (the policy's when its folder has none), then the named functions."""
+    if args.reward_model_name_or_path is None:
+        return named
+    from transformers import AutoTokenizer
+
+    from fastalign.models import load_reward_model
+    from fastalign.rewards import RewardModelFunction
+
+    path = args.reward_model_name_or_path
+    try:
+        reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError):
+        reward_tokenizer = tokenizer
+    if reward_tokenizer.pad_token is None:
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    model = load_reward_model(
+        path, dtype=_torch_dtype(model_args.dtype), trust_remote_code=model_args.trust_remote_code,
+        pad_token_id=reward_tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = model.to(device).eval().requires_grad_(False)
+    return [RewardModelFunction(model, reward_tokenizer), *named]
 
 
 def _train(trainer, config: Any) -> None:
@@ -150,6 +342,66 @@ def run_dpo(script: ScriptArguments, model_args: ModelConfig, config: DPOConfig)
     _train(trainer, config)
 
 
+def run_grpo(script: GRPOScriptArguments, model_args: ModelConfig, config: GRPOConfig):
+    from fastalign.trainers import GRPOTrainer
+
+    named = _reward_setup(script, config.reward_weights, config.max_completion_length)
+    train, evaluate = _datasets(script, config)
+    tokenizer = _load_tokenizer(model_args)
+    reward_funcs = _with_reward_model(script, named, model_args, tokenizer, config.device)
+    trainer = GRPOTrainer(
+        _load_policy(model_args, from_scratch_ok=False), reward_funcs=reward_funcs, args=config,
+        train_dataset=train, eval_dataset=evaluate, processing_class=tokenizer,
+        peft_config=_peft_config(model_args, "CAUSAL_LM"),
+    )  # fmt: skip
+    _train(trainer, config)
+
+
+def run_rejection_sample(script: ScriptArguments, model_args: ModelConfig, args: RejectionSamplingArguments):
+    import torch
+
+    from fastalign.data import load_training_dataset
+    from fastalign.rollout import SamplingParams
+    from fastalign.sampling import mix_datasets, rejection_sample, save_jsonl
+
+    if args.output_path is None:
+        raise SystemExit("--output_path is required (the JSONL file to write)")
+    named = _reward_setup(args, args.reward_weights, args.max_completion_length)
+    try:
+        params = SamplingParams(
+            num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
+        )  # fmt: skip
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"fastalign rejection-sample: {error}") from None
+    prompts, _ = _datasets(script, None, evaluate=False)
+    mix = None
+    if args.mix_dataset is not None:  # loaded before sampling, so that a bad path fails at once
+        mix = load_training_dataset(args.mix_dataset, split=args.mix_dataset_split)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = _load_tokenizer(model_args)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _load_policy(model_args, from_scratch_ok=False).to(device)
+    reward_funcs = _with_reward_model(args, named, model_args, tokenizer, device)
+    sampled = rejection_sample(
+        model, tokenizer, prompts, reward_funcs, args.reward_weights, params=params, keep=args.keep,
+        threshold=args.threshold, batch_size=args.batch_size, seed=args.seed,
+        max_prompt_length=args.max_prompt_length, skip_truncated=args.skip_truncated,
+        deduplicate=args.deduplicate, progress=not args.disable_tqdm,
+    )  # fmt: skip
+    kept = len(sampled)
+    mean = f"{sum(sampled['reward']) / kept:.4f}" if kept else "n/a"
+    output = mix_datasets(sampled, mix, args.mix_ratio, seed=args.seed) if mix is not None else sampled
+    path = save_jsonl(output, args.output_path)
+    mixed = f", {len(output) - kept} rows mixed in from {args.mix_dataset}" if mix is not None else ""
+    print(
+        f"fastalign: rejection-sample: {len(prompts)} prompts x {args.num_generations} completions, kept {kept} rows "
+        f"(mean reward {mean}){mixed}; wrote {len(output)} rows to {path}",
+        file=sys.stderr,
+    )
+
+
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "pre-train a causal LM on `text` data with packing (from a config-only folder: from scratch)",
@@ -159,6 +411,12 @@ COMMANDS: dict[str, Command] = {
     "reward": Command("a Bradley-Terry reward model on preference pairs (prompt, chosen, rejected)", RewardConfig,
                       run_reward, {}),
     "dpo": Command("direct preference optimisation (every DPO loss_type) on preference pairs", DPOConfig, run_dpo, {}),
+    "grpo": Command("GRPO / DAPO / Dr. GRPO on prompts, with --reward_funcs and/or --reward_model_name_or_path",
+                    GRPOConfig, run_grpo, {}, GRPOScriptArguments),
+    "rejection-sample": Command(
+        "sample k completions per prompt, keep the best by reward, write prompt-completion JSONL for sft",
+        RejectionSamplingArguments, run_rejection_sample, {},
+    ),
 }  # fmt: skip
 
 
@@ -190,7 +448,7 @@ def _yaml_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
 def build_parser(name: str) -> HfArgumentParser:
     command = COMMANDS[name]
     parser = HfArgumentParser(
-        (ScriptArguments, ModelConfig, command.config), prog=f"fastalign {name}", description=command.summary,
+        (command.script, ModelConfig, command.config), prog=f"fastalign {name}", description=command.summary,
         epilog="Every flag can also be a key of the YAML file given with --config; flags override the file.",
     )  # fmt: skip
     parser.add_argument("--config", help="a YAML file of field: value (same names as the flags)")
@@ -198,7 +456,7 @@ def build_parser(name: str) -> HfArgumentParser:
     return parser
 
 
-def parse(name: str, argv: Sequence[str]) -> tuple[ScriptArguments, ModelConfig, Any]:
+def parse(name: str, argv: Sequence[str]) -> tuple[Any, ModelConfig, Any]:
     parser = build_parser(name)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -212,7 +470,8 @@ def parse(name: str, argv: Sequence[str]) -> tuple[ScriptArguments, ModelConfig,
 
 def _top_level_help() -> str:
     lines = ["usage: fastalign COMMAND [--config FILE.yaml] [--FIELD VALUE ...]", "", "commands:"]
-    lines += [f"  {name:10s} {command.summary}" for name, command in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:{width}s}  {command.summary}" for name, command in COMMANDS.items()]
     lines += [
         "",
         "`fastalign COMMAND --help` lists the command's fields (TRL's names: --model_name_or_path, --dataset_name,",
@@ -220,6 +479,10 @@ def _top_level_help() -> str:
         "",
         "example:",
         "  fastalign sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name data.jsonl --output_dir out",
+        "  fastalign grpo --model_name_or_path sft-out --dataset_name prompts.jsonl --output_dir grpo \\",
+        "      --reward_funcs accuracy_reward think_format_reward --reward_weights 1.0 0.5",
+        "  fastalign rejection-sample --model_name_or_path grpo --dataset_name prompts.jsonl \\",
+        "      --reward_funcs accuracy_reward --num_generations 8 --output_path r1-sft.jsonl",
     ]
     return "\n".join(lines)
 

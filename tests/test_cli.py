@@ -109,3 +109,134 @@ def test_dpo_from_the_command_line(workspace):
     assert (tmp_path / "dpo" / "model.safetensors").exists()
     _, _, dpo = parse("dpo", ["--config", str(config), "--loss_type", "ipo"])
     assert dpo.loss_type == ["ipo"] and dpo.beta == 0.1
+
+
+# ------------------------------------------------------------------------------- grpo and rejection-sample
+
+
+REWARD_MODULE = """
+def blue(completions, **kwargs):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [float(t.split().count("blue")) for t in texts]
+"""
+
+
+@pytest.fixture
+def rl_workspace(workspace, monkeypatch):
+    """The workspace plus a GRPO YAML and an importable module of reward functions (``cli_rewards:blue``)."""
+    tmp_path, config = workspace
+    (tmp_path / "cli_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cli_rewards", raising=False)
+    settings = yaml.safe_load(config.read_text())
+    for key in ("max_length", "save_steps"):
+        del settings[key]
+    settings.update(
+        {
+            "num_generations": 2,
+            "max_completion_length": 6,
+            "save_strategy": "no",
+            "logging_steps": 1,
+            "reward_funcs": ["think_format_reward", "cli_rewards:blue"],
+            "reward_weights": [0.5, 1.0],
+        }
+    )
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text(yaml.safe_dump(settings))
+    return tmp_path, config, grpo
+
+
+def _reward_model(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    base = tiny_causal_lm()
+    path = tmp_path / "reward-model"
+    LlamaForSequenceClassification(base.config.__class__(**{**base.config.to_dict(), "num_labels": 1})).save_pretrained(
+        path
+    )
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_grpo_from_yaml_with_builtin_and_custom_rewards(rl_workspace):
+    tmp_path, _, grpo = rl_workspace
+    script, _, config = parse("grpo", ["--config", str(grpo)])
+    assert script.reward_funcs == ["think_format_reward", "cli_rewards:blue"] and config.reward_weights == [0.5, 1.0]
+    main(["grpo", "--config", str(grpo), "--output_dir", str(tmp_path / "grpo-out")])
+    out = tmp_path / "grpo-out"
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_grpo_with_a_reward_model_from_the_command_line(rl_workspace):
+    tmp_path, _, grpo = rl_workspace
+    reward_model = _reward_model(tmp_path)
+    main(["grpo", "--config", str(grpo), "--output_dir", str(tmp_path / "grpo-rm"), "--reward_model_name_or_path",
+          str(reward_model), "--reward_funcs", "cli_rewards.blue", "--reward_weights", "1.0", "0.1",
+          "--max_steps", "1"])  # fmt: skip
+    assert (tmp_path / "grpo-rm" / "model.safetensors").exists()
+
+
+def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace):
+    from fastalign.cli import reward_functions_from_names
+    from fastalign.rewards import SoftOverlongPunishment, think_format_reward
+
+    _, _, grpo = rl_workspace
+    for flags, message in [
+        (["--reward_funcs", "blue_reward"], "unknown reward function 'blue_reward'; the built-ins are accuracy_reward, "
+                                            "think_format_reward, code_reward, soft_overlong_punishment"),
+        (["--reward_funcs", "soft_overlong_punishment"], "needs --soft_punish_cache"),
+        (["--reward_funcs", "no_such_module:f"], "cannot import 'no_such_module'"),
+        (["--reward_funcs", "cli_rewards:missing"], "'missing' in module 'cli_rewards' is not found"),
+        (["--reward_weights", "1.0"], "1 weights for 2 reward functions"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            main(["grpo", "--config", str(grpo), "--model_name_or_path", "/nonexistent", *flags])
+    functions = reward_functions_from_names(["think_format_reward", "soft_overlong_punishment"], 100, 20)
+    assert functions[0] is think_format_reward and isinstance(functions[1], SoftOverlongPunishment)
+    assert (functions[1].max_completion_length, functions[1].soft_punish_cache) == (100, 20)
+    with pytest.raises(SystemExit, match="no reward"):
+        main(["rejection-sample", "--model_name_or_path", "/nonexistent", "--output_path", "x.jsonl"])
+
+
+def test_rejection_sample_writes_jsonl_that_sft_trains_on(rl_workspace, capsys):
+    tmp_path, config, _ = rl_workspace
+    data = tmp_path / "train.jsonl"
+    output = tmp_path / "sampled" / "r1-sft.jsonl"
+    main(["rejection-sample", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data),
+          "--reward_model_name_or_path", str(_reward_model(tmp_path)), "--reward_funcs", "cli_rewards:blue",
+          "think_format_reward", "--reward_weights", "0.1", "1.0", "0.5", "--num_generations", "3",
+          "--max_completion_length", "6", "--batch_size", "4", "--output_path", str(output), "--mix_dataset",
+          str(data), "--mix_ratio", "0.25", "--disable_tqdm", "true"])  # fmt: skip
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    sampled = [row for row in rows if row["reward"] is not None]
+    assert len(sampled) == 10 and len(rows) == 13  # best-of-3 per prompt, then round(10 * 0.25 / 0.75) mixed in
+    assert {row["prompt"] for row in sampled} == {row["prompt"] for row in addition_rows()}
+    assert all(isinstance(row["completion"], str) for row in rows)
+    summary = capsys.readouterr().err
+    assert "10 prompts x 3 completions, kept 10 rows (mean reward" in summary and "wrote 13 rows" in summary
+    main(["sft", "--config", str(config), "--dataset_name", str(output), "--output_dir", str(tmp_path / "sft-out")])
+    assert (tmp_path / "sft-out" / "model.safetensors").exists()
+
+
+def test_rejection_sample_flags_are_checked():
+    with pytest.raises(ValueError, match="needs a threshold"):
+        parse("rejection-sample", ["--model_name_or_path", "m", "--keep", "threshold"])
+    with pytest.raises(ValueError, match="go together"):
+        parse("rejection-sample", ["--model_name_or_path", "m", "--mix_dataset", "chat.jsonl"])
+    _, _, args = parse("rejection-sample", ["--model_name_or_path", "m", "--keep", "threshold", "--threshold", "0.5",
+                                            "--reward_funcs", "accuracy_reward", "--num_generations", "4"])  # fmt: skip
+    assert (args.keep, args.threshold, args.reward_funcs) == ("threshold", 0.5, ["accuracy_reward"])
+    assert args.num_generations == 4
+
+
+def test_help_lists_grpo_and_rejection_sample():
+    top = subprocess.run([sys.executable, "-m", "fastalign", "--help"], capture_output=True, text=True, check=True)
+    assert "grpo" in top.stdout and "rejection-sample" in top.stdout
+    for command, flags in [("grpo", ("--reward_funcs", "--reward_model_name_or_path", "--reward_weights",
+                                     "--num_generations", "--soft_punish_cache")),
+                           ("rejection-sample", ("--keep", "--threshold", "--mix_dataset", "--mix_ratio",
+                                                 "--output_path", "--top_p"))]:  # fmt: skip
+        sub = subprocess.run([sys.executable, "-m", "fastalign", command, "--help"], capture_output=True, text=True,
+                             check=True)  # fmt: skip
+        for flag in flags:
+            assert flag in sub.stdout
