@@ -27,8 +27,8 @@ __version__ = "0.1.0"
 # The trainers pull in transformers.Trainer, accelerate and datasets: imported on first use, so that
 # `import fastalign` for the ops stays light.
 _TRAINER_NAMES = (
-    "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig",
-    "SFTTrainer",
+    "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
+    "RewardTrainer", "SFTConfig", "SFTTrainer",
 )  # fmt: skip
 
 

@@ -4,12 +4,14 @@ from fastalign.trainers.configs import (
     DPOConfig,
     GRPOConfig,
     ModelConfig,
+    PPOConfig,
     RewardConfig,
     ScriptArguments,
     SFTConfig,
 )
 from fastalign.trainers.dpo import DPOTrainer, prepare_dpo_dataset
 from fastalign.trainers.grpo import GRPOTrainer
+from fastalign.trainers.ppo import PPOTrainer
 from fastalign.trainers.reward import RewardTrainer
 from fastalign.trainers.sft import SFTTrainer, prepare_sft_dataset
 
@@ -19,6 +21,8 @@ __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
     "ModelConfig",
+    "PPOConfig",
+    "PPOTrainer",
     "RewardConfig",
     "RewardTrainer",
     "SFTConfig",

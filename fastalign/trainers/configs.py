@@ -355,3 +355,152 @@ class GRPOConfig(FastalignTrainingConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+
+
+PPO_OBJECTIVES = ("clip", "kl_penalty")
+
+
+@dataclass
+class PPOConfig(FastalignTrainingConfig):
+    """Proximal policy optimisation with a value model (TRL's ``PPOConfig``: same field names and defaults).
+
+    One rollout batch is ``per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches``
+    completions (TRL's ``local_batch_size``); it is trained on ``num_ppo_epochs`` times, each time shuffled and
+    cut into ``num_mini_batches`` mini-batches, one optimiser step each (so a rollout feeds
+    ``num_ppo_epochs × num_mini_batches`` optimiser steps). ``objective``, ``kl_in_reward``,
+    ``kl_penalty_coef``, ``kl_penalty_estimator``, ``target_kl``, ``whiten_advantages``, ``num_generations``,
+    ``reward_weights``, ``max_prompt_length`` and the sampling filters are fastalign's own. Completions always end
+    at EOS (TRL's ``stop_token="eos"``). TRL fields not listed here (``sft_model_path``, ``num_sample_generations``,
+    ``ds3_gather_for_generation``, adapter names) are not implemented.
+    """
+
+    learning_rate: float = field(default=3e-6, metadata={"help": "Initial AdamW learning rate."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: reward functions read them."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout probability of policy, value and reference models to 0."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Unused (prompts are tokenised on the fly)."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward model used when the trainer is given no reward_funcs."}
+    )
+    total_episodes: int | None = field(
+        default=None,
+        metadata={"help": "Completions to train on in total; sets max_steps when max_steps is not given."},
+    )
+    # generation
+    response_length: int = field(default=53, metadata={"help": "Tokens generated per completion at most."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "fastalign: prompts keep their last this many tokens (None: all)."}
+    )
+    num_generations: int = field(
+        default=1, metadata={"help": "fastalign: completions sampled per prompt (TRL's PPO samples one)."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (also used for the log-probs)."})
+    top_p: float = field(default=1.0, metadata={"help": "fastalign: nucleus sampling mass."})
+    top_k: int = field(default=0, metadata={"help": "fastalign: top-k sampling (0: off)."})
+    stop_token: str | None = field(
+        default=None,
+        metadata={"help": "None or 'eos': completions end at the EOS token (or stop_token_id) either way."},
+    )
+    stop_token_id: int | None = field(
+        default=None, metadata={"help": "Token id that ends a completion (default: the tokenizer's EOS)."}
+    )
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Rows per generate call and per no-gradient forward of the rollout."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of completions that end without EOS."}
+    )
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    # optimisation
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches (optimiser steps) per pass."})
+    objective: str = field(
+        default="clip",
+        metadata={
+            "help": "fastalign: 'clip' (the clipped surrogate) or 'kl_penalty' (E[ratio·A] − β·KL(π_old‖π), with "
+            "the PPO paper's adaptive β)."
+        },
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value prediction."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards (not their mean)."})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "fastalign: whiten the advantages over the rollout (TRL always does)."}
+    )
+    kl_coef: float = field(default=0.05, metadata={"help": "KL coefficient of the KL to the reference; 0: none."})
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "'k1' or 'k3': estimator of the per-token KL to the reference in the reward (and in the "
+            "logged objective/kl)."
+        },
+    )
+    kl_in_reward: bool = field(
+        default=True,
+        metadata={
+            "help": "fastalign: True (TRL): −kl_coef·KL per token in the reward; False: kl_coef·k3 KL to the "
+            "reference in the policy loss (as GRPO's beta)."
+        },
+    )
+    kl_penalty_coef: float = field(
+        default=1.0, metadata={"help": "fastalign: initial β of the 'kl_penalty' objective."}
+    )
+    kl_penalty_estimator: str = field(
+        default="k3",
+        metadata={
+            "help": "fastalign: 'k1' (old − logp) or 'k3' (ratio − 1 − log ratio): per-token estimate of "
+            "KL(π_old‖π) in the 'kl_penalty' loss; k3 is never negative and has zero gradient at π_old."
+        },
+    )
+    target_kl: float | None = field(
+        default=0.01,
+        metadata={
+            "help": "fastalign: 'kl_penalty' target: after each update β doubles when KL(π_old‖π) > 1.5·target "
+            "and halves when < target/1.5; None keeps β fixed."
+        },
+    )
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Completions per rollout (TRL's ``local_batch_size``)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_ppo_epochs", "num_mini_batches", "num_generations", "response_length",
+                     "local_rollout_forward_batch_size"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.rollout_batch_size % self.num_generations:
+            raise ValueError(
+                f"the rollout batch ({self.rollout_batch_size} completions = per_device_train_batch_size × "
+                f"gradient_accumulation_steps × num_mini_batches) must be a multiple of num_generations "
+                f"({self.num_generations})"
+            )
+        if self.objective not in PPO_OBJECTIVES:
+            raise ValueError(f"objective must be one of {PPO_OBJECTIVES}, got {self.objective!r}")
+        for name in ("kl_estimator", "kl_penalty_estimator"):
+            if getattr(self, name) not in ("k1", "k3"):
+                raise ValueError(f"{name} must be 'k1' or 'k3', got {getattr(self, name)!r}")
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(f"stop_token must be None or 'eos', got {self.stop_token!r}")
+        if not 0 <= self.cliprange < 1:
+            raise ValueError(f"cliprange must be in [0, 1), got {self.cliprange}")
+        for name in ("vf_coef", "cliprange_value", "kl_coef", "kl_penalty_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+        if self.total_episodes is not None and self.max_steps <= 0:
+            rollouts = -(-self.total_episodes // self.rollout_batch_size)
+            self.max_steps = rollouts * self.num_ppo_epochs * self.num_mini_batches
