@@ -3,9 +3,11 @@ the train and eval splits, the pad token, and switching dropout off."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fastalign.models import CausalLMAdapter
@@ -58,3 +60,24 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+class BufferedMetricsMixin:
+    """Metrics appended per step as tensors (no host sync in the training step) and averaged in ``log()``,
+    one read per metric per logging interval; eval metrics get the ``eval_`` prefix."""
+
+    def _metric_buffers(self) -> dict[str, dict[str, list]]:
+        return self.__dict__.setdefault("_metrics", {"train": defaultdict(list), "eval": defaultdict(list)})
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        buffers = self._metric_buffers()[mode]
+        averaged = {
+            name: float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in values]).mean())
+            for name, values in buffers.items()
+            if values
+        }
+        if mode == "eval":
+            averaged = {f"eval_{name}": value for name, value in averaged.items()}
+        super().log({**logs, **averaged}, start_time)
+        buffers.clear()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,9 +26,9 @@ from fastalign.models import load_causal_lm, unwrap_peft
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import group_advantages
 from fastalign.ops.logprobs import linear_logprobs
-from fastalign.rewards import RewardModelFunction, score
+from fastalign.rewards import RewardModelFunction, reward_function_name, score
 from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams, truncated_importance_weights
-from fastalign.trainers._common import FusedLossTrainerMixin, disable_dropout, set_pad_token
+from fastalign.trainers._common import BufferedMetricsMixin, FusedLossTrainerMixin, disable_dropout, set_pad_token
 from fastalign.trainers.configs import GRPOConfig
 
 RewardFuncs = Callable[..., list] | str | PreTrainedModel | Sequence[Callable[..., list] | str | PreTrainedModel]
@@ -77,11 +76,7 @@ def _reward_functions(reward_funcs: RewardFuncs, tokenizer: Any) -> list[Callabl
     return functions
 
 
-def _function_name(function: Callable[..., list]) -> str:
-    return getattr(function, "__name__", None) or getattr(function, "name", None) or type(function).__name__
-
-
-class GRPOTrainer(FusedLossTrainerMixin, Trainer):
+class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
     """GRPO with fastalign's fused policy loss (TRL's ``GRPOTrainer`` keywords).
 
     Args:
@@ -153,7 +148,7 @@ class GRPOTrainer(FusedLossTrainerMixin, Trainer):
         self._step = 0
         self._buffered: list[dict[str, torch.Tensor]] | None = None
         self._refill: Iterator[dict] | None = None
-        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = self._metric_buffers()
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -393,19 +388,7 @@ class GRPOTrainer(FusedLossTrainerMixin, Trainer):
         metrics["completions/mean_length"].append(float(batch.completion_mask.sum(dim=1).float().mean()))
         metrics["completions/clipped_ratio"].append(float(batch.truncated.float().mean()))
         for function, column in zip(self.reward_funcs, per_function.T, strict=True):
-            metrics[f"rewards/{_function_name(function)}/mean"].append(float(torch.nanmean(column)))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        averaged = {
-            name: float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in values]).mean())
-            for name, values in self._metrics[mode].items()
-            if values
-        }
-        if mode == "eval":
-            averaged = {f"eval_{name}": value for name, value in averaged.items()}
-        super().log({**logs, **averaged}, start_time)
-        self._metrics[mode].clear()
+            metrics[f"rewards/{reward_function_name(function)}/mean"].append(float(torch.nanmean(column)))
 
 
 def _split_rows(batch: dict[str, torch.Tensor], parts: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -37,11 +36,11 @@ from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import gae
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.policy import LOG_RATIO_LIMIT, kl_estimate, value_loss
-from fastalign.rewards import score
+from fastalign.rewards import reward_function_name, score
 from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams
-from fastalign.trainers._common import FusedLossTrainerMixin, disable_dropout, set_pad_token
+from fastalign.trainers._common import BufferedMetricsMixin, FusedLossTrainerMixin, disable_dropout, set_pad_token
 from fastalign.trainers.configs import PPOConfig
-from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _function_name, _reward_functions
+from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions
 
 __all__ = ["PPOTrainer", "PolicyAndValueModel", "adapt_kl_coef", "masked_whiten"]
 
@@ -113,7 +112,7 @@ def _default_value_model(model: nn.Module) -> ValueHeadModel:
     return ValueHeadModel(base).requires_grad_(True)
 
 
-class PPOTrainer(FusedLossTrainerMixin, Trainer):
+class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
     """PPO with a learned value model and fastalign's fused policy loss (TRL's ``PPOTrainer`` keywords).
 
     Args:
@@ -203,7 +202,7 @@ class PPOTrainer(FusedLossTrainerMixin, Trainer):
         self.kl_penalty_beta = torch.tensor(float(args.kl_penalty_coef), device=self.args.device)
         self._step = 0
         self._rollout: list[dict[str, torch.Tensor]] | None = None
-        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = self._metric_buffers()
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -525,19 +524,7 @@ class PPOTrainer(FusedLossTrainerMixin, Trainer):
         metrics["completions/mean_length"].append(mask.sum(dim=1).float().mean())
         metrics["completions/clipped_ratio"].append(truncated.float().mean())
         for function, column in zip(self.reward_funcs, per_function.T, strict=True):
-            metrics[f"rewards/{_function_name(function)}/mean"].append(torch.nanmean(column))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        averaged = {
-            name: float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in values]).mean())
-            for name, values in self._metrics[mode].items()
-            if values
-        }
-        if mode == "eval":
-            averaged = {f"eval_{name}": value for name, value in averaged.items()}
-        super().log({**logs, **averaged}, start_time)
-        self._metrics[mode].clear()
+            metrics[f"rewards/{reward_function_name(function)}/mean"].append(torch.nanmean(column))
 
 
 def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
