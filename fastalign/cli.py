@@ -6,9 +6,11 @@ Flags are the field names of the stage's config (``SFTConfig`` ...), of ``ModelC
 ``--dtype``, ``--use_peft`` ...) and of ``ScriptArguments`` (``--dataset_name`` ...). A YAML file passed with
 ``--config`` uses the same keys; flags on the command line override it.
 
-``fastalign grpo`` adds TRL's GRPO script flags (``--reward_funcs``, ``--reward_model_name_or_path``);
+``fastalign grpo`` and ``fastalign ppo`` add TRL's GRPO script flags (``--reward_funcs``,
+``--reward_model_name_or_path``);
 ``fastalign rejection-sample`` samples k completions per prompt, keeps the best (or those above a threshold) and
-writes an SFT dataset (:mod:`fastalign.sampling`).
+writes an SFT dataset (:mod:`fastalign.sampling`). ``fastalign pipeline recipe.yaml`` chains stages
+(:mod:`fastalign.pipeline`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fastalign.trainers.configs import (
     DPOConfig,
     GRPOConfig,
     ModelConfig,
+    PPOConfig,
     RewardConfig,
     ScriptArguments,
     SFTConfig,
@@ -44,7 +47,7 @@ is accepted as an alias of ``soft_overlong_punishment``)."""
 
 @dataclass
 class RewardArguments:
-    """The reward flags of ``fastalign grpo`` and ``fastalign rejection-sample`` (TRL's GRPO script names)."""
+    """The reward flags of ``fastalign grpo``, ``ppo`` and ``rejection-sample`` (TRL's GRPO script names)."""
 
     reward_funcs: list[str] | None = field(
         default=None,
@@ -357,6 +360,22 @@ def run_grpo(script: GRPOScriptArguments, model_args: ModelConfig, config: GRPOC
     _train(trainer, config)
 
 
+def run_ppo(script: GRPOScriptArguments, model_args: ModelConfig, config: PPOConfig):
+    from fastalign.trainers import PPOTrainer
+
+    named = _reward_setup(script, config.reward_weights, config.response_length)
+    train, evaluate = _datasets(script, config)
+    tokenizer = _load_tokenizer(model_args)
+    reward_funcs = _with_reward_model(script, named, model_args, tokenizer, config.device)
+    # The value model starts from a copy of the policy's backbone with a fresh value head (PPOTrainer's default).
+    trainer = PPOTrainer(
+        _load_policy(model_args, from_scratch_ok=False), reward_funcs=reward_funcs, args=config,
+        train_dataset=train, eval_dataset=evaluate, processing_class=tokenizer,
+        peft_config=_peft_config(model_args, "CAUSAL_LM"),
+    )  # fmt: skip
+    _train(trainer, config)
+
+
 def run_rejection_sample(script: ScriptArguments, model_args: ModelConfig, args: RejectionSamplingArguments):
     import torch
 
@@ -413,6 +432,8 @@ COMMANDS: dict[str, Command] = {
     "dpo": Command("direct preference optimisation (every DPO loss_type) on preference pairs", DPOConfig, run_dpo, {}),
     "grpo": Command("GRPO / DAPO / Dr. GRPO on prompts, with --reward_funcs and/or --reward_model_name_or_path",
                     GRPOConfig, run_grpo, {}, GRPOScriptArguments),
+    "ppo": Command("PPO with a value model (RLHF), with --reward_model_name_or_path and/or --reward_funcs",
+                   PPOConfig, run_ppo, {}, GRPOScriptArguments),
     "rejection-sample": Command(
         "sample k completions per prompt, keep the best by reward, write prompt-completion JSONL for sft",
         RejectionSamplingArguments, run_rejection_sample, {},
@@ -428,10 +449,19 @@ def _yaml_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
         raise SystemExit(f"--config: cannot read {path}: {error.strerror}") from None
     if not isinstance(values, dict):
         raise SystemExit(f"--config: {path} must hold a mapping of field names to values")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    return values_to_argv(values, parser, f"--config: {path}")
+
+
+def field_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The field names (flag destinations) a command's parser accepts."""
+    return {action.dest for action in parser._actions} - {"help"}
+
+
+def values_to_argv(values: dict[str, Any], parser: HfArgumentParser, source: str) -> list[str]:
+    """A mapping of field names to values as command-line flags; unknown names are an error naming ``source``."""
+    unknown = sorted(set(values) - field_names(parser))
     if unknown:
-        raise SystemExit(f"--config: {path} has unknown fields {unknown}; see --help for the accepted ones")
+        raise SystemExit(f"{source} has unknown fields {unknown}; see --help for the accepted ones")
     argv = []
     for key, value in values.items():
         if isinstance(value, dict):
@@ -472,6 +502,7 @@ def _top_level_help() -> str:
     lines = ["usage: fastalign COMMAND [--config FILE.yaml] [--FIELD VALUE ...]", "", "commands:"]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:{width}s}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += [f"  {'pipeline':{width}s}  run a recipe of these commands stage by stage (built-in: rlhf, dpo, r1)"]
     lines += [
         "",
         "`fastalign COMMAND --help` lists the command's fields (TRL's names: --model_name_or_path, --dataset_name,",
@@ -483,6 +514,8 @@ def _top_level_help() -> str:
         "      --reward_funcs accuracy_reward think_format_reward --reward_weights 1.0 0.5",
         "  fastalign rejection-sample --model_name_or_path grpo --dataset_name prompts.jsonl \\",
         "      --reward_funcs accuracy_reward --num_generations 8 --output_path r1-sft.jsonl",
+        "  fastalign pipeline rlhf --output_dir runs/rlhf --set model_name_or_path=Qwen/Qwen2.5-0.5B \\",
+        "      --set sft_dataset=sft.jsonl --set preference_dataset=pairs.jsonl --set prompt_dataset=prompts.jsonl",
     ]
     return "\n".join(lines)
 
@@ -493,6 +526,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(_top_level_help())
         return
     name, rest = argv[0], argv[1:]
+    if name == "pipeline":
+        from fastalign.pipeline import main as pipeline_main
+
+        pipeline_main(rest)
+        return
     if name not in COMMANDS:
         raise SystemExit(f"fastalign: unknown command {name!r}\n\n{_top_level_help()}")
     script, model_args, config = parse(name, rest)

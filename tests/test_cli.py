@@ -240,3 +240,40 @@ def test_help_lists_grpo_and_rejection_sample():
                              check=True)  # fmt: skip
         for flag in flags:
             assert flag in sub.stdout
+
+
+# ------------------------------------------------------------------------------------------------------- ppo
+
+
+def test_ppo_from_yaml_with_a_reward_model_and_a_rule(rl_workspace):
+    tmp_path, _, grpo = rl_workspace
+    settings = yaml.safe_load(grpo.read_text())
+    del settings["max_completion_length"]
+    settings.update({"reward_model_name_or_path": str(_reward_model(tmp_path)), "response_length": 4,
+                     "num_ppo_epochs": 1, "per_device_train_batch_size": 2,
+                     "output_dir": str(tmp_path / "ppo")})  # fmt: skip
+    ppo = tmp_path / "ppo.yaml"
+    ppo.write_text(yaml.safe_dump(settings))
+    script, _, config = parse("ppo", ["--config", str(ppo)])
+    assert script.reward_funcs == ["think_format_reward", "cli_rewards:blue"] and config.response_length == 4
+    with pytest.raises(SystemExit, match="2 weights for 3 reward functions"):
+        main(["ppo", "--config", str(ppo), "--model_name_or_path", "/nonexistent"])
+    main(["ppo", "--config", str(ppo), "--reward_weights", "1.0", "0.5", "0.1", "--save_strategy", "steps",
+          "--save_steps", "2"])  # fmt: skip
+    out = tmp_path / "ppo"
+    assert (out / "model.safetensors").exists() and (out / "value_model.safetensors").exists()
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_help_lists_ppo_and_pipeline():
+    top = subprocess.run([sys.executable, "-m", "fastalign", "--help"], capture_output=True, text=True, check=True)
+    assert "ppo" in top.stdout and "pipeline" in top.stdout
+    sub = subprocess.run([sys.executable, "-m", "fastalign", "ppo", "--help"], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    for flag in ("--reward_funcs", "--reward_model_name_or_path", "--soft_punish_cache", "--response_length",
+                 "--kl_coef", "--num_ppo_epochs"):  # fmt: skip
+        assert flag in sub.stdout
+    pipe = subprocess.run([sys.executable, "-m", "fastalign", "pipeline", "--help"], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    for text in ("--from_stage", "--smoke", "--set", "rlhf", "r1"):
+        assert text in pipe.stdout
