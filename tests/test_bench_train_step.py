@@ -6,7 +6,7 @@ import tempfile
 import pytest
 import torch
 
-from bench.train_step import Case, add_derived, build_case, check_targets, main
+from bench.train_step import Case, add_derived, build_case, build_rl_case, check_targets, main
 
 
 def read_rows(path):
@@ -78,3 +78,55 @@ def test_trl_row_is_skipped_with_the_reason_when_trl_does_not_import(tmp_path, m
     assert rows["trl"]["error"] == "skipped: trl is not installed (pip install trl)" and not rows["trl"]["time_s"]
     assert float(rows["fastalign"]["time_s"]) > 0 and rows["fastalign"]["vs_trl"] == ""
     assert "skipped: trl is not installed" in (tmp_path / "train_step-tiny.md").read_text()
+
+
+def test_tiny_preset_runs_the_rl_stages_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.train_step.trl_status", lambda: "trl is not installed (pip install trl)")  # no TRL
+    main(["--preset", "tiny", "--stages", "grpo", "grpo-gen", "ppo", "--out", str(tmp_path)])
+    rows = read_rows(tmp_path / "train_step-rl-tiny.csv")
+    assert [(r["stage"], r["impl"]) for r in rows] == [
+        ("grpo", "fastalign"), ("grpo", "eager"), ("grpo", "trl"), ("grpo-gen", "fastalign"), ("grpo-gen", "trl"),
+        ("ppo", "fastalign"), ("ppo", "eager"), ("ppo", "trl"),
+    ]  # fmt: skip
+    for row in rows:
+        if row["impl"] == "trl":
+            assert row["error"].startswith("skipped:") and not row["time_s"]
+            continue
+        assert not row["error"], row["error"]
+        assert float(row["time_s"]) > 0 and float(row["tokens_per_s"]) > 0 and float(row["peak_mib"]) > 0
+        assert int(row["rows"]) == 4 and int(row["prompt_len"]) == 8
+        assert int(row["tokens"]) == 4 * (8 if row["stage"] == "grpo-gen" else 16)
+    markdown = (tmp_path / "train_step-rl-tiny.md").read_text()
+    assert "## grpo" in markdown and "## grpo-gen" in markdown and "## ppo" in markdown
+    assert "RL stages: 1 prompt(s) x 4 generations" in markdown
+
+
+def _rl_loss_and_grads(stage: str, impl: str):
+    case = Case(stage, impl, "cpu", "float32", "toy Qwen2", 12, 2, 0, True, num_generations=3, prompt_len=5)
+    with tempfile.TemporaryDirectory() as workdir:
+        optimizer, step_loss, batch, _ = build_rl_case(case, workdir)
+        loss = step_loss(batch)
+        grads = [p.grad.clone() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return loss.detach(), grads
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_fastalign_and_eager_rl_steps_compute_the_same_loss(stage):
+    fused, fused_grads = _rl_loss_and_grads(stage, "fastalign")
+    eager, eager_grads = _rl_loss_and_grads(stage, "eager")
+    assert abs(fused.item()) > 1e-3  # not a trivial zero (the old log-probs are off-policy, advantages vary)
+    assert abs(fused.item() - eager.item()) <= 1e-5, (fused.item(), eager.item())
+    assert len(fused_grads) == len(eager_grads) > 0
+    for fused_grad, eager_grad in zip(fused_grads, eager_grads, strict=True):
+        torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rl_targets_are_the_issue_s():
+    rows = [{"stage": "grpo", "impl": "fastalign", "time_s": 1.0, "peak_extra_mib": 40.0, "tokens": 100},
+            {"stage": "grpo", "impl": "trl", "time_s": 1.6, "peak_extra_mib": 100.0, "tokens": 100},
+            {"stage": "ppo", "impl": "fastalign", "time_s": 1.0, "peak_extra_mib": 1.0, "tokens": 100}]  # fmt: skip
+    add_derived(rows)
+    results = {text.split(":")[0] + ":" + text.split(":")[1]: met for met, text in check_targets(rows)}
+    assert results["grpo: tokens/s >= 1.5x TRL's"] is True  # 1.6x
+    assert results["grpo: step peak memory <= 50% of TRL's"] is True  # 40%
+    assert results["ppo: tokens/s >= 1.5x TRL's"] is None  # no TRL row: not judged
