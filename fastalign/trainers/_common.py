@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastalign.models import CausalLMAdapter
+from fastalign.models import CausalLMAdapter, load_causal_lm
 
 
 class FusedLossTrainerMixin:
@@ -42,6 +42,18 @@ def prepare_splits(train_dataset: Any, eval_dataset: Any, prepare: Callable[[Any
     elif eval_dataset is not None:
         eval_dataset = prepare(eval_dataset)
     return train_dataset, eval_dataset
+
+
+def load_policy_and_tokenizer(model: Any, processing_class: Any) -> tuple[nn.Module, Any]:
+    """A causal LM given by name/path is loaded (:func:`fastalign.models.load_causal_lm`); a missing tokenizer
+    is the model's own."""
+    if isinstance(model, str):
+        model = load_causal_lm(model)
+    if processing_class is None:
+        from transformers import AutoTokenizer
+
+        processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    return model, processing_class
 
 
 def set_pad_token(tokenizer: Any, pad_token: str | None) -> None:

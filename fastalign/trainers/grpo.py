@@ -19,16 +19,22 @@ import datasets
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer
 
 from fastalign.data import require_format, tokenize_prompt
-from fastalign.models import load_causal_lm, unwrap_peft
+from fastalign.models import unwrap_peft
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import group_advantages
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.rewards import RewardModelFunction, reward_function_name, score
 from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams, truncated_importance_weights
-from fastalign.trainers._common import BufferedMetricsMixin, FusedLossTrainerMixin, disable_dropout, set_pad_token
+from fastalign.trainers._common import (
+    BufferedMetricsMixin,
+    FusedLossTrainerMixin,
+    disable_dropout,
+    load_policy_and_tokenizer,
+    set_pad_token,
+)
 from fastalign.trainers.configs import GRPOConfig
 
 RewardFuncs = Callable[..., list] | str | PreTrainedModel | Sequence[Callable[..., list] | str | PreTrainedModel]
@@ -108,10 +114,7 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         **kwargs: Any,
     ):
         args = args if args is not None else GRPOConfig(output_dir="fastalign-grpo")
-        if isinstance(model, str):
-            model = load_causal_lm(model)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        model, processing_class = load_policy_and_tokenizer(model, processing_class)
         set_pad_token(processing_class, None)
         if peft_config is not None:
             from peft import get_peft_model

@@ -28,17 +28,23 @@ import datasets
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer
 
 from fastalign.data import require_format, tokenize_prompt
-from fastalign.models import CausalLMAdapter, ValueHeadModel, load_causal_lm, unwrap_peft
+from fastalign.models import CausalLMAdapter, ValueHeadModel, unwrap_peft
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import gae
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.policy import LOG_RATIO_LIMIT, kl_estimate, value_loss
 from fastalign.rewards import reward_function_name, score
 from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams
-from fastalign.trainers._common import BufferedMetricsMixin, FusedLossTrainerMixin, disable_dropout, set_pad_token
+from fastalign.trainers._common import (
+    BufferedMetricsMixin,
+    FusedLossTrainerMixin,
+    disable_dropout,
+    load_policy_and_tokenizer,
+    set_pad_token,
+)
 from fastalign.trainers.configs import PPOConfig
 from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions
 
@@ -149,10 +155,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         **kwargs: Any,
     ):
         args = args if args is not None else PPOConfig(output_dir="fastalign-ppo")
-        if isinstance(model, str):
-            model = load_causal_lm(model)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        model, processing_class = load_policy_and_tokenizer(model, processing_class)
         set_pad_token(processing_class, None)
         for dataset in (train_dataset, eval_dataset):
             if dataset is not None:

@@ -12,11 +12,11 @@ from typing import Any
 import datasets
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer
 
 from fastalign.data import SFTCollator, pack_sequences, require_format, tokenize_dataset
-from fastalign.models import load_causal_lm, shift_labels
-from fastalign.trainers._common import FusedLossTrainerMixin, prepare_splits, set_pad_token
+from fastalign.models import shift_labels
+from fastalign.trainers._common import FusedLossTrainerMixin, load_policy_and_tokenizer, prepare_splits, set_pad_token
 from fastalign.trainers.configs import SFTConfig
 
 
@@ -73,10 +73,7 @@ class SFTTrainer(FusedLossTrainerMixin, Trainer):
         **kwargs: Any,
     ):
         args = args if args is not None else SFTConfig(output_dir="fastalign-sft")
-        if isinstance(model, str):
-            model = load_causal_lm(model)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        model, processing_class = load_policy_and_tokenizer(model, processing_class)
         if args.eos_token is not None:
             processing_class.eos_token = args.eos_token
         set_pad_token(processing_class, args.pad_token)
