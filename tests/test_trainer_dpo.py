@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import NUMBERS, tiny_causal_lm, word_tokenizer
+from tiny import NUMBERS, assert_resume_is_exact, tiny_causal_lm, word_tokenizer
 
 import fastalign
 from fastalign.ops.preference import DPO_LOSS_TYPES
@@ -177,17 +177,7 @@ def test_reference_modes_agree(tmp_path):
 
 
 def test_resume_from_a_checkpoint_continues_identically(tmp_path):
-    straight = trainer(tmp_path / "a", max_steps=6)
-    straight.train()
-    first = trainer(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
-    first.train()
-    checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
-    assert (checkpoint / "model.safetensors").exists()
-    resumed = trainer(tmp_path / "c", max_steps=6)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    for (name, expected), got in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(),
-                                     strict=True):  # fmt: skip
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert_resume_is_exact(trainer, tmp_path)
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):

@@ -48,3 +48,21 @@ def addition_rows() -> list[dict[str, str]]:
         {"prompt": f"add one to {NUMBERS[n]} . the answer is", "completion": f" {NUMBERS[n + 1]} ."}
         for n in range(len(NUMBERS) - 1)
     ]
+
+
+def assert_resume_is_exact(make_trainer, tmp_path) -> None:
+    """Six steps straight equal three steps, a checkpoint, and three more steps resumed from it.
+
+    ``make_trainer(folder, **config_overrides)`` builds a fresh trainer writing to ``folder / "out"``.
+    """
+    straight = make_trainer(tmp_path / "a", max_steps=6)
+    straight.train()
+    make_trainer(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3).train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").exists()
+    resumed = make_trainer(tmp_path / "c", max_steps=6)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = straight.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -40,6 +40,19 @@ from fastalign.trainers.configs import GRPOConfig
 RewardFuncs = Callable[..., list] | str | PreTrainedModel | Sequence[Callable[..., list] | str | PreTrainedModel]
 
 
+def rollout_groups(trainer: Trainer, rows: list[dict]) -> tuple[list[dict], RolloutBatch]:
+    """Sample ``num_generations`` completions for each distinct prompt of ``rows`` (each given repeated
+    ``num_generations`` times) with the trainer's engine; returns the rows aligned with the batch's rows."""
+    args = trainer.args
+    unique = rows[:: args.num_generations]
+    prompts = [
+        tokenize_prompt(row, trainer.processing_class, max_prompt_length=args.max_prompt_length)["prompt_ids"]
+        for row in unique
+    ]
+    batch = trainer.engine.generate(prompts, trainer.sampling)
+    return [row for row in unique for _ in range(args.num_generations)], batch
+
+
 class RepeatSampler(Sampler[int]):
     """Dataset indices for GRPO: shuffled chunks of ``prompts_per_generation`` prompts; each chunk is yielded
     ``repeat_count`` times (one per micro-batch it feeds, times ``num_iterations``) and every index in it
@@ -209,17 +222,6 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         self._step += 1
         return inputs
 
-    def _rollout(self, rows: list[dict]) -> tuple[list[dict], RolloutBatch]:
-        """Sample ``num_generations`` completions for each distinct prompt of ``rows`` (given repeated)."""
-        unique = rows[:: self.args.num_generations]
-        prompts = [
-            tokenize_prompt(row, self.processing_class, max_prompt_length=self.args.max_prompt_length)["prompt_ids"]
-            for row in unique
-        ]
-        batch = self.engine.generate(prompts, self.sampling)
-        repeated = [row for row in unique for _ in range(self.args.num_generations)]
-        return repeated, batch
-
     def _score(self, rows: list[dict], batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-function rewards ``[N, F]`` (NaN where not applicable) and their weighted sum ``[N]``."""
         tokenizer = self.processing_class
@@ -235,7 +237,7 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
 
     def _generate_and_score(self, rows: list[dict], mode: str) -> dict[str, torch.Tensor]:
         args = self.args
-        rows, batch = self._rollout(rows)
+        rows, batch = rollout_groups(self, rows)
         per_function, rewards = self._score(rows, batch)
         if mode == "train" and args.dynamic_sampling:
             rows, batch, per_function, rewards = self._dynamic_sampling(rows, batch, per_function, rewards)
@@ -274,7 +276,7 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         if self._refill is None:
             self._refill = _cycle(self.train_dataset, self.args.seed + 1)
         rows = [row for _ in range(prompts) for row in [next(self._refill)] * self.args.num_generations]
-        rows, batch = self._rollout(rows)
+        rows, batch = rollout_groups(self, rows)
         per_function, rewards = self._score(rows, batch)
         return rows, batch, per_function, rewards
 

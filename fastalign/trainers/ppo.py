@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer
 
-from fastalign.data import require_format, tokenize_prompt
+from fastalign.data import require_format
 from fastalign.models import CausalLMAdapter, ValueHeadModel, unwrap_peft
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import gae
@@ -46,7 +46,7 @@ from fastalign.trainers._common import (
     set_pad_token,
 )
 from fastalign.trainers.configs import PPOConfig
-from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions
+from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions, rollout_groups
 
 __all__ = ["PPOTrainer", "PolicyAndValueModel", "adapt_kl_coef", "masked_whiten"]
 
@@ -298,15 +298,6 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
                 out.append({key: value[index.to(value.device)] for key, value in batch.items()})
         return out
 
-    def _rollout_completions(self, rows: list[dict]) -> tuple[list[dict], RolloutBatch]:
-        unique = rows[:: self.args.num_generations]
-        prompts = [
-            tokenize_prompt(row, self.processing_class, max_prompt_length=self.args.max_prompt_length)["prompt_ids"]
-            for row in unique
-        ]
-        batch = self.engine.generate(prompts, self.sampling)
-        return [row for row in unique for _ in range(self.args.num_generations)], batch
-
     def _score(self, rows: list[dict], batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-function rewards ``[N, F]`` (NaN where not applicable) and the weighted score ``[N]``."""
         tokenizer = self.processing_class
@@ -327,7 +318,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         per-token rewards, advantages and returns."""
         args = self.args
         device = self.args.device
-        rows, batch = self._rollout_completions(rows)
+        rows, batch = rollout_groups(self, rows)
         per_function, scores = self._score(rows, batch)
         scores = scores.to(device)
         truncated = batch.truncated.to(device)
