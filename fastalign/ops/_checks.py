@@ -54,14 +54,18 @@ def check_targets(targets: object, expected_shape: torch.Size, device: torch.dev
     return targets
 
 
+def target_values_checked(device: torch.device) -> bool:
+    """Whether checks that need target values (or other ranks' shard bounds) on the host run: always for CPU
+    tensors, for GPU tensors only with ``FASTALIGN_CHECK_TARGETS=1``."""
+    return device.type == "cpu" or os.environ.get("FASTALIGN_CHECK_TARGETS", "0") == "1"
+
+
 def check_target_values(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Raise if a target is outside ``[0, vocab_size)`` and is not ``ignore_index``.
 
     Runs on CPU tensors, and on GPU tensors when ``FASTALIGN_CHECK_TARGETS=1``.
     """
-    if targets.numel() == 0:
-        return
-    if targets.device.type != "cpu" and os.environ.get("FASTALIGN_CHECK_TARGETS", "0") != "1":
+    if targets.numel() == 0 or not target_values_checked(targets.device):
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):

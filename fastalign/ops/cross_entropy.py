@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from fastalign.ops.logprobs import linear_stats
 
@@ -34,6 +35,8 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     backend: str = "auto",
+    process_group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never materialising the logits.
 
@@ -47,6 +50,9 @@ def linear_cross_entropy(
         reduction: ``"mean" | "sum" | "none"`` (``"none"`` returns a loss per token, shaped like targets).
         label_smoothing: in ``[0, 1]``. z_loss: coefficient ``>= 0``. softcap: ``None`` or > 0.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        process_group, vocab_start: vocabulary parallelism, as for :func:`fastalign.linear_logprobs`: ``weight``
+            and ``bias`` are this rank's shard, ``targets`` full-vocabulary ids; the loss is the full-vocabulary
+            loss (label smoothing averages over the global vocabulary), the same on every rank.
 
     Returns:
         float32 (float64 for float64 inputs) scalar, or per-token losses for ``reduction="none"``.
@@ -64,10 +70,11 @@ def linear_cross_entropy(
         hidden, weight, bias, targets,
         temperature=1.0, softcap=softcap, ignore_index=ignore_index,
         need_entropy=False, need_sum=label_smoothing > 0, backend=backend,
+        process_group=process_group, vocab_start=vocab_start,
     )  # fmt: skip
     loss = -target_logp
     if label_smoothing > 0:
-        smooth = lse - sum_logits / weight.shape[0]
+        smooth = lse - sum_logits / prepared.vocab_size
         loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
     if z_loss > 0:
         loss = loss + z_loss * lse.square()

@@ -3,31 +3,39 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from fastalign.ops._checks import (
     check_linear_inputs,
     check_logits_inputs,
     check_scalar_options,
     check_target_values,
+    target_values_checked,
 )
 from fastalign.ops.dispatch import resolve_backend, scratch_budget
 from fastalign.ops.stats import LinearStats, LogitsStats, StatsOptions
+from fastalign.ops.vocab_parallel import VocabParallelLinearStats, check_process_group, global_vocab_size
 
 
 class PreparedTargets:
     """Flattened targets split into what the kernels read and what the outputs are masked with.
 
     ``safe`` holds in-range ids only (ignored and out-of-range positions read column 0), ``valid`` marks
-    non-ignored positions and ``out_of_range`` marks unchecked bad ids (GPU tensors), whose outputs become NaN.
+    non-ignored positions, ``local`` the non-ignored ones in range, and ``out_of_range`` marks unchecked bad ids
+    (GPU tensors), whose outputs become NaN. With ``vocab_start`` (vocabulary parallelism) the kernels see a shard
+    of ``vocab_size`` rows starting at that id: ``safe`` holds ``target - vocab_start`` and ``local`` marks the
+    targets in this shard (the vocab-parallel op then sets ``out_of_range`` and the global ``vocab_size``).
     """
 
-    def __init__(self, targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    def __init__(self, targets: torch.Tensor, vocab_size: int, ignore_index: int, vocab_start: int = 0):
         flat = targets.reshape(-1)
         self.shape = targets.shape
+        self.vocab_size: int | torch.Tensor = vocab_size
         self.valid = flat != ignore_index
-        in_range = (flat >= 0) & (flat < vocab_size)
-        self.out_of_range = self.valid & ~in_range
-        self.safe = torch.where(self.valid & in_range, flat, 0).long().contiguous()
+        ids = flat - vocab_start if vocab_start else flat
+        self.local = self.valid & (ids >= 0) & (ids < vocab_size)
+        self.out_of_range = self.valid & ~self.local
+        self.safe = torch.where(self.local, ids, 0).long().contiguous()
 
     def finish(self, per_token: torch.Tensor) -> torch.Tensor:
         """Zero at ignored positions (no gradient there), NaN at out-of-range ones, reshaped like targets."""
@@ -49,10 +57,20 @@ def _prepare(
     backend,
     op,
     grad_into_logits=False,
+    process_group=None,
+    vocab_start=0,
 ) -> tuple[PreparedTargets, StatsOptions, str]:
-    """Checks shared by every op after the input-specific ones: options, target values, backend."""
+    """Checks shared by every op after the input-specific ones: options, target values, backend.
+
+    With a ``process_group``, ``vocab_size`` is this rank's shard and the target values are checked against the
+    global vocabulary, whose size (and the shards' layout) a collective establishes when the checks run.
+    """
     check_scalar_options(temperature, softcap, ignore_index)
-    check_target_values(targets, vocab_size, ignore_index)
+    if process_group is None:
+        check_target_values(targets, vocab_size, ignore_index)
+    elif target_values_checked(targets.device):
+        full_vocab = global_vocab_size(process_group, vocab_start, vocab_size, like.device)
+        check_target_values(targets, full_vocab, ignore_index)
     opts = StatsOptions(
         inv_temperature=1.0 / float(temperature),
         softcap=None if softcap is None else float(softcap),
@@ -62,7 +80,7 @@ def _prepare(
         grad_into_logits=grad_into_logits,
     )
     backend = resolve_backend(backend, like.device, like.dtype, op)
-    return PreparedTargets(targets, vocab_size, ignore_index), opts, backend
+    return PreparedTargets(targets, vocab_size, ignore_index, vocab_start), opts, backend
 
 
 def _logprob_outputs(target_logp, entropy, prepared: PreparedTargets, return_entropy: bool):
@@ -72,12 +90,21 @@ def _logprob_outputs(target_logp, entropy, prepared: PreparedTargets, return_ent
     return logp, prepared.finish(entropy.clamp_min(0.0))
 
 
-def linear_stats(hidden, weight, bias, targets, *, need_entropy, need_sum, backend, **options):
-    """Checked entry to :class:`LinearStats`: returns ``(TokenStats tuple, PreparedTargets)``.
+def linear_stats(
+    hidden, weight, bias, targets, *, need_entropy, need_sum, backend, process_group=None, vocab_start=0, **options
+):
+    """Checked entry to :class:`LinearStats` (to :class:`VocabParallelLinearStats` with a ``process_group``):
+    returns ``((lse, target_logp, entropy, sum_logits), PreparedTargets)``, each statistic ``[N]``.
 
-    ``options``: ``temperature``, ``softcap``, ``ignore_index``.
+    ``options``: ``temperature``, ``softcap``, ``ignore_index``. With a ``process_group`` the statistics are those
+    of the whole vocabulary, the same on every rank, and ``PreparedTargets.vocab_size`` is the global size.
     """
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    if process_group is None:
+        if vocab_start != 0:
+            raise ValueError(f"vocab_start={vocab_start!r} needs a process_group (vocabulary parallelism); got None")
+    else:
+        check_process_group(process_group, vocab_start, weight.shape[0])
     prepared, opts, backend = _prepare(
         targets,
         weight.shape[0],
@@ -86,10 +113,19 @@ def linear_stats(hidden, weight, bias, targets, *, need_entropy, need_sum, backe
         need_sum=need_sum,
         backend=backend,
         op="linear_stats",
+        process_group=process_group,
+        vocab_start=vocab_start,
         **options,
     )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    return LinearStats.apply(flat_hidden, weight, bias, prepared.safe, backend, opts), prepared
+    if process_group is None:
+        return LinearStats.apply(flat_hidden, weight, bias, prepared.safe, backend, opts), prepared
+    *stats, owned, prepared.vocab_size = VocabParallelLinearStats.apply(
+        flat_hidden, weight, bias, prepared.safe, prepared.local, backend, opts, process_group
+    )
+    # A valid target that no shard holds is out of range (only possible when the checks did not run).
+    prepared.out_of_range = prepared.valid & ~owned
+    return tuple(stats), prepared
 
 
 def linear_logprobs(
@@ -103,6 +139,8 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    process_group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob (and entropy) of each target token, straight from hidden states and the lm_head weight.
 
@@ -120,6 +158,13 @@ def linear_logprobs(
         ignore_index: positions with this target get 0 and pass no gradient.
         return_entropy: also return the entropy.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        process_group: vocabulary parallelism (see :mod:`fastalign.ops.vocab_parallel`): ``weight`` ``[V_local,
+            D]`` (and ``bias``) hold rows ``[vocab_start, vocab_start + V_local)`` of the full vocabulary, the
+            shards of the group's ranks tile it; ``hidden`` and ``targets`` (full-vocabulary ids) are the same on
+            every rank. Every rank gets the same outputs; the backward gives every rank the full ``hidden``
+            gradient (all-reduced inside the op) and the gradient of its own ``weight`` / ``bias`` shard. All
+            ranks must call the op together and compute the same loss from its outputs.
+        vocab_start: this rank's first vocabulary id (an int >= 0); only with ``process_group``.
 
     Returns:
         ``logp`` (or ``(logp, entropy)``), shaped like ``targets``, float32 (float64 for float64 inputs),
@@ -136,6 +181,7 @@ def linear_logprobs(
         hidden, weight, bias, targets,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         need_entropy=return_entropy, need_sum=False, backend=backend,
+        process_group=process_group, vocab_start=vocab_start,
     )  # fmt: skip
     return _logprob_outputs(target_logp, entropy, prepared, return_entropy)
 
