@@ -30,6 +30,8 @@ _TRAINER_NAMES = (
     "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
     "RewardTrainer", "SFTConfig", "SFTTrainer",
 )  # fmt: skip
+# fastalign.models (patch_model) is imported on first use as well.
+_MODEL_NAMES = ("patch_model", "unpatch_model")
 
 
 def __getattr__(name: str):
@@ -37,11 +39,16 @@ def __getattr__(name: str):
         from fastalign import trainers
 
         return getattr(trainers, name)
+    if name in _MODEL_NAMES:
+        from fastalign.models import patch
+
+        return getattr(patch, name)
     raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
 
 
 __all__ = [
     *_TRAINER_NAMES,
+    *_MODEL_NAMES,
     "BackendStatus",
     "BackendUnavailableError",
     "__version__",
