@@ -10,18 +10,27 @@ model's own ``forward`` does to its logits after the lm_head is read from the co
   :attr:`CausalLMAdapter.logit_temperature` folded into the ops' ``temperature``.
 
 Works through a PEFT wrapper (LoRA on the backbone); LoRA on the lm_head itself is refused.
+
+Multi-process training: the adapter also takes the model as a trainer hands it over, wrapped in
+``DistributedDataParallel`` (or a DeepSpeed engine) or sharded with FSDP2's ``fully_shard``. Those wrappers only
+do their work when the model's forward runs (DDP prepares its gradient all-reduce, FSDP2 all-gathers the sharded
+parameters, the lm_head's among them), and the fused path never calls the model: :meth:`CausalLMAdapter.fused_forward`
+therefore runs backbone and fused op *as* the model's forward, through the wrapper.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from fastalign.ops.cross_entropy import linear_cross_entropy
 from fastalign.ops.logprobs import linear_logprobs
+
+_T = TypeVar("_T")
 
 __all__ = [
     "CausalLMAdapter",
@@ -41,6 +50,22 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     if peft is not None and isinstance(model, peft.PeftModel):
         return model.get_base_model()
     return model
+
+
+def _unwrap_data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper or a DeepSpeed engine, else ``model``."""
+    # DeepSpeedEngine by name: deepspeed is optional and its import is slow; both wrappers keep the model in .module.
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    return model
+
+
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _is_peft_module(module: torch.nn.Module) -> bool:
@@ -71,12 +96,14 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 class CausalLMAdapter:
     """A Hugging Face causal LM seen as ``backbone -> hidden [B, T, D]`` plus an lm_head ``weight [V, D]``/``bias``.
 
-    Built from any ``AutoModelForCausalLM`` model (or a ``PeftModel`` around one). It holds no parameters of its
-    own: :attr:`weight` and :attr:`bias` are the model's lm_head tensors (the input embedding when tied), so
-    gradients land on the model's parameters exactly as in the eager path.
+    Built from any ``AutoModelForCausalLM`` model (or a ``PeftModel`` around one), also when it is wrapped in
+    ``DistributedDataParallel`` / a DeepSpeed engine or sharded with FSDP2 (see :meth:`fused_forward`). It holds
+    no parameters of its own: :attr:`weight` and :attr:`bias` are the model's lm_head tensors (the input embedding
+    when tied), so gradients land on the model's parameters exactly as in the eager path.
 
     Attributes:
         model: the unwrapped Hugging Face model (LoRA layers, if any, are inside it).
+        wrapper: the module as given (the one whose call runs the DDP / FSDP2 / DeepSpeed forward machinery).
         softcap: final-logit softcapping from the config, or ``None``.
         logit_temperature: the model's fixed logit divisor (``1 / logit_scale`` for Cohere, ``logits_scaling``
             for Granite, else 1.0); the ops get ``temperature * logit_temperature``.
@@ -91,7 +118,9 @@ class CausalLMAdapter:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.model = unwrap_peft(model)
+        self.wrapper = model
+        self._root = _unwrap_data_parallel(model)
+        self.model = unwrap_peft(self._root)
         get_out = getattr(self.model, "get_output_embeddings", None)
         lm_head = get_out() if get_out is not None else None
         if lm_head is None:
@@ -151,6 +180,57 @@ class CausalLMAdapter:
         )
         return out[0]
 
+    def fused_forward(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], _T],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> _T:
+        """``fn(hidden, weight, bias)`` on the backbone's last hidden states, run as one forward of the model.
+
+        ``hidden`` is ``[B, T, D]`` (model dtype, :meth:`hidden_states`), ``weight`` the lm_head ``[V, D]`` and
+        ``bias`` ``[V]`` or ``None``; whatever ``fn`` returns (a loss, log-probs, a tuple or dict of tensors) is
+        returned. On a plain model this is just ``fn(self.hidden_states(...), self.weight, self.bias)``. On a
+        wrapped or sharded model the model's ``forward`` is swapped for this computation for the length of one
+        call through :attr:`wrapper`, so the distributed machinery sees a normal forward:
+
+        * DDP: the reducer is armed for this backward and, with ``find_unused_parameters``, finds the lm_head
+          in the graph (a forward that returned only hidden states would report it unused);
+        * FSDP2 (``fully_shard`` on the root model, as accelerate applies it): the root's pre-forward hook
+          all-gathers the lm_head weight (a sharded ``DTensor`` outside the forward), ``fn`` gets the full
+          ``[V, D]`` tensor, and its gradient is reduce-scattered back onto each rank's shard in the backward.
+
+        Args:
+            fn: ``(hidden [B, T, D], weight [V, D], bias [V] | None) -> result``.
+            input_ids: ``[B, T]`` int64. attention_mask, position_ids: ``[B, T]`` or ``None``; ``kwargs`` go to
+                the backbone.
+        """
+
+        def body() -> _T:
+            hidden = self.hidden_states(input_ids, attention_mask, position_ids, **kwargs)
+            return fn(hidden, self.weight, self.bias)
+
+        root = self._root
+        if (self.wrapper is root and not _is_fsdp2(root)) or getattr(root.__dict__.get("forward"), "_fastalign", False):
+            return body()  # a plain model, or already inside a fused forward of this model
+
+        def forward(*args: Any, **forward_kwargs: Any) -> _T:
+            return body()
+
+        forward._fastalign = True  # type: ignore[attr-defined]
+        # An instance-level forward (accelerate's device hooks set one) is put back afterwards.
+        saved = root.__dict__.get("forward")
+        root.forward = forward
+        try:
+            return self.wrapper()
+        finally:
+            if saved is None:
+                del root.forward
+            else:
+                root.forward = saved
+
     def token_logprobs(
         self,
         input_ids: torch.Tensor,
@@ -175,17 +255,20 @@ class CausalLMAdapter:
         Returns:
             ``logp [B, T]`` float32 (or ``(logp, entropy)``), differentiable w.r.t. the model's parameters.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        return linear_logprobs(
-            hidden,
-            self.weight,
-            targets,
-            bias=self.bias,
-            temperature=temperature * self.logit_temperature,
-            softcap=self.softcap,
-            return_entropy=return_entropy,
-            backend=backend,
-        )
+
+        def logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+            return linear_logprobs(
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                temperature=temperature * self.logit_temperature,
+                softcap=self.softcap,
+                return_entropy=return_entropy,
+                backend=backend,
+            )
+
+        return self.fused_forward(logprobs, input_ids, attention_mask, position_ids)
 
     def cross_entropy_loss(
         self,
@@ -207,24 +290,26 @@ class CausalLMAdapter:
         Returns:
             float32 scalar, or ``[B, T]`` per-token losses for ``reduction="none"``.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        bias = self.bias
-        if self.logit_temperature != 1.0:
-            # linear_cross_entropy takes no temperature: fold the scale into the (smaller) hidden side instead,
-            # (h / t) @ W.T + b / t == (h @ W.T + b) / t. Exact up to one rounding of h in low precision.
-            hidden = hidden / self.logit_temperature
-            bias = None if bias is None else bias / self.logit_temperature
-        return linear_cross_entropy(
-            hidden,
-            self.weight,
-            targets,
-            bias=bias,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=self.softcap,
-            backend=backend,
-        )
+
+        def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if self.logit_temperature != 1.0:
+                # linear_cross_entropy takes no temperature: fold the scale into the (smaller) hidden side instead,
+                # (h / t) @ W.T + b / t == (h @ W.T + b) / t. Exact up to one rounding of h in low precision.
+                hidden = hidden / self.logit_temperature
+                bias = None if bias is None else bias / self.logit_temperature
+            return linear_cross_entropy(
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                reduction=reduction,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
+                softcap=self.softcap,
+                backend=backend,
+            )
+
+        return self.fused_forward(loss, input_ids, attention_mask, position_ids)
 
 
 def _logit_temperature(config: Any) -> float:

@@ -27,10 +27,29 @@ class FusedLossTrainerMixin:
             self._signature_columns = list(self.signature_columns)
 
     def _adapter(self, model: nn.Module) -> CausalLMAdapter:
+        """The adapter of ``model`` as Trainer passes it (wrapped in DDP / sharded by FSDP2 in multi-process runs:
+        the adapter runs the fused loss through the wrapper, see :meth:`CausalLMAdapter.fused_forward`)."""
         adapters = self.__dict__.setdefault("_adapters", {})
         if id(model) not in adapters:
             adapters[id(model)] = CausalLMAdapter(model)
         return adapters[id(model)]
+
+    def _token_mean(
+        self, loss_sum: torch.Tensor, num_items_in_batch: torch.Tensor | int | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """``loss_sum`` (this process's summed token losses, float32 scalar) as its share of the step's token mean.
+
+        The divisor is ``num_items_in_batch`` (Trainer's count of label tokens over the optimiser step's
+        micro-batches) or, without one, the non-ignored ``targets`` of this micro-batch. With
+        ``average_tokens_across_devices`` Trainer sums that count over the processes, while DDP and FSDP average
+        the gradients over them: the share is scaled by the number of processes so that the averaged gradient is
+        the gradient of the global token mean (what ``Trainer.compute_loss`` does for a model's own loss).
+        """
+        if num_items_in_batch is None:
+            return loss_sum / (targets != -100).sum().clamp_min(1)
+        tokens = torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp_min(1)
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return loss_sum * processes / tokens
 
 
 def prepare_splits(train_dataset: Any, eval_dataset: Any, prepare: Callable[[Any], Any]) -> tuple[Any, Any]:

@@ -317,11 +317,12 @@ class DPOTrainer(FusedLossTrainerMixin, Trainer):
             )
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(inputs)
-        adapter = self._adapter(model)
-        hidden = adapter.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))
-        loss, metrics = self.loss_fn(
-            hidden, adapter.weight, targets, bias=adapter.bias, ref_chosen_logps=ref_chosen.float(),
-            ref_rejected_logps=ref_rejected.float(),
+        loss, metrics = self._adapter(model).fused_forward(
+            lambda hidden, weight, bias: self.loss_fn(
+                hidden, weight, targets, bias=bias, ref_chosen_logps=ref_chosen.float(),
+                ref_rejected_logps=ref_rejected.float(),
+            ),
+            inputs["input_ids"], inputs.get("attention_mask"),
         )  # fmt: skip
         record = self._metrics[mode]
         record["rewards/chosen"].append(metrics["chosen_rewards"].mean())

@@ -110,6 +110,5 @@ class SFTTrainer(FusedLossTrainerMixin, Trainer):
             inputs["input_ids"], inputs.get("attention_mask"), targets, position_ids=inputs.get("position_ids"),
             reduction="sum", backend=self.args.backend,
         )  # fmt: skip
-        tokens = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-        loss = loss_sum / torch.as_tensor(tokens, device=loss_sum.device).clamp_min(1)
+        loss = self._token_mean(loss_sum, num_items_in_batch, targets)
         return (loss, {}) if return_outputs else loss
