@@ -389,3 +389,27 @@ def test_trl_stays_optional():
             raise AssertionError("no ImportError without trl")
     """)
     assert result.returncode == 0, result.stderr
+
+
+def test_head_refuses_a_sharded_lm_head_weight():
+    """A DTensor lm_head weight in the forward (tensor parallelism) is refused by name, not a mixed-tensor error."""
+    result = run_python("""
+        import sys
+        sys.path.insert(0, "tests")
+        import pytest, torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from tiny import tiny_causal_lm
+        from fastalign.integrations.trl import add_fastalign_lm_head
+
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+        model = tiny_causal_lm()
+        add_fastalign_lm_head(model)
+        mesh = init_device_mesh("cpu", (1,))
+        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+        input_ids = torch.randint(4, 30, (2, 6))
+        with pytest.raises(ValueError, match="sharded DTensor"):
+            model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+        dist.destroy_process_group()
+    """)
+    assert result.returncode == 0, result.stderr

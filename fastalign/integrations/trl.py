@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 try:
     import trl
@@ -36,8 +37,7 @@ except ImportError as error:  # TRL is optional: only this module needs it
     ) from error
 
 from fastalign.models import CausalLMAdapter, unwrap_peft
-from fastalign.ops.logprobs import _prepare
-from fastalign.ops.stats import LinearStats, _outputs, backend_module
+from fastalign.ops.logprobs import linear_stats
 
 __all__ = ["FusedDPOTrainer", "FusedGRPOTrainer", "FusedSFTTrainer", "add_fastalign_lm_head"]
 
@@ -45,27 +45,6 @@ __all__ = ["FusedDPOTrainer", "FusedGRPOTrainer", "FusedSFTTrainer", "add_fastal
 SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 # Config attributes TRL's head reads as logit multipliers that fastalign.models.CausalLMAdapter does not model.
 _UNMODELLED_LOGIT_SCALES = ("output_multiplier", "lm_head_multiplier")
-
-
-class _LinearStatsWithLogSum(LinearStats):
-    """:class:`fastalign.ops.stats.LinearStats` that also returns ``log_sum = log Σ_j exp(l_j − max_j l_j)`` ``[N]``
-    (no gradient): ``target_logp == −log_sum`` exactly when the target is the row's largest logit, which gives
-    TRL's ``is_top1`` from the same sweep over the vocabulary. The backward is LinearStats'."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, backend, opts):
-        impl = backend_module(backend)
-        stats = impl.linear_forward(hidden, weight, bias, targets, opts)
-        ctx.impl, ctx.opts = impl, opts
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.max_logit, stats.log_sum, stats.entropy)
-        ctx.set_materialize_grads(False)
-        log_sum = stats.log_sum.detach().clone()
-        ctx.mark_non_differentiable(log_sum)
-        return (*_outputs(stats), log_sum)
-
-    @staticmethod
-    def backward(ctx, g_lse, g_target, g_entropy, g_sum, g_log_sum):
-        return LinearStats.backward(ctx, g_lse, g_target, g_entropy, g_sum)
 
 
 def _check_logit_transform(model: torch.nn.Module) -> None:
@@ -112,7 +91,8 @@ def add_fastalign_lm_head(
 
     Raises:
         ValueError: an output fastalign cannot compute (``log_sum_sq_probs``), or a model whose logit transform
-            the adapter does not model (see :class:`CausalLMAdapter`).
+            the adapter does not model (see :class:`CausalLMAdapter`); from the call, an lm_head weight that is a
+            sharded ``DTensor`` in the forward.
     """
     unknown = [name for name in outputs if name not in SUPPORTED_OUTPUTS]
     if unknown:
@@ -147,6 +127,13 @@ def _fused_head(
     else:
         labels = shift_labels
     weight, bias = adapter.weight, adapter.bias
+    if isinstance(weight, DTensor):
+        # TRL's head gathers it (full_tensor); fastalign's head has not been built or tested for that.
+        raise ValueError(
+            f"the lm_head weight of {type(model).__name__} is a sharded DTensor in the forward (tensor parallelism, "
+            "or an lm_head sharded on its own), which fastalign's head does not gather; shard the lm_head with the "
+            "root model (FSDP2's default) or use TRL's own trainer"
+        )
     hidden, labels = hidden.to(weight.device), labels.to(weight.device)
     mask = labels != -100
     device_type = hidden.device.type
@@ -162,14 +149,12 @@ def _fused_head(
     with torch.autocast(device_type, enabled=False):
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        prepared, opts, backend = _prepare(
-            targets, weight.shape[0], rows, temperature=temperature * adapter.logit_temperature,
+        stats, _ = linear_stats(
+            rows, weight, bias, targets, temperature=temperature * adapter.logit_temperature,
             softcap=adapter.softcap, ignore_index=-100, need_entropy="entropy" in outputs,
-            need_sum="mean_logits" in outputs, backend="auto", op="linear_stats",
+            need_sum="mean_logits" in outputs, need_top1="is_top1" in outputs, backend="auto",
         )  # fmt: skip
-        _, logp, entropy, sum_logits, log_sum = _LinearStatsWithLogSum.apply(
-            rows, weight, bias, prepared.safe, backend, opts
-        )
+    logp, entropy, sum_logits = stats[1:4]
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         # masked_scatter keeps the result connected to the graph even when no label is valid.
@@ -182,7 +167,7 @@ def _fused_head(
         log_probs=log_probs,
         entropy=scatter(entropy.clamp_min(0.0)) if "entropy" in outputs else None,
         mean_logits=scatter(sum_logits.detach() / weight.shape[0]) if "mean_logits" in outputs else None,
-        is_top1=scatter(logp.detach() >= -log_sum) if "is_top1" in outputs else None,
+        is_top1=scatter(stats[4]) if "is_top1" in outputs else None,
         label_mask=mask,
     )
 

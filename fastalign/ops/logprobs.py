@@ -59,6 +59,7 @@ def _prepare(
     grad_into_logits=False,
     process_group=None,
     vocab_start=0,
+    need_top1=False,
 ) -> tuple[PreparedTargets, StatsOptions, str]:
     """Checks shared by every op after the input-specific ones: options, target values, backend.
 
@@ -78,6 +79,7 @@ def _prepare(
         need_sum=need_sum,
         scratch_bytes=scratch_budget(like.device),
         grad_into_logits=grad_into_logits,
+        need_top1=need_top1,
     )
     backend = resolve_backend(backend, like.device, like.dtype, op)
     return PreparedTargets(targets, vocab_size, ignore_index, vocab_start), opts, backend
@@ -91,15 +93,44 @@ def _logprob_outputs(target_logp, entropy, prepared: PreparedTargets, return_ent
 
 
 def linear_stats(
-    hidden, weight, bias, targets, *, need_entropy, need_sum, backend, process_group=None, vocab_start=0, **options
-):
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    need_entropy: bool,
+    need_sum: bool,
+    backend: str,
+    process_group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
+    need_top1: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> tuple[tuple[torch.Tensor, ...], PreparedTargets]:
     """Checked entry to :class:`LinearStats` (to :class:`VocabParallelLinearStats` with a ``process_group``):
-    returns ``((lse, target_logp, entropy, sum_logits), PreparedTargets)``, each statistic ``[N]``.
+    returns ``((lse, target_logp, entropy, sum_logits), PreparedTargets)``, each statistic ``[N]`` (``N`` =
+    ``targets.numel()``) in the accumulation dtype (float32; float64 for float64 inputs), ``entropy`` /
+    ``sum_logits`` empty unless asked for. Like the targets the kernels read (``PreparedTargets.safe``), these
+    are unmasked: callers mask them with ``PreparedTargets`` (e.g. :meth:`PreparedTargets.finish`).
 
-    ``options``: ``temperature``, ``softcap``, ``ignore_index``. With a ``process_group`` the statistics are those
-    of the whole vocabulary, the same on every rank, and ``PreparedTargets.vocab_size`` is the global size.
+    ``temperature``, ``softcap``, ``ignore_index``, ``process_group`` and ``vocab_start`` mean what they mean for
+    :func:`linear_logprobs`. With a ``process_group`` the statistics are those of the whole vocabulary, the same
+    on every rank, and ``PreparedTargets.vocab_size`` is the global size.
+
+    With ``need_top1=True`` the statistics gain a fifth entry, ``is_top1`` ``[N]`` bool (no gradient): whether the
+    target is the row's most likely token, False at ignored and out-of-range positions. It comes from the same
+    sweep (no extra pass over the vocabulary; torch and triton backends alike) as
+    ``target_logp == −log Σ_j e^(l_j − max_j l_j)`` (:func:`fastalign.ops.stats.target_is_top1`), so a target
+    tied with the row maximum counts as top-1 whatever the tied columns' order (``argmax == target`` picks the
+    first of them). Not available with a ``process_group`` (the shards' rounding of the gathered log-probs hides
+    exact equality).
     """
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    if not isinstance(need_top1, bool):
+        raise ValueError(f"need_top1 must be a bool, got {need_top1!r}")
+    if need_top1 and process_group is not None:
+        raise ValueError("need_top1=True is not supported with a process_group (vocabulary parallelism); got both")
     if process_group is None:
         if vocab_start != 0:
             raise ValueError(f"vocab_start={vocab_start!r} needs a process_group (vocabulary parallelism); got None")
@@ -115,11 +146,18 @@ def linear_stats(
         op="linear_stats",
         process_group=process_group,
         vocab_start=vocab_start,
-        **options,
+        need_top1=need_top1,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
     )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     if process_group is None:
-        return LinearStats.apply(flat_hidden, weight, bias, prepared.safe, backend, opts), prepared
+        stats = LinearStats.apply(flat_hidden, weight, bias, prepared.safe, backend, opts)
+        if need_top1:
+            # Ignored and out-of-range positions read column 0: their flag means nothing.
+            stats = (*stats[:4], stats[4] & prepared.local)
+        return stats, prepared
     *stats, owned, prepared.vocab_size = VocabParallelLinearStats.apply(
         flat_hidden, weight, bias, prepared.safe, prepared.local, backend, opts, process_group
     )

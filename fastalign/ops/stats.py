@@ -7,7 +7,9 @@ logits; ``T`` applies softcap and temperature) the backends compute
 * ``target_logp_i = l_{i, y_i} − lse_i``, formed as ``(l_{i, y_i} − m_i) − log Σ_j exp(l_ij − m_i)`` around the
   row maximum ``m_i`` so that no rounding happens at the magnitude of the logits (as eager ``log_softmax``),
 * ``entropy_i = −Σ_j p_ij log p_ij`` (optional),
-* ``sum_logits_i = Σ_j l_ij`` (optional; for label smoothing).
+* ``sum_logits_i = Σ_j l_ij`` (optional; for label smoothing),
+* ``is_top1_i`` (optional, no gradient): whether the target's log-prob is the row's largest, ``−log Σ_j e^(l_ij −
+  m_i)``; derived from the same sweep (see :func:`target_is_top1`).
 
 Log-probs and cross-entropy are cheap ``[N]``-sized expressions of these, so autograd composes any later
 computation on top. Whatever the upstream gradients, the gradient with respect to the logits has the form
@@ -40,6 +42,8 @@ class StatsOptions:
     scratch_bytes: int
     # Logits input only: the backward writes d_logits into the logits' own storage.
     grad_into_logits: bool = False
+    # LinearStats only: also return is_top1 (derived from the statistics every backend returns).
+    need_top1: bool = False
 
 
 class TokenStats(NamedTuple):
@@ -110,9 +114,21 @@ def _outputs(stats: TokenStats) -> tuple[torch.Tensor, ...]:
     )
 
 
+def target_is_top1(stats: TokenStats) -> torch.Tensor:
+    """``[N]`` bool: whether the target's log-prob equals the row's largest log-prob ``(m − m) − log_sum``.
+
+    Every backend forms ``target_logp = (l_y − m) − log_sum`` from the same logit values that give ``m``, so a
+    target whose logit is the row maximum gives exactly ``−log_sum``: a target tied with the maximum counts as
+    top-1, whatever the tied columns' order, and so does one within float rounding of it (``|l_y − m|`` below half
+    a unit in the last place of ``log_sum``). Mathematically ``target_logp <= −log_sum``; NaN rows give False.
+    """
+    return stats.target_logp >= -stats.log_sum
+
+
 class LinearStats(torch.autograd.Function):
     """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V))`` -> ``[N]`` each of lse,
-    target_logp, entropy (empty unless asked for), sum_logits (idem)."""
+    target_logp, entropy (empty unless asked for), sum_logits (idem), and, only with ``opts.need_top1``, a fifth
+    output ``is_top1`` (bool, :func:`target_is_top1`, no gradient)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, backend: str, opts: StatsOptions):
@@ -121,10 +137,14 @@ class LinearStats(torch.autograd.Function):
         ctx.impl, ctx.opts = impl, opts
         ctx.save_for_backward(hidden, weight, bias, targets, stats.max_logit, stats.log_sum, stats.entropy)
         ctx.set_materialize_grads(False)
-        return _outputs(stats)
+        if not opts.need_top1:
+            return _outputs(stats)
+        is_top1 = target_is_top1(stats)
+        ctx.mark_non_differentiable(is_top1)
+        return (*_outputs(stats), is_top1)
 
     @staticmethod
-    def backward(ctx, g_lse, g_target, g_entropy, g_sum):
+    def backward(ctx, g_lse, g_target, g_entropy, g_sum, *_g_top1):
         hidden, weight, bias, targets, max_logit, log_sum, entropy = ctx.saved_tensors
         coeffs = _coefficients(entropy, g_lse, g_target, g_entropy, g_sum)
         needs = ctx.needs_input_grad[:3]
