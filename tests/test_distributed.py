@@ -1,7 +1,9 @@
-"""Multi-process training on CPU (gloo, 2 processes): one step of the SFT and DPO trainers under DDP, launched
-with ``accelerate launch --config_file <yaml>``, gives the loss and the updated weights of a single process on the
-same global batch; so does the SFT loss under FSDP2 (``fully_shard``), and the fused cross-entropy on a sharded
-lm_head lands its gradient on the right rows of each rank's shard.
+"""Multi-process training on CPU (gloo, 2 processes): one step of the SFT, DPO, reward, GRPO (every loss type)
+and PPO trainers under DDP, launched with ``accelerate launch --config_file <yaml>``, gives the loss and the
+updated weights of a single process on the same global batch; so do the SFT and GRPO losses under FSDP2
+(``fully_shard``), and the fused cross-entropy on a sharded lm_head lands its gradient on the right rows of each
+rank's shard. GRPO and PPO roll out with a fixed engine (completions a function of the prompt), so both runs
+train on the same completions and the comparison tests the gradient synchronisation and the normalisation.
 
 accelerate cannot run FSDP on CPU: ``AcceleratorState`` only honours an FSDP plugin when the process group is a
 multi-accelerator one (``accelerate/state.py``, the ``elif self.distributed_type in [DistributedType.MULTI_GPU,
@@ -23,9 +25,15 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from test_trainer_reward import tiny_reward_model
 from tiny import NUMBERS, addition_rows, tiny_causal_lm, word_tokenizer
 
-from fastalign.trainers import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from fastalign.rollout import RolloutBatch
+from fastalign.rollout._types import completion_mask_after_eos, left_pad
+from fastalign.trainers import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from fastalign.trainers.configs import GRPOConfig, PPOConfig
+from fastalign.trainers.grpo import GRPOTrainer
+from fastalign.trainers.ppo import PPOTrainer
 
 WORLD = 2
 GLOBAL_BATCH = 4  # rows (SFT) or pairs (DPO): the whole dataset, so every run trains on the same examples
@@ -76,6 +84,86 @@ def dpo_trainer(out: Path, world: int) -> DPOTrainer:
         tiny_causal_lm("llama"), ref_model=tiny_causal_lm("llama", seed=1),  # non-zero log-ratios from step one
         args=DPOConfig(**common_options(out, world), beta=0.5), train_dataset=datasets.Dataset.from_list(dpo_rows()),
         processing_class=word_tokenizer(),
+    )  # fmt: skip
+
+
+def reward_trainer(out: Path, world: int) -> RewardTrainer:
+    return RewardTrainer(
+        tiny_reward_model("llama"), args=RewardConfig(**common_options(out, world), center_rewards_coefficient=0.1),
+        train_dataset=datasets.Dataset.from_list(dpo_rows()), processing_class=word_tokenizer(),
+    )  # fmt: skip
+
+
+EOS, MAX_COMPLETION = 3, 6
+
+
+class FixedEngine:
+    """A rollout engine whose completions depend only on the prompt: lengths from 1 to ``MAX_COMPLETION`` tokens
+    (some end with EOS, some are cut), so that processes with different prompts hold different token counts."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to synchronise: the engine holds no weights."""
+
+    def generate(self, prompts: list[list[int]], params, *, seed: int | None = None) -> RolloutBatch:
+        completions = []
+        for prompt in prompts:
+            for g in range(params.num_generations):
+                rng = torch.Generator().manual_seed(1000 * sum(prompt) + g)
+                length = int(torch.randint(1, MAX_COMPLETION + 1, (1,), generator=rng))
+                tokens = torch.randint(6, 25, (length,), generator=rng).tolist()
+                completions.append([*tokens, EOS] if length < MAX_COMPLETION - 1 else tokens)
+        prompt_ids, prompt_mask = left_pad(prompts, 0)
+        width = max(len(c) for c in completions)
+        completion_ids = torch.tensor([c + [0] * (width - len(c)) for c in completions])
+        completion_mask, truncated = completion_mask_after_eos(completion_ids, [EOS])
+        g = params.num_generations
+        return RolloutBatch(
+            prompt_ids=prompt_ids.repeat_interleave(g, dim=0), prompt_mask=prompt_mask.repeat_interleave(g, dim=0),
+            completion_ids=completion_ids, completion_mask=completion_mask, truncated=truncated,
+        )  # fmt: skip
+
+
+def id_reward(completion_ids, **kwargs) -> list[float]:
+    """Differs between the completions of one prompt: non-zero advantages."""
+    return [float(sum(ids) % 5) for ids in completion_ids]
+
+
+def rl_options(out: Path, world: int, global_rows: int, accumulation: int = 1) -> dict:
+    return {
+        "output_dir": str(out), "per_device_train_batch_size": global_rows // world // accumulation,
+        "gradient_accumulation_steps": accumulation, "learning_rate": LR, "optim": "sgd",
+        "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "max_steps": 1, "logging_steps": 1,
+        "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0, "disable_tqdm": True,
+    }  # fmt: skip
+
+
+GRPO_PROMPTS = [{"prompt": f"what is {NUMBERS[n]} plus one ?"} for n in (2, 7)]  # one prompt per process
+GRPO_CASES = {  # name: GRPOConfig options (the 8 completions of a step: 2 prompts x 4)
+    "dapo": {"loss_type": "dapo"},
+    "grpo": {"loss_type": "grpo"},
+    "bnpo": {"loss_type": "bnpo", "scale_rewards": "batch"},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "dapo-accumulated": {"loss_type": "dapo", "gradient_accumulation_steps": 2, "beta": 0.04, "temperature": 0.7},
+}
+
+
+def grpo_trainer(case: str, out: Path, world: int) -> GRPOTrainer:
+    options = dict(GRPO_CASES[case])
+    accumulation = options.pop("gradient_accumulation_steps", 1)
+    args = GRPOConfig(**rl_options(out, world, 8, accumulation), num_generations=4,
+                      max_completion_length=MAX_COMPLETION, **options)  # fmt: skip
+    return GRPOTrainer(
+        tiny_causal_lm("llama"), reward_funcs=id_reward, args=args, processing_class=word_tokenizer(),
+        train_dataset=datasets.Dataset.from_list(GRPO_PROMPTS), rollout_engine=FixedEngine(),
+    )  # fmt: skip
+
+
+def ppo_trainer(out: Path, world: int) -> PPOTrainer:
+    args = PPOConfig(**rl_options(out, world, 4), response_length=MAX_COMPLETION, num_ppo_epochs=1, temperature=0.8)
+    rows = [{"prompt": f"what is {NUMBERS[n]} plus {NUMBERS[n + 2]} ?"} for n in range(4)]
+    return PPOTrainer(
+        tiny_causal_lm("llama"), reward_funcs=id_reward, args=args, processing_class=word_tokenizer(),
+        train_dataset=datasets.Dataset.from_list(rows), rollout_engine=FixedEngine(),
     )  # fmt: skip
 
 
@@ -149,6 +237,64 @@ def fsdp2_sharded_head_grads() -> dict:
             "grad_shard": grad.to_local().clone(), "offset": offset}  # fmt: skip
 
 
+def fsdp2_grpo_step(case: str, out: Path) -> dict:
+    """One SGD step of ``GRPOTrainer.compute_loss`` on an FSDP2-sharded policy; this rank trains on its own
+    prompt's rollout (prepared by the trainer: old log-probs, advantages, token counts summed over the ranks).
+    Also the old log-probs recomputed through the sharded root, without gradient."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    grpo = grpo_trainer(case, out, WORLD)
+    inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
+    model = tiny_causal_lm("llama")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    # Before any forward, as Trainer does: the root stays unsharded after its forward, and parameters() would then
+    # list the gathered copies instead of the sharded parameters.
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    old_logps = grpo._completion_logps(model, inputs)
+    loss = grpo.compute_loss(model, inputs)
+    loss.backward()
+    optimizer.step()
+    reported = loss.detach().clone()
+    dist.all_reduce(reported)
+    weights = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+    return {"loss": float(reported) / WORLD, "weights": weights, "old_logps": old_logps,
+            "expected_old_logps": inputs["old_logps"]}  # fmt: skip
+
+
+def fsdp2_generation() -> dict:
+    """HFGenerateEngine on an FSDP2-sharded model with this rank's own prompt and length limit (rank 0 generates
+    up to 8 tokens, rank 1 up to 3): the trainers' check turns on generate's synchronised stepping, and the
+    completions are those of the unsharded model with the same seed. PPO's case (generating with a module inside
+    the sharded root) is refused."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from fastalign.rollout import HFGenerateEngine, SamplingParams
+    from fastalign.trainers.grpo import _check_generation_under_fsdp2
+
+    rank = dist.get_rank()
+    prompts = [[2, 11, 12, 13, 5]] if rank == 0 else [[2, 20, 21]]
+    params = SamplingParams(num_generations=2, max_completion_length=8 if rank == 0 else 3, temperature=1.0)
+    expected = HFGenerateEngine(tiny_causal_lm("llama"), pad_token_id=0, eos_token_id=EOS).generate(
+        prompts, params, seed=rank
+    )
+    model = tiny_causal_lm("llama")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    try:
+        _check_generation_under_fsdp2(model.model, model)
+        refusal = ""
+    except ValueError as error:
+        refusal = str(error)
+    _check_generation_under_fsdp2(model, model)
+    got = HFGenerateEngine(model, pad_token_id=0, eos_token_id=EOS).generate(prompts, params, seed=rank)
+    return {"expected": expected.completion_ids, "got": got.completion_ids, "refusal": refusal}
+
+
 def worker(out: Path) -> None:
     import torch.distributed as dist
 
@@ -159,6 +305,17 @@ def worker(out: Path) -> None:
         results[f"ddp-sft-{layout}"]["wrapper"] = type(sft.model_wrapped).__name__
         results[f"fsdp2-sft-{layout}"] = fsdp2_sft_step(layout, sft)
     results["ddp-dpo-llama"] = one_step(dpo_trainer(out / "dpo", WORLD))
+    results["ddp-reward"] = one_step(reward_trainer(out / "reward", WORLD))
+    for case in GRPO_CASES:
+        grpo = grpo_trainer(case, out / f"grpo-{case}", WORLD)
+        results[f"ddp-grpo-{case}"] = one_step(grpo)
+        results[f"ddp-grpo-{case}"]["wrapper"] = type(grpo.model_wrapped).__name__
+    for case in ("dapo", "bnpo"):
+        results[f"fsdp2-grpo-{case}"] = fsdp2_grpo_step(case, out / f"fsdp2-grpo-{case}")
+    results["fsdp2-generation"] = fsdp2_generation()
+    ppo = ppo_trainer(out / "ppo", WORLD)
+    results["ddp-ppo"] = one_step(ppo)
+    results["ddp-ppo"]["wrapper"] = type(ppo.model_wrapped).__name__
     results["fsdp2-head"] = fsdp2_sharded_head_grads()
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()
@@ -196,16 +353,19 @@ def single(tmp_path_factory) -> dict:
         "sft-llama": one_step(sft_trainer("llama", out / "sft-llama", 1)),
         "sft-qwen2": one_step(sft_trainer("qwen2", out / "sft-qwen2", 1)),
         "dpo-llama": one_step(dpo_trainer(out / "dpo", 1)),
+        "reward": one_step(reward_trainer(out / "reward", 1)),
+        **{f"grpo-{case}": one_step(grpo_trainer(case, out / f"grpo-{case}", 1)) for case in GRPO_CASES},
+        "ppo": one_step(ppo_trainer(out / "ppo", 1)),
     }
 
 
-def assert_same_step(got: dict, expected: dict, initial: dict) -> None:
-    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+def assert_same_step(got: dict, expected: dict, initial: dict, head: str = "lm_head.weight") -> None:
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-7)
     assert got["weights"].keys() == expected["weights"].keys()
     for name, weight in expected["weights"].items():
         torch.testing.assert_close(got["weights"][name], weight, **TOLERANCE, msg=name)
-    # The comparison can fail: the step moved the lm_head far beyond the tolerance.
-    moved = (expected["weights"]["lm_head.weight"] - initial["lm_head.weight"]).abs().max()
+    # The comparison can fail: the step moved the head (lm_head, score head) far beyond the tolerance.
+    moved = (expected["weights"][head] - initial[head]).abs().max()
     assert moved > 100 * TOLERANCE["atol"]
 
 
@@ -224,6 +384,59 @@ def test_sft_step_equals_the_single_process_step(distributed, single, strategy, 
 
 def test_dpo_step_under_ddp_equals_the_single_process_step(distributed, single):
     assert_same_step(distributed[0]["ddp-dpo-llama"], single["dpo-llama"], tiny_causal_lm("llama").state_dict())
+
+
+def test_reward_step_under_ddp_equals_the_single_process_step(distributed, single):
+    """The reward model's own forward runs through DDP; its mean over pairs (with the centring term) per process
+    averages to the mean over the global batch."""
+    assert_same_step(distributed[0]["ddp-reward"], single["reward"], tiny_reward_model("llama").state_dict(),
+                     head="score.weight")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_step_under_ddp_equals_the_single_process_step(distributed, single, case):
+    """Each process rolls out one of the two prompts (different token counts); the step equals one process on
+    both: the policy loss runs through the DDP wrapper and is normalised by the global counts (dapo: the
+    generation batch's tokens, bnpo: the micro-batch's; grpo, dr_grpo: per row), batch-scaled rewards use the
+    std of both processes' rewards, and with accumulation (2 micro-batches) the reference's KL term is in."""
+    got = distributed[0][f"ddp-grpo-{case}"]
+    assert got["wrapper"] == "DistributedDataParallel"
+    assert_same_step(got, single[f"grpo-{case}"], tiny_causal_lm("llama").state_dict())
+    for name, weight in distributed[1][f"ddp-grpo-{case}"]["weights"].items():
+        torch.testing.assert_close(weight, got["weights"][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", ["dapo", "bnpo"])
+def test_grpo_loss_under_fsdp2_equals_the_single_process_step(distributed, single, case):
+    """``GRPOTrainer.compute_loss`` on the sharded policy (lm_head gathered in the root's forward) trains as
+    one process on both prompts; the no-gradient old log-probs through the sharded root equal the plain ones."""
+    for rank_results in distributed:
+        got = rank_results[f"fsdp2-grpo-{case}"]
+        mask = got["expected_old_logps"] != 0
+        assert mask.any()
+        torch.testing.assert_close(got["old_logps"], got["expected_old_logps"], rtol=1e-5, atol=1e-5)
+    assert_same_step(distributed[0][f"fsdp2-grpo-{case}"], single[f"grpo-{case}"], tiny_causal_lm("llama").state_dict())
+
+
+def test_generation_on_an_fsdp2_model(distributed):
+    """Ranks with different lengths generate on the sharded root in step (no hang) and get the unsharded
+    model's completions; a module inside the sharded root is refused with a message that says why."""
+    widths = []
+    for result in (rank_results["fsdp2-generation"] for rank_results in distributed):
+        torch.testing.assert_close(result["got"], result["expected"], rtol=0, atol=0)
+        widths.append(result["got"].shape[1])
+        assert "FSDP2-sharded" in result["refusal"] and "rollout_engine" in result["refusal"]
+    assert widths[0] != widths[1]  # the ranks really stopped at different lengths
+
+
+def test_ppo_step_under_ddp_equals_the_single_process_step(distributed, single):
+    """Untied Llama policy + value model in one DDP-wrapped module: the clipped policy loss on the lm_head and
+    the value loss run inside its forward; advantages are whitened over both processes' rollouts and the token
+    means use the global micro-batch token count."""
+    got = distributed[0]["ddp-ppo"]
+    assert got["wrapper"] == "DistributedDataParallel"
+    initial = {f"policy.{k}": v for k, v in tiny_causal_lm("llama").state_dict().items()}
+    assert_same_step(got, single["ppo"], initial, head="policy.lm_head.weight")
 
 
 def test_fused_loss_gradients_land_on_the_lm_head_shards(distributed):

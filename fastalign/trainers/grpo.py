@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, Trainer
 
 from fastalign.data import require_format, tokenize_prompt
 from fastalign.models import unwrap_peft
+from fastalign.models.causal_lm import _is_fsdp2
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import group_advantages
 from fastalign.ops.logprobs import linear_logprobs
@@ -44,6 +45,8 @@ def rollout_groups(trainer: Trainer, rows: list[dict]) -> tuple[list[dict], Roll
     """Sample ``num_generations`` completions for each distinct prompt of ``rows`` (each given repeated
     ``num_generations`` times) with the trainer's engine; returns the rows aligned with the batch's rows."""
     args = trainer.args
+    if isinstance(trainer.engine, HFGenerateEngine):
+        _check_generation_under_fsdp2(trainer.engine.model, trainer.model)
     unique = rows[:: args.num_generations]
     prompts = [
         tokenize_prompt(row, trainer.processing_class, max_prompt_length=args.max_prompt_length)["prompt_ids"]
@@ -53,28 +56,68 @@ def rollout_groups(trainer: Trainer, rows: list[dict]) -> tuple[list[dict], Roll
     return [row for row in unique for _ in range(args.num_generations)], batch
 
 
+def _check_generation_under_fsdp2(generator: nn.Module, trained: nn.Module) -> None:
+    """Let ``HFGenerateEngine`` sample from the model being trained when FSDP2 shards it, or refuse.
+
+    FSDP2 gathers the parameters of its root group (embeddings, final norm, lm_head) in the root module's
+    forward, and each decoder layer's in the layer's forward, with collectives every process must join. Generating
+    on the root itself works as long as every process runs as many forwards: generate does so (it keeps stepping
+    after its own completions are done) when ``synced_gpus`` is on, which it turns on by itself only for models
+    that transformers sharded; accelerate's ``fully_shard`` sets no such mark, so it is set here. A generating
+    module *inside* the root (PPO's policy inside ``PolicyAndValueModel``) would read sharded weights: refused.
+    """
+    if not _is_fsdp2(trained):
+        return
+    if generator is not trained:
+        raise ValueError(
+            f"rollouts with HFGenerateEngine on {type(generator).__name__}, a part of the FSDP2-sharded "
+            f"{type(trained).__name__}, are not supported: its embeddings and lm_head are gathered only in the "
+            "sharded module's own forward. Pass a rollout_engine that holds its own copy of the weights (vLLM), "
+            "or train with DDP"
+        )
+    # transformers' generate reads this mark (is_fsdp_managed_module) to default to synced_gpus=True.
+    generator._is_fsdp_managed_module = True
+
+
 class RepeatSampler(Sampler[int]):
     """Dataset indices for GRPO: shuffled chunks of ``prompts_per_generation`` prompts; each chunk is yielded
     ``repeat_count`` times (one per micro-batch it feeds, times ``num_iterations``) and every index in it
-    ``num_generations`` times in a row. Incomplete chunks at the end are dropped."""
+    ``num_generations`` times in a row. Incomplete chunks at the end are dropped.
 
-    def __init__(self, size: int, num_generations: int, prompts_per_generation: int, repeat_count: int, seed: int):
+    With ``processes > 1`` (the sampler of a dataloader that accelerate shards, handing batch ``k`` to process
+    ``k % processes``) chunks go out in rounds of ``processes``: each repeat of a round yields one chunk per
+    process, so every process gets its own prompts and all the repeats of them; an incomplete round is dropped.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        num_generations: int,
+        prompts_per_generation: int,
+        repeat_count: int,
+        seed: int,
+        processes: int = 1,
+    ):
         self.size, self.num_generations = size, num_generations
-        self.prompts_per_generation, self.repeat_count = prompts_per_generation, repeat_count
+        self.prompts_per_generation, self.repeat_count, self.processes = prompts_per_generation, repeat_count, processes
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=self.generator).tolist()
-        chunks = len(order) // self.prompts_per_generation
-        for c in range(chunks):
-            chunk = order[c * self.prompts_per_generation : (c + 1) * self.prompts_per_generation]
+        per_round = self.prompts_per_generation * self.processes
+        for r in range(len(order) // per_round):
+            chunks = [
+                order[r * per_round + p * self.prompts_per_generation :][: self.prompts_per_generation]
+                for p in range(self.processes)
+            ]
             for _ in range(self.repeat_count):
-                for index in chunk:
-                    yield from [index] * self.num_generations
+                for chunk in chunks:
+                    for index in chunk:
+                        yield from [index] * self.num_generations
 
     def __len__(self) -> int:
-        chunks = self.size // self.prompts_per_generation
-        return chunks * self.prompts_per_generation * self.num_generations * self.repeat_count
+        rounds = self.size // (self.prompts_per_generation * self.processes)
+        return rounds * self.processes * self.prompts_per_generation * self.num_generations * self.repeat_count
 
 
 def _reward_functions(reward_funcs: RewardFuncs, tokenizer: Any) -> list[Callable[..., list]]:
@@ -196,7 +239,7 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         args = self.args
         sampler = RepeatSampler(
             len(self.train_dataset), args.num_generations, args.generation_batch_size // args.num_generations,
-            args.steps_per_generation * args.num_iterations, args.seed,
+            args.steps_per_generation * args.num_iterations, args.seed, self.accelerator.num_processes,
         )  # fmt: skip
         loader = DataLoader(
             self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler, collate_fn=lambda rows: rows
@@ -213,11 +256,14 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
 
     def _prepare_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not self.model.training:
-            return self._generate_and_score(rows, "eval")
+            inputs = self._generate_and_score(rows, "eval")
+            self._count_tokens([inputs])
+            return inputs
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         if self._step % generate_every == 0 or self._buffered is None:
             batch = self._generate_and_score(rows, "train")
             self._buffered = _split_rows(batch, self.args.steps_per_generation, self.args.seed + self._step)
+            self._count_tokens(self._buffered)
         inputs = self._buffered[self._step % self.args.steps_per_generation]
         self._step += 1
         return inputs
@@ -241,16 +287,42 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         per_function, rewards = self._score(rows, batch)
         if mode == "train" and args.dynamic_sampling:
             rows, batch, per_function, rewards = self._dynamic_sampling(rows, batch, per_function, rewards)
-        advantages = group_advantages(rewards, args.num_generations, scale=args.scale_rewards)
+        advantages, all_rewards = self._advantages(rewards)
         mask = batch.completion_mask.clone()
         if args.mask_truncated_completions:
             mask[batch.truncated] = 0
         inputs = self._training_tensors(batch, mask)
         inputs["advantages"] = advantages.to(self.model.device)
-        # Every row carries the generation batch's token count, so that each micro-batch still knows it.
-        inputs["generation_tokens"] = mask.sum().to(self.model.device).expand(mask.shape[0]).float()
-        self._log_generation(mode, batch, per_function, rewards)
+        self._log_generation(mode, batch, per_function, all_rewards)
         return inputs
+
+    def _advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's advantages ``[N]`` and the rewards of every process ``[N × processes]``.
+
+        Groups are whole on each process, but ``scale_rewards="batch"`` divides by the standard deviation of the
+        whole step's rewards: the rewards are gathered (every process holds ``N`` rows), the advantages computed
+        on all of them, as one process would on the global batch, and this process's rows kept."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return group_advantages(rewards, self.args.num_generations, scale=self.args.scale_rewards), rewards
+        device = self.accelerator.device
+        everyone = self.accelerator.gather(rewards.to(device)).cpu()
+        advantages = group_advantages(everyone, self.args.num_generations, scale=self.args.scale_rewards)
+        rows = rewards.shape[0]
+        start = self.accelerator.process_index * rows
+        return advantages[start : start + rows], everyone
+
+    def _count_tokens(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        """Give every row of each micro-batch in ``parts`` (one generation batch) two token counts summed over the
+        processes: ``batch_tokens`` (its micro-batch's completion tokens, bnpo's divisor) and
+        ``generation_tokens`` (the whole generation batch's, dapo's). One all-reduce per generation batch."""
+        counts = torch.stack([part["completion_mask"].sum() for part in parts]).float()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        for part, count in zip(parts, counts, strict=True):
+            rows = part["completion_mask"].shape[0]
+            part["batch_tokens"] = count.expand(rows)
+            part["generation_tokens"] = counts.sum().expand(rows)
 
     def _dynamic_sampling(self, rows, batch, per_function, rewards):
         """DAPO: keep groups whose rewards differ (the others have zero advantage and teach nothing) and sample
@@ -274,7 +346,8 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
 
     def _more_rollouts(self, prompts: int):
         if self._refill is None:
-            self._refill = _cycle(self.train_dataset, self.args.seed + 1)
+            # Each process refills from its own stream of prompts (the same one would repeat them on every process).
+            self._refill = _cycle(self.train_dataset, self.args.seed + 1 + self.accelerator.process_index)
         rows = [row for _ in range(prompts) for row in [next(self._refill)] * self.args.num_generations]
         rows, batch = rollout_groups(self, rows)
         per_function, rewards = self._score(rows, batch)
@@ -321,36 +394,39 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
 
     @torch.no_grad()
     def _completion_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, C]`` float32 log-probs of the completion tokens at the sampling temperature (0 off the mask)."""
-        adapter = self._adapter(model)
-        hidden, targets = self._completion_hidden(model, inputs)
-        return linear_logprobs(
-            hidden, adapter.weight, targets, bias=adapter.bias, softcap=adapter.softcap,
-            temperature=self.args.temperature * adapter.logit_temperature, backend=self.args.backend,
-        )  # fmt: skip
+        """``[N, C]`` float32 log-probs of the completion tokens at the sampling temperature (0 off the mask).
 
-    def _completion_hidden(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states that predict the completion tokens ``[N, C, D]`` and the targets ``[N, C]`` (-100 off
-        the mask)."""
-        completion = inputs["completion_ids"].shape[1]
-        hidden = self._adapter(model).hidden_states(
-            inputs["input_ids"], inputs["attention_mask"], position_ids=inputs["position_ids"]
-        )
-        hidden = hidden[:, -completion - 1 : -1]
-        targets = inputs["completion_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return hidden, targets
+        ``model`` is ``self.model`` (the bare module under DDP: no gradient, so no wrapper and no collective; the
+        FSDP2 root, whose forward gathers the sharded weights) or the reference model."""
+        adapter = self._adapter(model)
+        targets = _completion_targets(inputs)
+
+        def logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return linear_logprobs(
+                _completion_positions(hidden, targets), weight, targets, bias=bias, softcap=adapter.softcap,
+                temperature=self.args.temperature * adapter.logit_temperature, backend=self.args.backend,
+            )  # fmt: skip
+
+        return adapter.fused_forward(logprobs, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
 
     # ------------------------------------------------------------------------------------------------- loss
 
     def _normaliser(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """dapo's token count: the whole generation batch's completion tokens per optimiser step, so the
-        micro-batches' losses add up to a token mean over the step. The other modes normalise per micro-batch."""
+        """The token count of the token-mean loss types, per process.
+
+        dapo: the generation batch's completion tokens per optimiser step, so that the micro-batches' losses add
+        up to a token mean over the step; bnpo: the micro-batch's tokens. Both counts are summed over the
+        processes and divided by their number, because DDP / FSDP average the gradients over the processes: the
+        result is the gradient of one process's loss on the global batch (TRL divides dapo's gathered count the
+        same way; its bnpo normalises per process). grpo and dr_grpo average over rows, and every process holds
+        as many rows, so their per-process means average to the global one."""
+        processes = self.accelerator.num_processes
+        if self.args.loss_type == "bnpo":
+            return inputs["batch_tokens"][0].clamp_min(1) / processes
         if self.args.loss_type != "dapo":
             return None
         tokens = inputs["generation_tokens"][0]
-        return tokens * self.args.gradient_accumulation_steps / self.args.steps_per_generation
+        return tokens * self.args.gradient_accumulation_steps / self.args.steps_per_generation / processes
 
     def compute_loss(
         self,
@@ -359,13 +435,21 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden, targets = self._completion_hidden(model, inputs)
-        adapter = self._adapter(model)
-        loss, metrics = self._loss_module()(
-            hidden, adapter.weight, targets, inputs["old_logps"], inputs["advantages"],
-            mask=inputs["completion_mask"], ref_logp=inputs.get("ref_logps"), is_weights=inputs.get("is_weights"),
-            num_items_in_batch=self._normaliser(inputs), bias=adapter.bias,
-        )  # fmt: skip
+        targets = _completion_targets(inputs)
+        loss_module, normaliser = self._loss_module(), self._normaliser(inputs)
+
+        def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+            return loss_module(
+                _completion_positions(hidden, targets), weight, targets, inputs["old_logps"], inputs["advantages"],
+                mask=inputs["completion_mask"], ref_logp=inputs.get("ref_logps"), is_weights=inputs.get("is_weights"),
+                num_items_in_batch=normaliser, bias=bias,
+            )  # fmt: skip
+
+        # One forward of the model as Trainer hands it over (DDP wrapper / FSDP2 root): gradients synchronised,
+        # the lm_head gathered (see CausalLMAdapter.fused_forward).
+        loss, metrics = self._adapter(model).fused_forward(
+            policy_loss, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+        )
         if self.args.loss_type != "dapo":
             # Trainer does not divide by the accumulation steps here (loss_is_scaled_for_ga); these modes average
             # per micro-batch, so the step's loss is their mean.
@@ -394,6 +478,18 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         metrics["completions/clipped_ratio"].append(float(batch.truncated.float().mean()))
         for function, column in zip(self.reward_funcs, per_function.T, strict=True):
             metrics[f"rewards/{reward_function_name(function)}/mean"].append(float(torch.nanmean(column)))
+
+
+def _completion_targets(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, C]`` completion token ids, -100 off the completion mask."""
+    return inputs["completion_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+
+
+def _completion_positions(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The hidden states ``[N, C, D]`` that predict the ``C`` completion tokens (the prompt + completion sequence
+    ``[N, P + C, D]`` shifted by one)."""
+    completion = targets.shape[1]
+    return hidden[:, -completion - 1 : -1]
 
 
 def _split_rows(batch: dict[str, torch.Tensor], parts: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -56,7 +56,13 @@ class PolicyAndValueModel(nn.Module):
     ``Trainer`` optimises, so both sets of parameters share its optimiser (TRL's ``PolicyAndValueWrapper``).
 
     ``forward(input_ids, attention_mask, position_ids) -> (hidden [B, T, D], values [B, T])``: the policy
-    backbone's last hidden states (no lm_head) and the value of every position.
+    backbone's last hidden states (no lm_head) and the value of every position (float32).
+
+    ``forward(..., head=fn)`` returns ``fn(hidden, weight, bias, values)`` instead, with the lm_head ``weight
+    [V, D]`` and ``bias [V] | None``: a loss on the lm_head computed *inside* this module's forward, which is
+    what a distributed wrapper runs (DDP then finds the lm_head in the graph; FSDP2, sharding this module as
+    the root, has gathered the lm_head and the embeddings there). ``values=False`` skips the value model
+    (``fn`` gets ``None``).
     """
 
     def __init__(self, policy: nn.Module, value_model: nn.Module):
@@ -65,10 +71,18 @@ class PolicyAndValueModel(nn.Module):
         self.adapter = CausalLMAdapter(policy)  # holds no parameters: a view of the policy
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], Any] | None = None,
+        values: bool = True,
+    ) -> Any:
         hidden = self.adapter.hidden_states(input_ids, attention_mask, position_ids=position_ids)
-        return hidden, self.value_model(input_ids, attention_mask, position_ids=position_ids)
+        value = self.value_model(input_ids, attention_mask, position_ids=position_ids) if values else None
+        if head is None:
+            return hidden, value
+        return head(hidden, self.adapter.weight, self.adapter.bias, value)
 
     def activation_checkpointing_enable(self, **kwargs: Any) -> None:
         for module in (unwrap_peft(self.policy), getattr(self.value_model, "backbone", self.value_model)):
@@ -81,13 +95,24 @@ class PolicyAndValueModel(nn.Module):
                 module.activation_checkpointing_disable()
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    *,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """TRL's ``masked_whiten``: ``(x − mean) / sqrt(var + 1e-8)`` with the mean and the unbiased variance over the
-    masked entries; ``shift_mean=False`` adds the mean back (reward whitening). 0 off the mask."""
+    masked entries; ``shift_mean=False`` adds the mean back (reward whitening). 0 off the mask.
+
+    ``reduce_sum``: sums a tensor over the processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``); the mean
+    and variance are then those of the masked entries of every process (two small all-reduces).
+    """
     keep = mask != 0
-    count = keep.sum()
-    mean = torch.where(keep, values, 0.0).sum() / count.clamp_min(1)
-    variance = torch.where(keep, (values - mean).square(), 0.0).sum() / (count - 1).clamp_min(1)
+    reduce_sum = reduce_sum if reduce_sum is not None else (lambda tensor: tensor)
+    total, count = reduce_sum(torch.stack([torch.where(keep, values, 0.0).sum(), keep.sum().to(values.dtype)]))
+    mean = total / count.clamp_min(1)
+    variance = reduce_sum(torch.where(keep, (values - mean).square(), 0.0).sum()) / (count - 1).clamp_min(1)
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -246,7 +271,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         args = self.args
         sampler = RepeatSampler(
             len(self.train_dataset), args.num_generations, args.rollout_batch_size // args.num_generations,
-            self._micro_batches_per_rollout, args.seed,
+            self._micro_batches_per_rollout, args.seed, self.accelerator.num_processes,
         )  # fmt: skip
         loader = DataLoader(
             self.train_dataset, batch_size=args.rollout_batch_size, sampler=sampler, collate_fn=lambda rows: rows
@@ -334,55 +359,80 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
             "completion_ids": batch.completion_ids.to(device),
             "completion_mask": mask,
         }
-        inputs["old_logps"] = self._chunked(lambda part: self._completion_logps(self.policy, part), inputs)
-        inputs["old_values"] = self._chunked(self._completion_values, inputs) * mask
+        old = [self._policy_forward(part) for part in self._chunks(inputs)]
+        inputs["old_logps"] = torch.cat([logps for logps, _ in old])
+        inputs["old_values"] = torch.cat([values for _, values in old]) * mask
         kl_estimator = args.kl_estimator if args.kl_in_reward else "k3"
         kl = torch.zeros_like(inputs["old_logps"])
         if args.kl_coef != 0:
-            inputs["ref_logps"] = self._chunked(self._reference_logps, inputs)
+            inputs["ref_logps"] = torch.cat([self._reference_logps(part) for part in self._chunks(inputs)])
             kl = kl_estimate(inputs["old_logps"], inputs["ref_logps"], kl_estimator) * mask
         inputs["scores"] = scores
         inputs["rewards"] = token_rewards(kl, scores, mask, args.kl_coef if args.kl_in_reward else 0.0)
-        rewards = masked_whiten(inputs["rewards"], mask, shift_mean=False) if args.whiten_rewards else inputs["rewards"]
+        # Whitened over the rollouts of every process: the statistics of one process on the global batch.
+        reduce_sum = self._sum_over_processes if self.accelerator.num_processes > 1 else None
+        rewards = inputs["rewards"]
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, reduce_sum=reduce_sum)
         advantages, inputs["returns"] = gae(rewards, inputs["old_values"], mask, gamma=args.gamma, lam=args.lam)
-        inputs["advantages"] = masked_whiten(advantages, mask) if args.whiten_advantages else advantages
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)
+        inputs["advantages"] = advantages
         self._log_rollout(mode, inputs, kl, truncated, per_function)
         return inputs
 
-    def _chunked(self, function: Callable[[dict], torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``function`` over row chunks of ``local_rollout_forward_batch_size``, concatenated."""
+    def _chunks(self, inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Row chunks of ``local_rollout_forward_batch_size`` (the no-gradient forwards of the rollout)."""
         size = self.args.local_rollout_forward_batch_size
         rows = inputs["input_ids"].shape[0]
-        return torch.cat(
-            [function({k: v[start : start + size] for k, v in inputs.items()}) for start in range(0, rows, size)]
-        )
+        return [{k: v[start : start + size] for k, v in inputs.items()} for start in range(0, rows, size)]
 
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def _logprobs_head(self, inputs: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``(hidden [N, P + C, D], weight, bias, values) -> [N, C]`` float32 completion log-probs at the sampling
+        temperature (0 off the mask)."""
+        adapter = self._adapter(self.policy)
+        targets = _targets(inputs)
+
+        def logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: Any):
+            return linear_logprobs(
+                _completion_positions(hidden, targets), weight, targets, bias=bias, softcap=adapter.softcap,
+                temperature=self.args.temperature * adapter.logit_temperature, backend=self.args.backend,
+            )  # fmt: skip
+
+        return logprobs
+
+    @torch.no_grad()
+    def _policy_forward(
+        self, inputs: dict[str, torch.Tensor], values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Completion log-probs ``[N, C]`` and values ``[N, C]`` (float32; ``None`` with ``values=False``) of the
+        current policy and value model, without gradient, in one forward of the module ``Trainer`` optimises:
+        unwrapped from DDP (no gradient, nothing to synchronise), but under FSDP2 the sharded root itself, whose
+        forward gathers the policy's embeddings and lm_head."""
+        logprobs = self._logprobs_head(inputs)
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, value: Any):
+            value = None if value is None else _completion_positions(value, inputs["completion_ids"]).float()
+            return logprobs(hidden, weight, bias, None), value
+
+        module = self.accelerator.unwrap_model(self.model)
+        ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+        return module(ids, attention, positions, head=head, values=values)
+
+    @torch.no_grad()
     def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._reference_is_base:
             with self.policy.disable_adapter():
-                return self._completion_logps(self.policy, inputs)
-        return self._completion_logps(self.ref_model, inputs)
-
-    @torch.no_grad()
-    def _completion_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, C]`` float32 log-probs of the completion tokens at the sampling temperature (0 off the mask)."""
-        adapter = self._adapter(model)
-        completion = inputs["completion_ids"].shape[1]
-        hidden = adapter.hidden_states(
-            inputs["input_ids"], inputs["attention_mask"], position_ids=inputs["position_ids"]
-        )
-        return linear_logprobs(
-            hidden[:, -completion - 1 : -1], adapter.weight, _targets(inputs), bias=adapter.bias,
-            softcap=adapter.softcap, temperature=self.args.temperature * adapter.logit_temperature,
-            backend=self.args.backend,
+                return self._policy_forward(inputs, values=False)[0]
+        logprobs = self._logprobs_head(inputs)
+        adapter = self._adapter(self.ref_model)
+        return adapter.fused_forward(
+            lambda hidden, weight, bias: logprobs(hidden, weight, bias, None),
+            inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
         )  # fmt: skip
-
-    @torch.no_grad()
-    def _completion_values(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, C]`` float32 values of the states before each completion token."""
-        completion = inputs["completion_ids"].shape[1]
-        values = self.value_model(inputs["input_ids"], inputs["attention_mask"], position_ids=inputs["position_ids"])
-        return values[:, -completion - 1 : -1].float()
 
     # ------------------------------------------------------------------------------------------------- loss
 
@@ -394,20 +444,31 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         args = self.args
-        completion = inputs["completion_ids"].shape[1]
         mask = inputs["completion_mask"]
-        hidden, values = model(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
-        hidden, values = hidden[:, -completion - 1 : -1], values[:, -completion - 1 : -1]
-        if args.objective == "clip":
-            policy_loss, metrics = self._clip_loss(hidden, inputs)
-        else:
-            policy_loss, metrics = self._kl_penalty_loss(hidden, inputs)
-        vf_loss = value_loss(values, inputs["old_values"], inputs["returns"], mask, clip_range=args.cliprange_value)
-        loss = (policy_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
-        with torch.no_grad():
+        tokens = self._token_normaliser(inputs)
+
+        def losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor):
+            hidden = _completion_positions(hidden, inputs["completion_ids"])
+            values = _completion_positions(values, inputs["completion_ids"])
+            if args.objective == "clip":
+                policy_loss, metrics = self._clip_loss(hidden, weight, bias, inputs, tokens)
+            else:
+                policy_loss, metrics = self._kl_penalty_loss(hidden, weight, bias, inputs, tokens)
             old_values, returns = inputs["old_values"], inputs["returns"]
-            clipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
-            metrics["val/clipfrac_avg"] = _masked_mean((clipped - returns).square() > (values - returns).square(), mask)
+            vf_loss = value_loss(values, old_values, returns, mask, clip_range=args.cliprange_value)
+            if tokens is not None:  # this process's token mean as its share of the global one
+                vf_loss = vf_loss * (mask != 0).sum() / tokens
+            with torch.no_grad():
+                clipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+                clipfrac = (clipped - returns).square() > (values - returns).square()
+                metrics["val/clipfrac_avg"] = _masked_mean(clipfrac, mask)
+            return policy_loss, vf_loss, metrics
+
+        # The whole loss runs inside the forward of the module as Trainer hands it over (DDP wrapper / FSDP2 root).
+        policy_loss, vf_loss, metrics = model(
+            inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], head=losses
+        )
+        loss = (policy_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
         metrics["loss/policy_avg"] = policy_loss.detach()
         metrics["loss/value_avg"] = vf_loss.detach()
         mode = "train" if model.training else "eval"
@@ -415,15 +476,24 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
             self._metrics[mode][name].append(value)  # tensors: read once, when logged
         return (loss, metrics) if return_outputs else loss
 
-    def _clip_loss(self, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]):
-        """TRL's clipped surrogate, ``max(−A·ratio, −A·clip(ratio, 1 ± cliprange))`` as a token mean, on the
-        hidden states through :class:`LinearPolicyLoss`."""
-        adapter = self._adapter(self.policy)
+    def _token_normaliser(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """With several processes: the micro-batch's completion tokens summed over the processes, divided by their
+        number. A token mean divided by it instead of this process's count averages (as DDP / FSDP average the
+        gradients) to the token mean of one process on the global micro-batch. ``None`` in one process."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return None
+        tokens = (inputs["completion_mask"] != 0).sum().float()
+        return self._sum_over_processes(tokens).clamp_min(1) / processes
+
+    def _clip_loss(self, hidden, weight, bias, inputs: dict[str, torch.Tensor], tokens: torch.Tensor | None):
+        """TRL's clipped surrogate, ``max(−A·ratio, −A·clip(ratio, 1 ± cliprange))`` as a token mean (over
+        ``tokens`` when given), on the hidden states ``[N, C, D]`` through :class:`LinearPolicyLoss`."""
         kl_in_loss = not self.args.kl_in_reward and self.args.kl_coef != 0
         loss, stats = self._loss_module()(
-            hidden, adapter.weight, _targets(inputs), inputs["old_logps"], inputs["advantages"],
+            hidden, weight, _targets(inputs), inputs["old_logps"], inputs["advantages"],
             mask=inputs["completion_mask"], ref_logp=inputs["ref_logps"] if kl_in_loss else inputs["old_logps"],
-            bias=adapter.bias,
+            num_items_in_batch=tokens, bias=bias,
         )  # fmt: skip
         metrics = {
             "policy/clipfrac_avg": stats["clip_frac_low"] + stats["clip_frac_high"],
@@ -432,14 +502,15 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         metrics["objective/kl_loss" if kl_in_loss else "policy/approxkl_avg"] = stats["kl_mean"]
         return loss, metrics
 
-    def _kl_penalty_loss(self, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]):
+    def _kl_penalty_loss(self, hidden, weight, bias, inputs: dict[str, torch.Tensor], tokens: torch.Tensor | None):
         """The PPO paper's KL-penalty objective as a loss: ``−ratio·A + β·KL_t(π_old‖π)`` per token (k1:
-        ``old − logp``, k3: ``ratio − 1 − log ratio``), token mean; ``β`` adapts after each rollout."""
+        ``old − logp``, k3: ``ratio − 1 − log ratio``), token mean (over ``tokens`` when given); ``β`` adapts
+        after each rollout."""
         args = self.args
         adapter = self._adapter(self.policy)
         mask, old = inputs["completion_mask"], inputs["old_logps"]
         logp = linear_logprobs(
-            hidden, adapter.weight, _targets(inputs), bias=adapter.bias, softcap=adapter.softcap,
+            hidden, weight, _targets(inputs), bias=bias, softcap=adapter.softcap,
             temperature=args.temperature * adapter.logit_temperature, backend=args.backend,
         )  # fmt: skip
         keep = mask != 0
@@ -452,7 +523,10 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
             kl_ref = kl_estimate(logp, inputs["ref_logps"], "k3")
             per_token = per_token + args.kl_coef * kl_ref
             metrics["objective/kl_loss"] = _masked_mean(kl_ref.detach(), mask)
-        loss = _masked_mean(per_token, mask)
+        if tokens is None:
+            loss = _masked_mean(per_token, mask)
+        else:
+            loss = torch.where(mask != 0, per_token, 0.0).sum() / tokens
         with torch.no_grad():
             metrics["policy/approxkl_avg"] = 0.5 * _masked_mean(log_ratio.square(), mask)
             metrics["policy/kl_old_avg"] = _masked_mean(kl_old, mask)
@@ -468,10 +542,12 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         total = torch.zeros((), device=self.args.device)
         tokens = torch.zeros((), device=self.args.device)
         for part in micro_batches:
-            logp = self._completion_logps(self.policy, part)
+            logp, _ = self._policy_forward(part, values=False)
             keep = part["completion_mask"] != 0
             total += torch.where(keep, kl_estimate(part["old_logps"], logp, "k3"), 0.0).sum()
             tokens += keep.sum()
+        if self.accelerator.num_processes > 1:  # every process adapts β alike, from the whole batch
+            total, tokens = self._sum_over_processes(torch.stack([total, tokens]))
         kl = total / tokens.clamp_min(1)
         self._metrics["train"]["objective/kl_penalty_measured"].append(kl)
         self.kl_penalty_beta = adapt_kl_coef(self.kl_penalty_beta, kl, self.args.target_kl)
@@ -535,3 +611,10 @@ def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl
 
 def _targets(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return inputs["completion_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+
+
+def _completion_positions(sequence: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+    """The positions ``[N, C, ...]`` of a prompt + completion tensor ``[N, P + C, ...]`` that predict the ``C``
+    completion tokens (shifted by one)."""
+    completion = completion_ids.shape[1]
+    return sequence[:, -completion - 1 : -1]
