@@ -137,3 +137,17 @@ def test_conversational_prompt_completion_trains_on_the_assistant_turn(tmp_path)
     assert sum(example["completion_mask"]) > 0
     sft.train()
     assert losses(sft.state.log_history)
+
+
+def test_num_tokens_counts_the_non_padding_tokens_trained_on(tmp_path):
+    # One epoch over the rows: the last logged num_tokens is every row's token count once, padding excluded.
+    longer = {"prompt": "what is the answer ? add one to two . the answer is", "completion": " three ."}
+    rows = [*addition_rows(), longer]
+    sft = trainer(tmp_path, rows=rows, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=3, logging_steps=1)
+    lengths = [len(ids) for ids in sft.train_dataset["input_ids"]]
+    assert len(set(lengths)) > 1  # some batches are padded
+    expected = sum(lengths)
+    sft.train()
+    counts = [entry["num_tokens"] for entry in sft.state.log_history if "num_tokens" in entry]
+    assert counts == sorted(counts) and len(set(counts)) > 1
+    assert counts[-1] == expected

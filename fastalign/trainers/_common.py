@@ -13,6 +13,37 @@ from torch import nn
 from fastalign.models import CausalLMAdapter, load_causal_lm
 
 
+class TrainTokenCount:
+    """Training tokens seen so far (TRL's ``num_tokens`` metric): added on the device every step, summed over
+    the processes and read on the host only when the trainer logs."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._pending: torch.Tensor | None = None
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Count ``tokens`` (an integer scalar tensor) more tokens of this process."""
+        tokens = tokens.detach().reshape(1)
+        self._pending = tokens if self._pending is None else self._pending + tokens
+
+    def read(self, accelerator: Any) -> int:
+        """The running total over all processes (every process must call it, as ``Trainer.log`` does)."""
+        if self._pending is not None:
+            self.total += int(accelerator.gather(self._pending).sum().item())
+            self._pending = None
+        return self.total
+
+
+class NumTokensLogMixin:
+    """For ``Trainer`` subclasses that count their training tokens in ``self._train_tokens``
+    (:class:`TrainTokenCount`): training logs get TRL's ``num_tokens``."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs = {**logs, "num_tokens": float(self._train_tokens.read(self.accelerator))}
+        super().log(logs, start_time)
+
+
 class FusedLossTrainerMixin:
     """For ``transformers.Trainer`` subclasses whose loss runs the backbone through a :class:`CausalLMAdapter`.
 

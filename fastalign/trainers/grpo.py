@@ -32,6 +32,8 @@ from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams, tr
 from fastalign.trainers._common import (
     BufferedMetricsMixin,
     FusedLossTrainerMixin,
+    NumTokensLogMixin,
+    TrainTokenCount,
     disable_dropout,
     load_policy_and_tokenizer,
     set_pad_token,
@@ -138,7 +140,7 @@ def _reward_functions(reward_funcs: RewardFuncs, tokenizer: Any) -> list[Callabl
     return functions
 
 
-class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
+class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
     """GRPO with fastalign's fused policy loss (TRL's ``GRPOTrainer`` keywords).
 
     Args:
@@ -205,6 +207,7 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
             repetition_penalty=args.repetition_penalty,
         )  # fmt: skip
         self._step = 0
+        self._train_tokens = TrainTokenCount()
         self._buffered: list[dict[str, torch.Tensor]] | None = None
         self._refill: Iterator[dict] | None = None
         self._metrics = self._metric_buffers()
@@ -476,6 +479,9 @@ class GRPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         )
         metrics["completions/mean_length"].append(float(batch.completion_mask.sum(dim=1).float().mean()))
         metrics["completions/clipped_ratio"].append(float(batch.truncated.float().mean()))
+        if mode == "train":
+            # TRL's num_tokens: prompt + completion tokens generated for training so far, over all processes.
+            self._train_tokens.add(batch.prompt_mask.sum() + batch.completion_mask.sum())
         for function, column in zip(self.reward_funcs, per_function.T, strict=True):
             metrics[f"rewards/{reward_function_name(function)}/mean"].append(float(torch.nanmean(column)))
 

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer
 from fastalign.data import RewardCollator, tokenize_dataset
 from fastalign.models import load_reward_model
 from fastalign.ops.preference import reward_loss
-from fastalign.trainers._common import disable_dropout, prepare_splits
+from fastalign.trainers._common import TrainTokenCount, disable_dropout, prepare_splits
 from fastalign.trainers.configs import RewardConfig
 
 # Columns the collator reads; Trainer drops every other column unless told which to keep.
@@ -161,8 +161,7 @@ class RewardTrainer(Trainer):
         # Per batch: a [len(_MEAN_STATS) + 2] tensor (the means, then min and max reward), kept on the device
         # until log() reads them all with one transfer.
         self._metrics: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
-        self._new_tokens: torch.Tensor | None = None  # train tokens since the last log, on the device
-        self._total_train_tokens = 0
+        self._train_tokens = TrainTokenCount()
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -208,8 +207,7 @@ class RewardTrainer(Trainer):
         ])  # fmt: skip
         self._metrics[mode].append(stats)
         if mode == "train":
-            tokens = mask.sum()
-            self._new_tokens = tokens if self._new_tokens is None else self._new_tokens + tokens
+            self._train_tokens.add(mask.sum())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the reward metrics averaged since the previous log (gathered over processes) to ``logs``."""
@@ -221,11 +219,9 @@ class RewardTrainer(Trainer):
             summary = torch.cat([means, stats[:, -2].min().reshape(1), stats[:, -1].max().reshape(1)]).tolist()
             metrics = dict(zip([*_MEAN_STATS, "min_reward", "max_reward"], summary, strict=True))
             self._metrics[mode].clear()
-        if self._new_tokens is not None:
-            self._total_train_tokens += int(self.accelerator.gather(self._new_tokens.reshape(1)).sum().item())
-            self._new_tokens = None
+        total_tokens = self._train_tokens.read(self.accelerator)
         if metrics:
-            metrics["num_tokens"] = float(self._total_train_tokens)
+            metrics["num_tokens"] = float(total_tokens)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)

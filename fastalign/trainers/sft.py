@@ -16,7 +16,14 @@ from transformers import PreTrainedModel, Trainer
 
 from fastalign.data import SFTCollator, pack_sequences, require_format, tokenize_dataset
 from fastalign.models import shift_labels
-from fastalign.trainers._common import FusedLossTrainerMixin, load_policy_and_tokenizer, prepare_splits, set_pad_token
+from fastalign.trainers._common import (
+    FusedLossTrainerMixin,
+    NumTokensLogMixin,
+    TrainTokenCount,
+    load_policy_and_tokenizer,
+    prepare_splits,
+    set_pad_token,
+)
 from fastalign.trainers.configs import SFTConfig
 
 
@@ -47,7 +54,7 @@ def _uses_flash_attention(model: nn.Module) -> bool:
     return implementation.startswith("flash_attention")
 
 
-class SFTTrainer(FusedLossTrainerMixin, Trainer):
+class SFTTrainer(NumTokensLogMixin, FusedLossTrainerMixin, Trainer):
     """SFT with fastalign's fused cross-entropy (TRL's ``SFTTrainer`` keywords).
 
     Args:
@@ -92,6 +99,7 @@ class SFTTrainer(FusedLossTrainerMixin, Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
         )  # fmt: skip
+        self._train_tokens = TrainTokenCount()
 
     def compute_loss(
         self,
@@ -111,4 +119,7 @@ class SFTTrainer(FusedLossTrainerMixin, Trainer):
             reduction="sum", backend=self.args.backend,
         )  # fmt: skip
         loss = self._token_mean(loss_sum, num_items_in_batch, targets)
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self._train_tokens.add(mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel()))
         return (loss, {}) if return_outputs else loss
