@@ -6,6 +6,8 @@ TORCH ?= 2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-torch-$(TORCH)
+# Where `make demo` writes its stages, report.json and report.png (a re-run reuses finished stages).
+DEMO_DIR ?= runs/demo
 
 .PHONY: install test test-gpu demo bench lint clean
 
@@ -27,7 +29,7 @@ test-gpu: install
 	$(PY) -m pytest -m gpu
 
 demo: install
-	$(PY) -m bench --demo
+	$(PY) -m fastalign demo --output_dir $(DEMO_DIR)
 
 bench: install
 	$(PY) -m bench

@@ -296,6 +296,7 @@ def _with_reward_model(args: RewardArguments, named: list, model_args: ModelConf
 def _train(trainer, config: Any) -> None:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history (losses, rewards, num_tokens, train_runtime)
     print(f"fastalign: model saved to {config.output_dir}", file=sys.stderr)
 
 
@@ -503,6 +504,7 @@ def _top_level_help() -> str:
     width = max(map(len, COMMANDS))
     lines += [f"  {name:{width}s}  {command.summary}" for name, command in COMMANDS.items()]
     lines += [f"  {'pipeline':{width}s}  run a recipe of these commands stage by stage (built-in: rlhf, dpo, r1)"]
+    lines += [f"  {'demo':{width}s}  the r1 recipe end to end on CPU: a synthetic task, a tiny model from scratch"]
     lines += [
         "",
         "`fastalign COMMAND --help` lists the command's fields (TRL's names: --model_name_or_path, --dataset_name,",
@@ -530,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from fastalign.pipeline import main as pipeline_main
 
         pipeline_main(rest)
+        return
+    if name == "demo":
+        from fastalign.demo import main as demo_main
+
+        demo_main(rest)
         return
     if name not in COMMANDS:
         raise SystemExit(f"fastalign: unknown command {name!r}\n\n{_top_level_help()}")

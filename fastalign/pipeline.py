@@ -39,7 +39,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -248,8 +248,15 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
 
 
-def run_pipeline(stages: list[Stage], from_stage: str | None = None) -> list[str]:
-    """Runs the planned stages in order (skipping finished ones); returns the names of the stages that ran."""
+def run_pipeline(
+    stages: list[Stage],
+    from_stage: str | None = None,
+    on_stage_done: Callable[[Stage, bool], None] | None = None,
+) -> list[str]:
+    """Runs the planned stages in order (skipping finished ones); returns the names of the stages that ran.
+
+    ``on_stage_done(stage, ran)``, when given, is called after each stage, finished now (``ran``) or before.
+    """
     from fastalign.cli import COMMANDS, build_parser, parse, values_to_argv
 
     names = [stage.name for stage in stages]
@@ -264,6 +271,8 @@ def run_pipeline(stages: list[Stage], from_stage: str | None = None) -> list[str
             previous = json.loads(stage.marker.read_text()).get("args")
             changed = "" if previous == stage.args else "; its args changed since: re-run it with --from_stage"
             _progress(f"{label}: done before, skipped ({stage.marker}){changed}")
+            if on_stage_done is not None:
+                on_stage_done(stage, False)
             continue
         forced = True  # the later stages read this stage's output: they run again too
         stage.marker.unlink(missing_ok=True)
@@ -278,6 +287,8 @@ def run_pipeline(stages: list[Stage], from_stage: str | None = None) -> list[str
         stage.marker.write_text(json.dumps(stage.record(), indent=2, default=str) + "\n")
         _progress(f"{label}: finished in {time.perf_counter() - start:.1f}s")
         ran.append(stage.name)
+        if on_stage_done is not None:
+            on_stage_done(stage, True)
     _progress(f"all {len(stages)} stages done ({len(ran)} ran, {len(stages) - len(ran)} skipped)")
     return ran
 
