@@ -209,23 +209,11 @@ def _fused_forward(model: torch.nn.Module, arguments: dict[str, Any], backend: s
 
 
 def _make_token_logprobs(backend: str) -> Callable[..., Any]:
-    def token_logprobs(
-        self: torch.nn.Module,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        labels: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        temperature: float = 1.0,
-        return_entropy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return _token_logprobs(
-            self, input_ids, attention_mask, labels=labels, targets=targets, position_ids=position_ids,
-            temperature=temperature, return_entropy=return_entropy, backend=backend,
-        )  # fmt: skip
+    # functools.wraps: help() and inspect.signature show _token_logprobs' keywords and docstring.
+    @functools.wraps(_token_logprobs)
+    def token_logprobs(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _token_logprobs(self, *args, **{"backend": backend, **kwargs})
 
-    token_logprobs.__doc__ = _token_logprobs.__doc__
     setattr(token_logprobs, _PATCHED, True)
     return token_logprobs
 
