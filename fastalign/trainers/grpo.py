@@ -81,6 +81,24 @@ def _check_generation_under_fsdp2(generator: nn.Module, trained: nn.Module) -> N
     generator._is_fsdp_managed_module = True
 
 
+def score_rollout(
+    trainer: Trainer, rows: list[dict], batch: RolloutBatch, **options: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-function rewards ``[N, F]`` (NaN where not applicable) and their weighted sum ``[N]`` of a rollout
+    batch, with the trainer's ``reward_funcs`` / ``reward_weights``; ``options`` go to
+    :func:`fastalign.rewards.score`. Completions are decoded without special tokens, as messages when the prompts
+    are conversational; every other column of ``rows`` reaches the reward functions."""
+    tokenizer = trainer.processing_class
+    completion_ids = [
+        ids[mask.bool()].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask, strict=True)
+    ]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompts = [row["prompt"] for row in rows]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "prompt_ids")}
+    return score(trainer.reward_funcs, trainer.reward_weights, prompts, completions, completion_ids, columns, **options)
+
+
 class RepeatSampler(Sampler[int]):
     """Dataset indices for GRPO: shuffled chunks of ``prompts_per_generation`` prompts; each chunk is yielded
     ``repeat_count`` times (one per micro-batch it feeds, times ``num_iterations``) and every index in it
@@ -271,23 +289,10 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
         self._step += 1
         return inputs
 
-    def _score(self, rows: list[dict], batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-function rewards ``[N, F]`` (NaN where not applicable) and their weighted sum ``[N]``."""
-        tokenizer = self.processing_class
-        completion_ids = [
-            ids[mask.bool()].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask, strict=True)
-        ]
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [row["prompt"] for row in rows]
-        conversational = isinstance(prompts[0], list)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "prompt_ids")}
-        return score(self.reward_funcs, self.reward_weights, prompts, completions, completion_ids, columns)
-
     def _generate_and_score(self, rows: list[dict], mode: str) -> dict[str, torch.Tensor]:
         args = self.args
         rows, batch = rollout_groups(self, rows)
-        per_function, rewards = self._score(rows, batch)
+        per_function, rewards = score_rollout(self, rows, batch)
         if mode == "train" and args.dynamic_sampling:
             rows, batch, per_function, rewards = self._dynamic_sampling(rows, batch, per_function, rewards)
         advantages, all_rewards = self._advantages(rewards)
@@ -353,7 +358,7 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
             self._refill = _cycle(self.train_dataset, self.args.seed + 1 + self.accelerator.process_index)
         rows = [row for _ in range(prompts) for row in [next(self._refill)] * self.args.num_generations]
         rows, batch = rollout_groups(self, rows)
-        per_function, rewards = self._score(rows, batch)
+        per_function, rewards = score_rollout(self, rows, batch)
         return rows, batch, per_function, rewards
 
     @torch.no_grad()

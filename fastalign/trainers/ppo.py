@@ -36,8 +36,8 @@ from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import gae
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.policy import LOG_RATIO_LIMIT, kl_estimate, value_loss
-from fastalign.rewards import reward_function_name, score
-from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams
+from fastalign.rewards import reward_function_name
+from fastalign.rollout import HFGenerateEngine, SamplingParams
 from fastalign.trainers._common import (
     BufferedMetricsMixin,
     FusedLossTrainerMixin,
@@ -46,7 +46,7 @@ from fastalign.trainers._common import (
     set_pad_token,
 )
 from fastalign.trainers.configs import PPOConfig
-from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions, rollout_groups
+from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions, rollout_groups, score_rollout
 
 __all__ = ["PPOTrainer", "PolicyAndValueModel", "adapt_kl_coef", "masked_whiten"]
 
@@ -323,20 +323,6 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
                 out.append({key: value[index.to(value.device)] for key, value in batch.items()})
         return out
 
-    def _score(self, rows: list[dict], batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-function rewards ``[N, F]`` (NaN where not applicable) and the weighted score ``[N]``."""
-        tokenizer = self.processing_class
-        completion_ids = [
-            ids[mask.bool()].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask, strict=True)
-        ]
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [row["prompt"] for row in rows]
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "prompt_ids")}
-        return score(
-            self.reward_funcs, self.reward_weights, prompts, completions, completion_ids, columns, unscorable="zero"
-        )
-
     @torch.no_grad()
     def _generate_and_score(self, rows: list[dict], mode: str) -> dict[str, torch.Tensor]:
         """The rollout batch with everything the PPO update reads: token tensors, old log-probs, old values,
@@ -344,7 +330,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         args = self.args
         device = self.args.device
         rows, batch = rollout_groups(self, rows)
-        per_function, scores = self._score(rows, batch)
+        per_function, scores = score_rollout(self, rows, batch, unscorable="zero")
         scores = scores.to(device)
         truncated = batch.truncated.to(device)
         if args.missing_eos_penalty is not None:
