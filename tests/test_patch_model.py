@@ -57,23 +57,66 @@ def _batch(vocab_size: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return input_ids, attention_mask, labels
 
 
+def _float64_causal_lm_loss(
+    logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+):
+    """transformers' ``ForCausalLMLoss`` without its ``logits.float()``: the same shift, ignore_index and
+    ``num_items_in_batch`` division, in the logits' own dtype. Hugging Face computes the loss of a float64 model in
+    float32 (errors near 1e-7); a float64 comparison needs a float64 reference."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device), ignore_index=ignore_index,
+        reduction=reduction,
+    )  # fmt: skip
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# Normwise gradient error, the house rule. float32: both sides round differently through the same model (errors
+# near 1e-7), 1e-5 leaves a factor 100. float64: rounding is near 1e-15; 1e-10 leaves 10^5 and still fails any
+# float32 step on either side (1e-7).
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def _assert_grads_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert got.keys() == expected.keys() and expected
     for name, grad in expected.items():
-        # Normwise, the house rule for gradients.
         error = (got[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-3)
-        assert error < 1e-5, f"{name}: normwise error {error:.2e}"
+        assert error < GRAD_TOLERANCE[grad.dtype], f"{name}: normwise error {error:.2e}"
 
 
 def _patched_and_reference(name: str, dtype: torch.dtype = torch.float32):
     reference = _model(name, dtype)
     model = copy.deepcopy(reference)
     assert patch_model(model) is model
+    if dtype == torch.float64:
+        reference.loss_function = _float64_causal_lm_loss
     return model, reference
+
+
+def test_the_float64_reference_loss_is_hf_loss_formula():
+    """The float64 reference above computes what ``ForCausalLMLoss`` does, keyword by keyword (checked in float32,
+    where Hugging Face's upcast changes nothing)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(BATCH, SEQ, 30, generator=g) * 3
+    _, _, labels = _batch()
+    labels_5 = labels.masked_fill(labels == -100, 5)
+    cases = [{}, {"num_items_in_batch": torch.tensor(40)}, {"num_items_in_batch": 7},
+             {"shift_labels": shift_labels(labels.flip(0))}, {"ignore_index": 5, "labels": labels_5}]  # fmt: skip
+    for case in cases:
+        case = {"labels": labels, **case}
+        expected = ForCausalLMLoss(logits, vocab_size=30, **case)
+        got = _float64_causal_lm_loss(logits.double(), vocab_size=30, **case)
+        torch.testing.assert_close(got, expected.double(), rtol=1e-6, atol=1e-7, msg=str(case))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -89,7 +132,9 @@ def test_loss_and_gradients_equal_hf(name, dtype):
     assert expected.logits is not None
     expected.loss.backward()
 
-    torch.testing.assert_close(out.loss.double(), expected.loss.double(), rtol=1e-6, atol=1e-6)
+    # float32: rounding of both sides (1e-7); float64: against a float64 reference, far below any float32 step.
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.loss.double(), expected.loss.double(), rtol=tolerance, atol=tolerance)
     _assert_grads_close(_grads(model), _grads(reference))
     if name == "qwen2":  # tied: the fused loss's lm_head gradient lands on the shared embedding
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -131,16 +176,28 @@ def test_num_items_in_batch_accumulates_to_the_full_batch_mean():
 
 
 def test_trainer_with_gradient_accumulation_trains_and_evaluates_like_hf(tmp_path):
+    """Two Adam steps of 3 accumulated micro-batches (rows of 10, 6 and 4 target tokens) through
+    ``transformers.Trainer``: patched and plain models end with the same weights and evaluation loss.
+
+    In float64, against the float64 form of Hugging Face's loss. In float32 the comparison depends on the CPU:
+    Adam's first step divides each gradient by its own magnitude (plus eps 1e-8), so a float32 rounding difference
+    of 1e-9 in a gradient near zero moves a weight by up to lr * 0.1 = 1e-3 (seen: 1.4e-6 on one CPU, under 1e-6 on
+    another). In float64 the same bound is lr * 1e-16 / 1e-8 = 1e-10 per step (seen: 1e-16); 1e-8 over two steps
+    leaves a factor 50, while the updates are 1e-2 and a per-micro-batch mean (``num_items_in_batch`` ignored)
+    moves weights by 3e-2."""
     input_ids, attention_mask, labels = _batch()
     rows = [
         {"input_ids": i, "attention_mask": m, "labels": label}
         for i, m, label in zip(input_ids, attention_mask, labels, strict=True)
     ]
+    initial = _model("llama", torch.float64).state_dict()
     trained, eval_loss = {}, {}
     for patched in (False, True):
-        model = _model("llama")
+        model = _model("llama", torch.float64)
         if patched:
             patch_model(model)
+        else:
+            model.loss_function = _float64_causal_lm_loss
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=1, gradient_accumulation_steps=3,
             max_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
@@ -152,8 +209,9 @@ def test_trainer_with_gradient_accumulation_trains_and_evaluates_like_hf(tmp_pat
         trained[patched] = model.state_dict()
         eval_loss[patched] = trainer.evaluate(rows)["eval_loss"]
     for name, expected in trained[False].items():
-        torch.testing.assert_close(trained[True][name], expected, rtol=1e-5, atol=1e-6, msg=name)
-    assert eval_loss[True] == pytest.approx(eval_loss[False], rel=1e-5)
+        assert (expected - initial[name]).abs().max() > 1e-3, name  # the steps moved every weight
+        torch.testing.assert_close(trained[True][name], expected, rtol=0, atol=1e-8, msg=name)
+    assert eval_loss[True] == pytest.approx(eval_loss[False], rel=1e-12)
 
 
 def test_patch_is_per_instance_idempotent_and_reversible():

@@ -181,14 +181,22 @@ def test_resume_from_a_checkpoint_continues_identically(tmp_path):
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
-    """Two micro-batches of 2 pairs step like one batch of 4 (the loss is a mean over pairs, as TRL's)."""
-    full = trainer(tmp_path / "a", max_steps=2, per_device_train_batch_size=4)
+    """Two micro-batches of 2 pairs step like one batch of 4 (the loss is a mean over pairs, as TRL's).
+
+    Plain SGD: Adam divides each gradient by its own magnitude, so float32 rounding in a near-zero gradient moves
+    a weight by up to lr * 0.1 and the comparison would depend on the CPU's vector width; Adam would also hide a
+    missing 1 / gradient_accumulation_steps. With SGD at lr 0.5 the two runs' weights differ by an ulp or two of
+    the weights (seen: 7e-9) while every weight moves by 3e-5 or more, so a wrong scale cannot pass."""
+    options = {"max_steps": 2, "optim": "sgd", "learning_rate": 0.5}
+    full = trainer(tmp_path / "a", per_device_train_batch_size=4, **options)
     full.train()
-    accumulated = trainer(tmp_path / "b", max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    accumulated = trainer(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **options)
     accumulated.train()
+    initial = tiny_causal_lm().state_dict()
     for (name, expected), got in zip(full.model.state_dict().items(), accumulated.model.state_dict().values(),
                                      strict=True):  # fmt: skip
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+        assert (expected - initial[name]).abs().max() > 1e-5, name  # every weight moved 100 x the tolerance
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_trl_metric_names_are_logged_in_training_and_evaluation(tmp_path):
