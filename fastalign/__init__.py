@@ -2,67 +2,49 @@
 
 The public ops compute what alignment training needs straight from hidden states and the lm_head weight,
 without materialising the ``[tokens, vocab]`` logits, and the losses of every RL / preference stage on top.
+
+Every name here is imported on first use: ``import fastalign`` itself loads neither torch nor transformers, so
+the ``fastalign`` command answers ``--help`` and argument errors without them, and ``import fastalign`` for the
+ops never pulls in the trainers.
 """
 
-from fastalign import nn
-from fastalign.ops import (
-    BackendStatus,
-    BackendUnavailableError,
-    backends,
-    dpo_loss,
-    dpo_loss_from_token_logps,
-    gae,
-    group_advantages,
-    linear_cross_entropy,
-    linear_logprobs,
-    logprobs_from_logits,
-    policy_loss,
-    reward_loss,
-    set_scratch_budget,
-    value_loss,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-# The trainers pull in transformers.Trainer, accelerate and datasets: imported on first use, so that
-# `import fastalign` for the ops stays light.
+_OPS_NAMES = (
+    "BackendStatus", "BackendUnavailableError", "backends", "dpo_loss", "dpo_loss_from_token_logps", "gae",
+    "group_advantages", "linear_cross_entropy", "linear_logprobs", "logprobs_from_logits", "policy_loss",
+    "reward_loss", "set_scratch_budget", "value_loss",
+)  # fmt: skip
+# The trainers pull in transformers.Trainer, accelerate and datasets.
 _TRAINER_NAMES = (
     "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
     "RewardTrainer", "SFTConfig", "SFTTrainer",
 )  # fmt: skip
-# fastalign.models (patch_model) is imported on first use as well.
 _MODEL_NAMES = ("patch_model", "unpatch_model")
+_HOME = {
+    **dict.fromkeys(_OPS_NAMES, "fastalign.ops"),
+    **dict.fromkeys(_TRAINER_NAMES, "fastalign.trainers"),
+    **dict.fromkeys(_MODEL_NAMES, "fastalign.models.patch"),
+    "nn": "fastalign.nn",
+}
 
 
 def __getattr__(name: str):
-    if name in _TRAINER_NAMES:
-        from fastalign import trainers
-
-        return getattr(trainers, name)
-    if name in _MODEL_NAMES:
-        from fastalign.models import patch
-
-        return getattr(patch, name)
-    raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fastalign' has no attribute {name!r}")
+    module = importlib.import_module(home)
+    value = module if name == "nn" else getattr(module, name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
-__all__ = [
-    *_TRAINER_NAMES,
-    *_MODEL_NAMES,
-    "BackendStatus",
-    "BackendUnavailableError",
-    "__version__",
-    "backends",
-    "dpo_loss",
-    "dpo_loss_from_token_logps",
-    "gae",
-    "group_advantages",
-    "linear_cross_entropy",
-    "linear_logprobs",
-    "logprobs_from_logits",
-    "nn",
-    "policy_loss",
-    "reward_loss",
-    "set_scratch_budget",
-    "value_loss",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
+
+__all__ = [*_OPS_NAMES, *_TRAINER_NAMES, *_MODEL_NAMES, "__version__", "nn"]

@@ -21,22 +21,29 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from transformers import HfArgumentParser
 
-from fastalign.trainers.configs import (
-    DPOConfig,
-    GRPOConfig,
-    ModelConfig,
-    PPOConfig,
-    RewardConfig,
-    ScriptArguments,
-    SFTConfig,
-)
+from fastalign import cli_spec
+
+# torch, transformers and the configs are imported when a command runs (or its real parser is built), so that
+# `fastalign --help`, `fastalign COMMAND --help` and flag errors answer at once (cli_spec's snapshot).
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
+    from fastalign.cli_arguments import GRPOScriptArguments, RejectionSamplingArguments, RewardArguments
+    from fastalign.trainers.configs import (
+        DPOConfig,
+        GRPOConfig,
+        ModelConfig,
+        PPOConfig,
+        RewardConfig,
+        ScriptArguments,
+        SFTConfig,
+    )
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -45,103 +52,24 @@ BUILTIN_REWARDS = ("accuracy_reward", "think_format_reward", "code_reward", "sof
 is accepted as an alias of ``soft_overlong_punishment``)."""
 
 
-@dataclass
-class RewardArguments:
-    """The reward flags of ``fastalign grpo``, ``ppo`` and ``rejection-sample`` (TRL's GRPO script names)."""
-
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Reward functions: accuracy_reward, think_format_reward, code_reward, soft_overlong_punishment "
-            "(needs --soft_punish_cache), or a function of your own as module.path:function (or module.path.function; "
-            "the current folder is importable). Weighted by --reward_weights, after the reward model if any."
-        },
-    )
-    reward_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A reward model (num_labels=1, e.g. from `fastalign reward`): a local folder or a hub name; "
-            "it is the first reward function."
-        },
-    )
-    soft_punish_cache: int | None = field(
-        default=None,
-        metadata={
-            "help": "DAPO's L_cache for soft_overlong_punishment: the last this many tokens before "
-            "max_completion_length are punished linearly (L_max is max_completion_length)."
-        },
-    )
-
-
-@dataclass
-class GRPOScriptArguments(RewardArguments, ScriptArguments):
-    """``fastalign grpo``'s script arguments: the dataset and the reward functions (TRL's ``GRPOScriptArguments``)."""
-
-
-@dataclass
-class RejectionSamplingArguments(RewardArguments):
-    """``fastalign rejection-sample``: sample k completions per prompt, keep the best ones, write an SFT dataset."""
-
-    output_path: str | None = field(
-        default=None, metadata={"help": "The JSONL file to write (prompt, completion, the other columns, reward)."}
-    )
-    reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per reward function (reward model first); default 1 each."}
-    )
-    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (k)."})
-    max_completion_length: int = field(default=512, metadata={"help": "Tokens generated per completion at most."})
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Prompts keep their last this many tokens when sampling (None: all)."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (each gives k completions)."})
-    keep: str = field(
-        default="best",
-        metadata={
-            "help": "'best': each prompt's highest-reward completion (if >= --threshold, when given); 'threshold': "
-            "every completion with reward >= --threshold.",
-            "choices": ["best", "threshold"],
-        },
-    )
-    threshold: float | None = field(default=None, metadata={"help": "The lowest reward a kept completion may have."})
-    skip_truncated: bool = field(
-        default=False, metadata={"help": "Never keep completions cut at max_completion_length (no EOS)."}
-    )
-    deduplicate: bool = field(
-        default=True, metadata={"help": "With --keep threshold, keep identical completions of a prompt once."}
-    )
-    mix_dataset: str | None = field(
-        default=None,
-        metadata={"help": "SFT data to mix in (prompt + completion, or messages for conversational data)."},
-    )
-    mix_dataset_split: str = field(default="train", metadata={"help": "The mix dataset's split."})
-    mix_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of the output rows drawn from --mix_dataset, in [0, 1)."}
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of the sampling and of the mix."})
-    device: str | None = field(default=None, metadata={"help": "Where the models run (default: cuda if available)."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
-
-    def __post_init__(self):
-        from fastalign.sampling import _check_keep
-
-        _check_keep(self.keep, self.threshold)
-        if not 0 <= self.mix_ratio < 1:
-            raise ValueError(f"mix_ratio is the fraction of output rows from --mix_dataset, in [0, 1): got "
-                             f"{self.mix_ratio}")  # fmt: skip
-        if (self.mix_dataset is None) != (self.mix_ratio == 0):
-            raise ValueError("--mix_dataset and --mix_ratio go together: give both (a ratio > 0) or neither")
-
-
 @dataclass(frozen=True)
 class Command:
+    """A sub-command: its one-line summary, the names of its config and script-arguments dataclasses (in
+    fastalign.trainers.configs or fastalign.cli_arguments, imported when its parser is built), how it runs, and
+    the defaults it changes."""
+
     summary: str
-    config: type
+    config: str
     run: Callable[[Any, ModelConfig, Any], None]
     defaults: dict[str, Any]
-    script: type = ScriptArguments
+    script: str = "ScriptArguments"
+
+
+def _dataclass(name: str) -> type:
+    from fastalign import cli_arguments
+    from fastalign.trainers import configs
+
+    return getattr(configs, name, None) or getattr(cli_arguments, name)
 
 
 def _torch_dtype(name: str | None):
@@ -425,24 +353,25 @@ def run_rejection_sample(script: ScriptArguments, model_args: ModelConfig, args:
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "pre-train a causal LM on `text` data with packing (from a config-only folder: from scratch)",
-        SFTConfig, run_pretrain, {"packing": True, "completion_only_loss": False},
+        "SFTConfig", run_pretrain, {"packing": True, "completion_only_loss": False},
     ),
-    "sft": Command("supervised fine-tuning on text, messages or prompt-completion data", SFTConfig, run_sft, {}),
-    "reward": Command("a Bradley-Terry reward model on preference pairs (prompt, chosen, rejected)", RewardConfig,
+    "sft": Command("supervised fine-tuning on text, messages or prompt-completion data", "SFTConfig", run_sft, {}),
+    "reward": Command("a Bradley-Terry reward model on preference pairs (prompt, chosen, rejected)", "RewardConfig",
                       run_reward, {}),
-    "dpo": Command("direct preference optimisation (every DPO loss_type) on preference pairs", DPOConfig, run_dpo, {}),
+    "dpo": Command("direct preference optimisation (every DPO loss_type) on preference pairs",
+                   "DPOConfig", run_dpo, {}),
     "grpo": Command("GRPO / DAPO / Dr. GRPO on prompts, with --reward_funcs and/or --reward_model_name_or_path",
-                    GRPOConfig, run_grpo, {}, GRPOScriptArguments),
+                    "GRPOConfig", run_grpo, {}, "GRPOScriptArguments"),
     "ppo": Command("PPO with a value model (RLHF), with --reward_model_name_or_path and/or --reward_funcs",
-                   PPOConfig, run_ppo, {}, GRPOScriptArguments),
+                   "PPOConfig", run_ppo, {}, "GRPOScriptArguments"),
     "rejection-sample": Command(
         "sample k completions per prompt, keep the best by reward, write prompt-completion JSONL for sft",
-        RejectionSamplingArguments, run_rejection_sample, {},
+        "RejectionSamplingArguments", run_rejection_sample, {},
     ),
 }  # fmt: skip
 
 
-def _yaml_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
+def _yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     """The YAML file's keys as command-line flags (placed first, so later flags override them)."""
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
@@ -455,10 +384,10 @@ def _yaml_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
 
 def field_names(parser: argparse.ArgumentParser) -> set[str]:
     """The field names (flag destinations) a command's parser accepts."""
-    return {action.dest for action in parser._actions} - {"help"}
+    return {action.dest for action in parser._actions} - {"help", "config"}
 
 
-def values_to_argv(values: dict[str, Any], parser: HfArgumentParser, source: str) -> list[str]:
+def values_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
     """A mapping of field names to values as command-line flags; unknown names are an error naming ``source``."""
     unknown = sorted(set(values) - field_names(parser))
     if unknown:
@@ -476,27 +405,66 @@ def values_to_argv(values: dict[str, Any], parser: HfArgumentParser, source: str
     return argv
 
 
+_CONFIG_HELP = "a YAML file of field: value (same names as the flags)"
+
+
 def build_parser(name: str) -> HfArgumentParser:
+    """Command ``name``'s real parser: ``HfArgumentParser`` over its dataclasses (imports transformers)."""
+    from transformers import HfArgumentParser
+
+    from fastalign.trainers.configs import ModelConfig
+
     command = COMMANDS[name]
     parser = HfArgumentParser(
-        (command.script, ModelConfig, command.config), prog=f"fastalign {name}", description=command.summary,
+        (_dataclass(command.script), ModelConfig, _dataclass(command.config)), prog=f"fastalign {name}",
+        description=command.summary,
         epilog="Every flag can also be a key of the YAML file given with --config; flags override the file.",
     )  # fmt: skip
-    parser.add_argument("--config", help="a YAML file of field: value (same names as the flags)")
+    parser.add_argument("--config", help=_CONFIG_HELP)
     parser.set_defaults(**command.defaults)
     return parser
 
 
-def parse(name: str, argv: Sequence[str]) -> tuple[Any, ModelConfig, Any]:
-    parser = build_parser(name)
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """A parser with command ``name``'s flags: the snapshot's when it matches (fast), else the real one."""
+    return cli_spec.fast_parser(name) or build_parser(name)
+
+
+def _command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """The YAML file's flags (``--config``), then ``argv``."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    file_argv = _yaml_to_argv(known.config, parser) if known.config else []
-    script, model_args, config, _ = parser.parse_args_into_dataclasses(args=[*file_argv, *argv])
+    return [*(_yaml_to_argv(known.config, parser) if known.config else []), *argv]
+
+
+def check_fast(name: str, argv: Sequence[str]) -> bool:
+    """Answer ``--help`` and flag errors for command ``name`` from cli_spec's snapshot, before torch and
+    transformers load: prints and exits as the real parser would. ``False`` when the snapshot does not match the
+    installed libraries (then :func:`parse` answers)."""
+    parser = cli_spec.fast_parser(name)
+    if parser is None:
+        return False
+    namespace = parser.parse_args(_command_line(parser, argv))
+    if namespace.model_name_or_path is None:
+        parser.error("--model_name_or_path is required")
+    return True
+
+
+def parse(name: str, argv: Sequence[str]) -> tuple[Any, ModelConfig, Any]:
+    """Command ``name``'s dataclasses from the command line (and its ``--config`` YAML file)."""
+    parser = build_parser(name)
+    script, model_args, config, _ = parser.parse_args_into_dataclasses(args=_command_line(parser, argv))
     if model_args.model_name_or_path is None:
         parser.error("--model_name_or_path is required")
     return script, model_args, config
+
+
+def write_spec() -> None:
+    """Rewrite cli_spec's snapshot from every command's real parser (``make cli-spec``)."""
+    snapshot = cli_spec.pack({name: cli_spec.describe(build_parser(name)) for name in COMMANDS})
+    cli_spec.SPEC_PATH.write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
+    print(f"fastalign: wrote {cli_spec.SPEC_PATH}", file=sys.stderr)
 
 
 def _top_level_help() -> str:
@@ -540,5 +508,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if name not in COMMANDS:
         raise SystemExit(f"fastalign: unknown command {name!r}\n\n{_top_level_help()}")
+    check_fast(name, rest)
     script, model_args, config = parse(name, rest)
     COMMANDS[name].run(script, model_args, config)

@@ -144,7 +144,7 @@ def plan(
     smoke: bool = False,
 ) -> list[Stage]:
     """The recipe's stages with every arg resolved; raises ``SystemExit`` on the first problem."""
-    from fastalign.cli import COMMANDS, build_parser, field_names
+    from fastalign.cli import COMMANDS, command_parser, field_names
 
     root = Path(output_dir or recipe.get("output_dir") or f"fastalign-{recipe_name}")
     variables = dict(recipe.get("variables") or {})
@@ -180,7 +180,7 @@ def plan(
         else:
             raise SystemExit(f"fastalign pipeline: --set {key}: no stage named {scope!r} (stages: {', '.join(names)})")
     variables.setdefault("output_dir", str(root))
-    parsers = {spec["command"]: build_parser(spec["command"]) for spec in specs}
+    parsers = {spec["command"]: command_parser(spec["command"]) for spec in specs}
     known_anywhere = set().union(*(field_names(parser) for parser in parsers.values()))
     stray = sorted(set(defaults) - known_anywhere)
     if stray:

@@ -277,3 +277,85 @@ def test_help_lists_ppo_and_pipeline():
                           check=True)  # fmt: skip
     for text in ("--from_stage", "--smoke", "--set", "rlhf", "r1"):
         assert text in pipe.stdout
+
+
+# ------------------------------------------------------------------------------------- fast help and errors
+
+PINNED = {"transformers", "accelerate"}
+
+
+def _pinned_versions() -> dict[str, str]:
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines()
+    pins = dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+    return {name: pins[name] for name in PINNED}
+
+
+def test_the_snapshot_answers_as_the_real_parsers():
+    """Where the snapshot is used (its fingerprint matches), every command's help is the real parser's, to the
+    character; with the tested versions (constraints.txt) it must be in use, so a flag change without
+    `make cli-spec` fails here."""
+    import io
+    from contextlib import redirect_stdout
+    from importlib import metadata
+
+    from fastalign import cli_spec
+    from fastalign.cli import COMMANDS, build_parser
+
+    installed = {name: metadata.version(name) for name in PINNED}
+    commands = cli_spec.load()
+    if installed == _pinned_versions():
+        assert commands is not None, "fastalign/cli_spec.json is stale: run `make cli-spec`"
+    if commands is None:  # other versions: the real parser answers
+        assert cli_spec.fast_parser("sft") is None
+        return
+    assert set(commands) == set(COMMANDS)
+    for name in COMMANDS:
+        texts = []
+        for parser in (build_parser(name), cli_spec.fast_parser(name)):
+            with redirect_stdout(io.StringIO()) as out:
+                parser.print_help()
+            texts.append(out.getvalue())
+        assert texts[0] == texts[1], f"fastalign {name} --help differs from the real parser's"
+        assert "--learning_rate" in texts[0] or name == "rejection-sample"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--help"], "commands:"),
+        (["sft", "--help"], "--per_device_train_batch_size"),
+        (["grpo", "--help"], "--reward_funcs"),
+        (["dpo", "--model_name_or_path", "m", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["sft", "--model_name_or_path", "m", "--learning_rate", "fast"], "invalid float value: 'fast'"),
+        (["sft", "--model_name_or_path", "m", "--eval_strategy", "often"], "invalid choice: 'often'"),
+        (["sft", "--model_name_or_path", "m", "--bf16", "maybe"], "Truthy value expected"),
+        (["ppo", "--dataset_name", "d"], "--model_name_or_path is required"),
+    ],
+)
+def test_help_and_flag_errors_answer_without_torch(argv, expected):
+    """Answered from the snapshot: neither torch nor transformers is imported (they take seconds)."""
+    from importlib import metadata
+
+    if {name: metadata.version(name) for name in PINNED} != _pinned_versions():
+        pytest.skip("the snapshot matches the tested versions only (constraints.txt); the real parser answers")
+    probe = (
+        "import sys\nfrom fastalign.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    code = e.code\nelse:\n    code = 0\n"
+        "print('loaded', 'torch' in sys.modules, 'transformers' in sys.modules, code, file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    assert "loaded False False" in done.stderr, done.stderr[-2000:]
+    assert expected in done.stdout + done.stderr
+    assert done.stderr.rstrip().endswith(" 0" if "--help" in argv else " 2")
+
+
+def test_yaml_errors_answer_from_the_snapshot_too(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model_name_or_path: m\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml has unknown fields \['learning_rat'\]"):
+        main(["sft", "--config", str(config)])
+    config.write_text("model_name_or_path: m\nconfig: other.yaml\n")  # not followed: refused
+    with pytest.raises(SystemExit, match=r"unknown fields \['config'\]"):
+        main(["sft", "--config", str(config)])
