@@ -454,7 +454,12 @@ def check_fast(name: str, argv: Sequence[str]) -> bool:
 def parse(name: str, argv: Sequence[str]) -> tuple[Any, ModelConfig, Any]:
     """Command ``name``'s dataclasses from the command line (and its ``--config`` YAML file)."""
     parser = build_parser(name)
-    script, model_args, config, _ = parser.parse_args_into_dataclasses(args=_command_line(parser, argv))
+    *parsed, remaining = parser.parse_args_into_dataclasses(
+        args=_command_line(parser, argv), return_remaining_strings=True
+    )
+    if remaining:  # HfArgumentParser raises a ValueError (a traceback) for these; argparse's usage error instead
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    script, model_args, config, _ = parsed
     if model_args.model_name_or_path is None:
         parser.error("--model_name_or_path is required")
     return script, model_args, config

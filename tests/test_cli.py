@@ -359,3 +359,12 @@ def test_yaml_errors_answer_from_the_snapshot_too(tmp_path):
     config.write_text("model_name_or_path: m\nconfig: other.yaml\n")  # not followed: refused
     with pytest.raises(SystemExit, match=r"unknown fields \['config'\]"):
         main(["sft", "--config", str(config)])
+
+
+def test_the_real_parser_refuses_unknown_flags_with_a_usage_error(capsys):
+    """Where the snapshot cannot answer (other library versions), the real parser gives argparse's error too,
+    not HfArgumentParser's ValueError traceback."""
+    with pytest.raises(SystemExit) as raised:
+        parse("sft", ["--model_name_or_path", "m", "--bogus", "1"])
+    assert raised.value.code == 2
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err
