@@ -71,16 +71,19 @@ class _TritonLaunches:
 
     def forward(self, token_logps, mask, ref_logps, plan, out) -> None:
         from fastalign.kernels.triton import dpo_loss as kernels
+        from fastalign.kernels.triton.softmax_tile import autotune_bucket
 
         pairs, width = token_logps.shape[0] // 2, token_logps.shape[1]
         weights = torch.tensor(plan.weights, dtype=torch.float32).to(token_logps.device, non_blocking=True)
         kernels.dpo_fwd_kernel[lambda meta: (_cdiv(pairs, meta["BLOCK_P"]),)](
-            token_logps, mask, ref_logps, weights, *out, pairs, width, token_logps.stride(0), plan.beta,
-            plan.label_smoothing, plan.discopop_tau, TYPES=plan.type_bits, AVERAGED=plan.averaged_bits,
+            token_logps, mask, ref_logps, weights, *out, pairs, width, autotune_bucket(width),
+            token_logps.stride(0), plan.beta, plan.label_smoothing, plan.discopop_tau, TYPES=plan.type_bits,
+            AVERAGED=plan.averaged_bits,
         )  # fmt: skip
 
     def backward(self, mask, row_grad, grad_losses, grad_sums, grad) -> None:
         from fastalign.kernels.triton import dpo_loss as kernels
+        from fastalign.kernels.triton.softmax_tile import autotune_bucket
 
         rows, width = mask.shape
         upstream = torch.zeros_like(row_grad)
@@ -89,7 +92,7 @@ class _TritonLaunches:
         if grad_sums is not None:
             upstream = upstream + grad_sums
         kernels.dpo_bwd_kernel[lambda meta: (_cdiv(rows, meta["BLOCK_R"]), _cdiv(width, meta["BLOCK_T"]))](
-            mask, upstream.contiguous(), grad, rows, width, mask.stride(0)
+            mask, upstream.contiguous(), grad, rows, width, autotune_bucket(width), mask.stride(0)
         )
 
 

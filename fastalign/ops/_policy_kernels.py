@@ -79,10 +79,12 @@ class TritonLaunch:
 
     @staticmethod
     def _scalars(a: PolicyArgs, tensors: Tensors) -> tuple[list, dict]:
+        from fastalign.kernels.triton.softmax_tile import autotune_bucket
+
         rows, width = tensors["logp"].shape
         advantages, weights = tensors["advantages"], tensors["is_weights"]
         positional = [
-            rows, width, width, *_row_and_token_strides(advantages),
+            rows, width, autotune_bucket(width), width, *_row_and_token_strides(advantages),
             *(_row_and_token_strides(weights) if weights is not None else (0, 0)),
             a.clip_low, a.clip_high, a.dual_clip or 0.0, a.kl_coef, a.entropy_coef, LOG_RATIO_LIMIT,
         ]  # fmt: skip

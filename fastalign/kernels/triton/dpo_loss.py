@@ -8,7 +8,8 @@ The batch holds ``2B`` rows: pair ``i`` is chosen row ``i`` and rejected row ``B
   since a row's tokens enter the loss only through their sum).
 * ``dpo_bwd_kernel``: broadcasts those per-row gradients, scaled by the upstream gradient, onto the masked tokens.
 
-Loss-type indices follow ``fastalign.ops.preference.DPO_LOSS_TYPES``.
+Loss-type indices follow ``fastalign.ops.preference.DPO_LOSS_TYPES``. ``T_BUCKET`` (the launcher's bucket of T) is
+read by the autotuner only: its key, with the constexpr variant flags, so a new T in the bucket reuses the tuning.
 """
 
 import triton
@@ -139,11 +140,11 @@ def _row_sums(token_ptr, mask_ptr, rows, row_ok, T, stride_row, BLOCK: tl.conste
     return tl.sum(total, 1), tl.sum(count, 1)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["T", "TYPES", "AVERAGED"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["T_BUCKET", "TYPES", "AVERAGED"])
 @triton.jit
 def dpo_fwd_kernel(
     token_ptr, mask_ptr, ref_ptr, weights_ptr, losses_ptr, sums_ptr, lengths_ptr, row_grad_ptr,
-    B, T, stride_row, beta, label_smoothing, tau,
+    B, T, T_BUCKET, stride_row, beta, label_smoothing, tau,
     TYPES: tl.constexpr, AVERAGED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """``TYPES`` / ``AVERAGED``: bit ``k`` set when loss type ``k`` is used / takes length-averaged log-probs.
@@ -186,10 +187,10 @@ def dpo_fwd_kernel(
     tl.store(row_grad_ptr + B + pairs, rejected_grad, mask=ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["T"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["T_BUCKET"])
 @triton.jit
 def dpo_bwd_kernel(
-    mask_ptr, row_grad_ptr, grad_ptr, R, T, stride_row, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr
+    mask_ptr, row_grad_ptr, grad_ptr, R, T, T_BUCKET, stride_row, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr
 ):  # fmt: skip
     """``grad[R, T] = row_grad[R]`` on masked tokens, 0 elsewhere (``row_grad`` already holds the upstream)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -6,7 +6,8 @@
 
 Token-level ratios are per token; at sequence level (GSPO) a first pass forms the row's mean log-ratio and the
 backward spreads ``d loss / d ratio`` back over the row's tokens. Advantages and importance weights come with a
-token stride of 0 when they are per sequence. No autograd, no checks: ``fastalign.ops._policy_kernels`` owns both.
+token stride of 0 when they are per sequence. ``T_BUCKET`` is read by the autotuner only (its key, with the
+variant flags). No autograd, no checks: ``fastalign.ops._policy_kernels`` owns both.
 """
 
 import triton
@@ -22,6 +23,9 @@ _CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]],
     triton.Config({"BLOCK_T": 4}),
 )
+# What decides the best config: the row length, bucketed by the launcher (``T_BUCKET``: a GRPO batch's T changes
+# every step and would re-tune each time), and every variant flag (each compiles to a different kernel).
+_TUNING_KEY = ["T_BUCKET", "SEQUENCE", "HAS_REF", "HAS_ENTROPY", "HAS_IS", "DUAL", "KL_KIND"]
 
 
 @triton.jit
@@ -80,17 +84,17 @@ def _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, 
     return tl.sum(total, 0) / tl.maximum(n, 1.0), n
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "SEQUENCE", "HAS_REF", "HAS_ENTROPY"])
+@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY)
 @triton.jit
 def policy_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, entropy_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
-    B, T, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
+    B, T, T_BUCKET, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, LIMIT,
     SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_IS: tl.constexpr,
     DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Per-row sums into ``stats[8, B]`` (float32): loss·mask, mask, and the metric numerators."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride_row passes 2^31 on big batches
     offs = tl.arange(0, BLOCK_T)
     seq_ratio = 1.0
     if SEQUENCE:
@@ -164,17 +168,17 @@ def _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL: tl.constexpr):
     return grad
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "SEQUENCE", "HAS_REF", "HAS_ENTROPY"])
+@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY)
 @triton.jit
 def policy_loss_bwd_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, row_weight_ptr, grad_logp_ptr, grad_entropy_ptr,
-    B, T, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
+    B, T, T_BUCKET, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, LIMIT,
     SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_IS: tl.constexpr,
     DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """``grad_logp[B, T]`` (and ``grad_entropy``) = row weight × d(row's masked loss sum) / d input."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride_row passes 2^31 on big batches
     offs = tl.arange(0, BLOCK_T)
     weight = tl.load(row_weight_ptr + row)
     spread = 0.0

@@ -147,3 +147,10 @@ def load_rows_and_grad(
 def autotune_configs(gpu_configs: list, interpreter_config: triton.Config) -> list:
     """Triton's interpreter cannot benchmark, so it gets one (small) config; GPUs get the whole list."""
     return [interpreter_config] if INTERPRETING else gpu_configs
+
+
+def autotune_bucket(tokens: int) -> int:
+    """The autotune key of a row length: the next power of two of ``tokens``, clamped to ``[256, 8192]`` (the
+    block sizes the row kernels tile with). Every length in one bucket shares one tuning, so a new completion
+    length each GRPO step does not re-benchmark the configs."""
+    return min(max(1 << max(tokens - 1, 0).bit_length(), 256), 8192)
