@@ -10,6 +10,7 @@
 """
 
 import inspect
+import types
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import triton.language as tl
 
 import fastalign
 from fastalign.kernels.triton import dpo_loss as dpo_kernels
+from fastalign.kernels.triton import linear_stats as linear_kernels
 from fastalign.kernels.triton import policy_loss as policy_kernels
 
 POLICY = [policy_kernels.policy_loss_fwd_kernel, policy_kernels.policy_loss_bwd_kernel]
@@ -188,3 +190,126 @@ def test_policy_kernels_address_rows_past_two_to_the_31():
     policy_kernels.policy_loss_bwd_kernel[(rows,)](*[view] * 6, weights, grad, grad, **scalars, HAS_ENTROPY=False)
     # d/dlogp of -A·ratio·w at ratio 1 is -v², times the row weight; float32, stored as float16.
     torch.testing.assert_close(grad, (-(values.float() ** 2) * weights[:, None]).half(), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- tuning when an output aliases an input
+
+
+def benchmark_runs_the_kernel(monkeypatch, kernel, configs, runs=3):
+    """Give ``kernel``'s Autotuner ``configs``, an empty cache and a benchmark that, like ``do_bench``, runs the
+    kernel ``runs`` times on the buffers it was given per config (the last config wins)."""
+    benchmarked = []
+
+    def bench(*args, config, **meta):
+        benchmarked.append(config)
+        for _ in range(runs):
+            kernel.fn.run(*args, **meta, **config.all_kwargs())
+        return [float(len(configs) - configs.index(config))]
+
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", bench)
+    return benchmarked
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_in_place_logits_gradient_is_right_on_the_call_that_tunes(monkeypatch, softcap):
+    """The first in-place backward per autotune key tunes the gradient kernel: its benchmark runs must not read
+    their own output as logits (they did: max error 0.30 against 1e-8 out of place). Checked against float64:
+    one float32 softmax gradient per element, so a few float32 ulps of 1."""
+    from fastalign.kernels.triton import logits_stats
+    from fastalign.ops import _triton_backend
+
+    kernel = logits_stats.logits_grad_kernel
+    configs = [triton.Config({"BLOCK_N": 2, "BLOCK_V": 32}), triton.Config({"BLOCK_N": 4, "BLOCK_V": 16})]
+    benchmarked = benchmark_runs_the_kernel(monkeypatch, kernel, configs)
+    monkeypatch.setattr(_triton_backend, "_IN_PLACE_CONFIGS", {})
+    gen = torch.Generator().manual_seed(7)
+    logits = 3 * torch.randn(5, 37, generator=gen)  # neither dimension a multiple of a block
+    targets = torch.randint(0, 37, (5,), generator=gen)
+    weights = torch.randn(5, generator=gen)
+
+    def gradients(backend, inplace, dtype=torch.float32):
+        leaf = logits.to(dtype, copy=True).requires_grad_()
+        source = leaf * 1  # in place needs a non-leaf that nothing else reads
+        logp, entropy = fastalign.logprobs_from_logits(
+            source, targets, softcap=softcap, return_entropy=True, inplace_backward=inplace, backend=backend
+        )
+        ((logp + 0.5 * entropy) * weights.to(dtype)).sum().backward()
+        return leaf.grad
+
+    expected = gradients("torch", False, torch.float64)
+    for call in range(2):  # the call that tunes, then one that reuses the winner
+        torch.testing.assert_close(gradients("triton", True).double(), expected, rtol=0, atol=1e-6)
+        assert len(benchmarked) == 2, call  # tuned once, out of place, then reused
+    assert _triton_backend._IN_PLACE_CONFIGS and list(_triton_backend._IN_PLACE_CONFIGS.values()) == [configs[1]]
+    torch.testing.assert_close(gradients("triton", False).double(), expected, rtol=0, atol=1e-6)
+    assert len(benchmarked) == 2  # the out-of-place launch shares the tuning
+
+
+# --------------------------------------------------------------------------- matmul kernels' tiles by dtype and target
+
+
+def fake_device(monkeypatch, capability, shared=None):
+    """torch.cuda's answers for a device of ``capability`` (``(major, minor)``) with ``shared`` bytes per block."""
+    properties = types.SimpleNamespace(multi_processor_count=132)
+    if shared is not None:
+        properties.shared_memory_per_block_optin = shared
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+
+
+LINEAR_PRUNED = [
+    (linear_kernels.linear_stats_fwd_kernel, "hidden_ptr", linear_kernels._LOGIT_CONFIGS),
+    (linear_kernels.linear_grad_logits_kernel, "hidden_ptr", linear_kernels._LOGIT_CONFIGS),
+    (linear_kernels.matmul_accumulate_kernel, "a_ptr", linear_kernels._MATMUL_KIND_CONFIGS),
+]
+
+
+@pytest.mark.parametrize("kernel,operand,kinds", LINEAR_PRUNED, ids=lambda k: getattr(k, "__name__", ""))
+@pytest.mark.parametrize(
+    "dtype,precision,kind", [(torch.bfloat16, "tf32", "half"), (torch.float16, "tf32", "half"),
+                             (torch.float32, "tf32", "tf32"), (torch.float32, "ieee", "ieee")],
+)  # fmt: skip
+@pytest.mark.parametrize("capability,architecture", [((8, 0), 8), ((9, 0), 9), ((10, 0), 9)])
+def test_linear_kernels_take_the_tiles_measured_for_the_dtype_and_target(
+    monkeypatch, kernel, operand, kinds, dtype, precision, kind, capability, architecture
+):
+    """The tile lists bench.aot measured (no spills, shared memory inside the A100/H100 limit) are the ones a
+    launch can pick: by dtype, dot precision and architecture, through the autotuner's own pruning hook."""
+    fake_device(monkeypatch, capability)
+    prune = kernel.early_config_prune
+    picked = prune(kernel.configs, {operand: torch.empty(0, dtype=dtype)}, DOT_PRECISION=precision)
+    assert picked == kinds[(kind, architecture)] and picked
+    limit = linear_kernels._SHARED_LIMIT[architecture]
+    assert max(linear_kernels.shared_bytes(c, dtype.itemsize) for c in picked) <= limit
+
+
+def test_linear_kernels_leave_out_tiles_beyond_the_device_shared_memory(monkeypatch):
+    """An sm_86 / sm_89 part allows 99 KiB per block, less than the A100 the sm_80 tiles were sized for."""
+    kernel = linear_kernels.linear_stats_fwd_kernel
+    hidden = {"hidden_ptr": torch.empty(0, dtype=torch.bfloat16)}
+    fake_device(monkeypatch, (8, 9), shared=99 * 1024)
+    picked = kernel.early_config_prune(kernel.configs, hidden, DOT_PRECISION="tf32")
+    every = linear_kernels._LOGIT_CONFIGS[("half", 8)]
+    assert picked == [c for c in every if linear_kernels.shared_bytes(c, 2) <= 99 * 1024]
+    assert 0 < len(picked) < len(every)
+    fake_device(monkeypatch, (8, 0))  # no opt-in limit reported (torch < 2.6): the A100's
+    assert kernel.early_config_prune(kernel.configs, hidden, DOT_PRECISION="tf32") == every
+
+
+def test_shared_bytes_is_an_upper_bound_of_what_triton_allocates():
+    """Measured by bench.aot with triton 3.9: 128 x 128 x 64 bf16 in 3 stages takes 98304 B on sm_90
+    (three stages of both operands) and 65536 B on sm_80 (two): the estimate is the sm_90 figure."""
+    config = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3)
+    assert linear_kernels.shared_bytes(config, 2) == 98304
+
+
+@pytest.mark.parametrize("kernel", [k for k, _, _ in LINEAR_PRUNED], ids=lambda k: k.base_fn.__name__)
+def test_linear_autotune_keys_name_every_flag_that_changes_the_code(kernel):
+    """Every constexpr the configs do not set changes the compiled kernel (float32 IEEE vs TF32 dots most of
+    all: a different tile list), so each is in the key; the sizes that decide the best tile are too."""
+    parameters = inspect.signature(kernel.base_fn).parameters
+    tuned = {name for config in kernel.configs for name in config.kwargs}
+    flags = {name for name, p in parameters.items() if p.annotation is tl.constexpr} - tuned - {"UPCAST"}
+    assert flags <= set(kernel.keys)

@@ -175,6 +175,46 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
     )
 
 
+def _launch_logits_grad(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, grad, opts, config=None):
+    """``logits_grad_kernel`` through its autotuner, or with ``config`` (a ``triton.Config``) as given."""
+    n_rows, n_cols = logits.shape
+    kernel = logits_kernels.logits_grad_kernel if config is None else logits_kernels.logits_grad_kernel.fn
+    alpha = coeffs.alpha
+    fixed = {} if config is None else config.all_kwargs()
+    kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(n_cols, meta["BLOCK_V"]))](
+        logits, targets, max_logit, log_sum, alpha,
+        alpha if coeffs.beta is None else coeffs.beta,
+        alpha if coeffs.gamma is None else coeffs.gamma,
+        alpha if coeffs.kappa is None else coeffs.kappa,
+        grad, n_rows, n_cols, logits.stride(0), grad.stride(0), opts.softcap or 1.0, opts.inv_temperature,
+        HAS_SOFTCAP=opts.softcap is not None, HAS_BETA=coeffs.beta is not None,
+        HAS_GAMMA=coeffs.gamma is not None, HAS_KAPPA=coeffs.kappa is not None, **fixed,
+    )  # fmt: skip
+
+
+# In-place gradient launches: the config per (V, dtype, device, variant), chosen as described in _in_place_config.
+_IN_PLACE_CONFIGS: dict[tuple, object] = {}
+
+
+def _in_place_config(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts):
+    """The config of an in-place gradient launch. The autotuner benchmarks every config on the buffers it is
+    given, several runs each: with the gradient aliasing the logits, each run would read the previous run's
+    gradient as logits. So the first in-place launch per key tunes out of place, on as many leading rows as the
+    scratch budget holds, into a scratch gradient; the winner (also the out-of-place choice for the same key)
+    then runs in place."""
+    n_rows, n_cols = logits.shape
+    key = (n_cols, logits.dtype, logits.device, opts.softcap is not None,
+           *(c is not None for c in (coeffs.beta, coeffs.gamma, coeffs.kappa)))  # fmt: skip
+    config = _IN_PLACE_CONFIGS.get(key)
+    if config is None:
+        rows = max(1, min(n_rows, opts.scratch_bytes // (n_cols * logits.element_size())))
+        sample = GradCoefficients(*(None if c is None else c[:rows] for c in coeffs))
+        scratch = torch.empty(rows, n_cols, dtype=logits.dtype, device=logits.device)
+        _launch_logits_grad(logits[:rows], targets[:rows], max_logit[:rows], log_sum[:rows], sample, scratch, opts)
+        config = _IN_PLACE_CONFIGS[key] = logits_kernels.logits_grad_kernel.best_config
+    return config
+
+
 def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
     n_rows, n_cols = logits.shape
     if logits.stride(1) != 1:
@@ -183,18 +223,10 @@ def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficient
     grad = logits if opts.grad_into_logits else torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return grad
-    alpha = coeffs.alpha
-    logits_kernels.logits_grad_kernel[
-        lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(n_cols, meta["BLOCK_V"]))
-    ](
-        logits, targets, max_logit, log_sum, alpha,
-        alpha if coeffs.beta is None else coeffs.beta,
-        alpha if coeffs.gamma is None else coeffs.gamma,
-        alpha if coeffs.kappa is None else coeffs.kappa,
-        grad, n_rows, n_cols, logits.stride(0), grad.stride(0), opts.softcap or 1.0, opts.inv_temperature,
-        HAS_SOFTCAP=opts.softcap is not None, HAS_BETA=coeffs.beta is not None,
-        HAS_GAMMA=coeffs.gamma is not None, HAS_KAPPA=coeffs.kappa is not None,
-    )  # fmt: skip
     if opts.grad_into_logits:
+        config = _in_place_config(logits, targets, max_logit, log_sum, coeffs, opts)
+        _launch_logits_grad(logits, targets, max_logit, log_sum, coeffs, grad, opts, config)
         torch.autograd.graph.increment_version(grad)
+    else:
+        _launch_logits_grad(logits, targets, max_logit, log_sum, coeffs, grad, opts)
     return grad

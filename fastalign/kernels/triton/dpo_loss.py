@@ -25,7 +25,7 @@ NUM_TYPES = tl.constexpr(12)
 _FWD_CONFIGS = autotune_configs(
     [
         triton.Config({"BLOCK_P": bp, "BLOCK_T": bt}, num_warps=w)
-        for bp, bt, w in [(1, 1024, 4), (4, 512, 4), (8, 256, 4)]
+        for bp, bt, w in [(1, 1024, 4), (4, 512, 4), (8, 256, 8)]
     ],
     triton.Config({"BLOCK_P": 2, "BLOCK_T": 8}),
 )

@@ -20,32 +20,90 @@ from fastalign.kernels.triton.softmax_tile import (
     transform_logits,
 )
 
+# Tiles ``(rows, columns, inner, warps, stages)`` per precision and architecture: ``half`` (bf16/fp16) and ``tf32``
+# run on tensor cores (mma on sm_80, wgmma on sm_90), ``ieee`` (float32 with torch's TF32 switch off) on FMA, which
+# needs small inner tiles (each thread holds whole rows of the A operand). Every tile was measured by
+# ``python -m bench.aot`` to compile for its target without spills in the heaviest variant (bias, softcap, entropy,
+# logit sum); sm_80 spills at 128 x 128 in the forward, so it gets narrower tiles. Lists are per kernel family.
+_ARCHITECTURES = (8, 9)  # sm_80..sm_89 (tiles also filtered by the device's shared memory), sm_90 and newer
+_LOGIT_TILES = {
+    ("half", 9): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("half", 8): [(64, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4)],
+    ("tf32", 9): [(64, 256, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
+    ("tf32", 8): [(64, 256, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],
+    ("ieee", 9): [(64, 128, 16, 8, 2), (128, 64, 16, 8, 2), (32, 128, 16, 4, 2), (64, 64, 8, 4, 2)],
+    ("ieee", 8): [(64, 128, 16, 8, 2), (128, 64, 16, 8, 2), (32, 128, 16, 4, 2), (64, 64, 8, 4, 2)],
+}
+_MATMUL_TILES = {
+    ("half", 9): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    ("half", 8): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    ("tf32", 9): [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)],
+    ("tf32", 8): [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4)],
+    ("ieee", 9): [(64, 64, 16, 4, 2), (64, 128, 16, 8, 2), (128, 64, 16, 8, 2), (32, 128, 16, 4, 2)],
+    ("ieee", 8): [(64, 64, 16, 4, 2), (64, 128, 16, 8, 2), (128, 64, 16, 8, 2), (32, 128, 16, 4, 2)],
+}
+
+
+def _tile_configs(tiles: dict, names: tuple[str, str, str]) -> dict:
+    return {
+        kind: [triton.Config(dict(zip(names, tile[:3], strict=True)), num_warps=tile[3], num_stages=tile[4])
+               for tile in kind_tiles]
+        for kind, kind_tiles in tiles.items()
+    }  # fmt: skip
+
+
+_LOGIT_CONFIGS = _tile_configs(_LOGIT_TILES, ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
+_MATMUL_KIND_CONFIGS = _tile_configs(_MATMUL_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_S"))
 _FWD_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 64}, num_warps=w, num_stages=s)
-        for bn, bv, w, s in [
-            (128, 128, 8, 3),
-            (128, 256, 8, 3),
-            (64, 256, 4, 4),
-            (128, 128, 4, 4),
-            (64, 128, 4, 4),
-        ]
-    ],
+    [c for configs in _LOGIT_CONFIGS.values() for c in configs],
     triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}),
 )
 _GRAD_CONFIGS = _FWD_CONFIGS
 _MATMUL_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_S": bs}, num_warps=w, num_stages=s)
-        for bm, bk, bs, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-        ]
-    ],
+    [c for configs in _MATMUL_KIND_CONFIGS.values() for c in configs],
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_S": 16}),
 )
+# Shared memory per block where the device does not report its opt-in limit (torch < 2.6): A100 / H100.
+_SHARED_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+
+
+def tile_kind(dtype, dot_precision: str) -> str:
+    """``"half"``, ``"tf32"`` or ``"ieee"``: which tile list a launch draws from."""
+    if dot_precision == "ieee":
+        return "ieee"
+    return "tf32" if dtype.itemsize == 4 else "half"
+
+
+def shared_bytes(config: triton.Config, itemsize: int) -> int:
+    """An upper bound of the shared memory of a tile config: ``stages`` buffers of both dot operands."""
+    rows, cols, inner = config.kwargs.values()
+    return config.num_stages * (rows + cols) * inner * itemsize
+
+
+def _device_limits(tensor) -> tuple[int, int]:
+    """``(architecture, shared memory per block)`` of the tensor's CUDA device."""
+    import torch
+
+    major, _ = torch.cuda.get_device_capability(tensor.device)
+    architecture = 9 if major >= 9 else 8
+    limit = getattr(torch.cuda.get_device_properties(tensor.device), "shared_memory_per_block_optin", None)
+    return architecture, limit or _SHARED_LIMIT[architecture]
+
+
+def configs_for(kinds: dict, tensor, dot_precision: str) -> list:
+    """The configs a launch on ``tensor``'s dtype and device may use: its kind's list for the device's
+    architecture, less those that need more shared memory than a block may have there."""
+    architecture, limit = _device_limits(tensor)
+    configs = kinds[(tile_kind(tensor.dtype, dot_precision), architecture)]
+    return [c for c in configs if shared_bytes(c, tensor.element_size()) <= limit]
+
+
+def _prune_logit_tiles(configs, named_args, **kwargs):
+    return configs_for(_LOGIT_CONFIGS, named_args["hidden_ptr"], kwargs["DOT_PRECISION"])
+
+
+def _prune_matmul_tiles(configs, named_args, **kwargs):
+    return configs_for(_MATMUL_KIND_CONFIGS, named_args["a_ptr"], kwargs["DOT_PRECISION"])
 
 
 @triton.jit
@@ -98,7 +156,11 @@ def _linear_logits_tile(
     return transform_logits(acc, softcap, inv_temperature, HAS_SOFTCAP)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "V", "NEED_ENTROPY", "NEED_SUM"])
+@triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["D", "V", "HAS_BIAS", "HAS_SOFTCAP", "NEED_ENTROPY", "NEED_SUM", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_logit_tiles},
+)
 @triton.jit
 def linear_stats_fwd_kernel(
     hidden_ptr,
@@ -169,8 +231,9 @@ def linear_stats_fwd_kernel(
 
 @triton.autotune(
     configs=_GRAD_CONFIGS,
-    key=["D", "V", "HAS_BETA", "HAS_GAMMA", "HAS_KAPPA", "HAS_BIAS_GRAD"],
+    key=["D", "V", "HAS_BIAS", "HAS_SOFTCAP", "HAS_BETA", "HAS_GAMMA", "HAS_KAPPA", "HAS_BIAS_GRAD", "DOT_PRECISION"],
     reset_to_zero=["grad_bias_ptr"],
+    prune_configs_by={"early_config_prune": _prune_logit_tiles},
 )
 @triton.jit
 def linear_grad_logits_kernel(
@@ -241,7 +304,12 @@ def linear_grad_logits_kernel(
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_mask)
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["S", "K"], restore_value=["out_ptr"])
+@triton.autotune(
+    configs=_MATMUL_CONFIGS,
+    key=["S", "K", "DOT_PRECISION"],
+    restore_value=["out_ptr"],
+    prune_configs_by={"early_config_prune": _prune_matmul_tiles},
+)
 @triton.jit
 def matmul_accumulate_kernel(
     a_ptr,

@@ -42,7 +42,7 @@ def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_n, softcap, 
     return transform_logits(raw.to(tl.float32), softcap, inv_temperature, HAS_SOFTCAP)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["V", "NEED_ENTROPY", "NEED_SUM"])
+@triton.autotune(configs=_ROW_CONFIGS, key=["V", "HAS_SOFTCAP", "NEED_ENTROPY", "NEED_SUM"])
 @triton.jit
 def logits_stats_fwd_kernel(
     logits_ptr,
@@ -93,7 +93,7 @@ def logits_stats_fwd_kernel(
         tl.store(total_ptr + rows, run_total, mask=row_mask)
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=["V", "HAS_BETA", "HAS_GAMMA", "HAS_KAPPA"])
+@triton.autotune(configs=_TILE_CONFIGS, key=["V", "HAS_SOFTCAP", "HAS_BETA", "HAS_GAMMA", "HAS_KAPPA"])
 @triton.jit
 def logits_grad_kernel(
     logits_ptr,
