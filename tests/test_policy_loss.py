@@ -137,6 +137,58 @@ def test_mask_dtypes_agree(backend, mask_dtype):
     torch.testing.assert_close(got, expected)
 
 
+# Every dtype a mask can be made in, the unusual ones included (complex, bfloat16, float8, unsigned).
+ALL_MASK_DTYPES = [
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+    torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+    torch.complex128, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+]  # fmt: skip
+
+
+def unusual_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``keep`` (bool ``[B, T]``) as a ``dtype`` mask whose kept tokens hold values a careless conversion loses
+    (an imaginary unit, a float64 1e-300, subnormals, NaN, an int64 whose low 32 bits are 0) and whose dropped
+    tokens hold 0 or -0.0. Whatever the dtype makes of them, the torch backend keeps the tokens where ``!= 0``."""
+    if dtype.is_complex:
+        on, off = [1j, 1e-300j, 1e-300, -2 + 0j, 3 + 1j], [0j, complex(-0.0, -0.0)]
+        base = torch.complex128
+    elif dtype.is_floating_point:
+        on, off = [1.0, 1e-300, -1.0, 1e-40, float("nan"), 6e-8, 0.5], [0.0, -0.0]
+        base = torch.float64
+    else:
+        on, off = [1, 2**40, -1, 255, 2**33 + 1], [0]
+        base = torch.int64
+    n = keep.numel()
+    values = [torch.tensor(v, dtype=base).repeat(n // len(v) + 1)[:n].view(keep.shape) for v in (on, off)]
+    return torch.where(keep, *values).to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", ALL_MASK_DTYPES, ids=str)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_triton_takes_every_mask_dtype_like_torch(dtype, level):
+    """The Triton path keeps exactly the tokens where ``mask != 0``, as the torch backend does, for a mask of any
+    dtype: loss, every metric and both gradients (the backward kernel reads the mask too)."""
+    case = {"with_ref": True, "kl_coef": 0.1, "with_entropy": True, "entropy_coef": 0.01, "dual_clip": 3.0}
+    inputs, options = make_inputs(case, rows=6, width=13, spread=1.0)
+    options["importance_sampling_level"] = level
+    keep = inputs.pop("mask") != 0
+    mask = unusual_mask(keep, dtype)
+    if dtype in (torch.float64, torch.complex128):  # the test's own premise: the 1e-300 tokens stay nonzero
+        assert torch.equal(mask != 0, keep) and (mask.abs() == 1e-300).any()
+    results = {}
+    for backend in ("torch", "triton"):
+        tensors = {k: v.float() for k, v in inputs.items()}
+        leaves = [tensors["logp"].requires_grad_(), tensors["entropy"].requires_grad_()]
+        loss, metrics = fastalign.policy_loss(**tensors, mask=mask, **options, backend=backend)
+        results[backend] = (loss.detach(), metrics, torch.autograd.grad(loss, leaves))
+    (loss, metrics, grads), (want_loss, want_metrics, want_grads) = results["triton"], results["torch"]
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(metrics, want_metrics)
+    torch.testing.assert_close(grads, want_grads)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_log_ratios_stay_finite(backend):
     logp = torch.tensor([[0.0, -300.0, -1.0]], requires_grad=True)
