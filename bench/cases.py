@@ -1,9 +1,13 @@
-"""What the benchmark runs: each op's implementations (fastalign's backends, the eager baseline, the peers) as
-functions of one set of inputs, and the shapes of each preset."""
+"""What the benchmark runs: each op's implementations (fastalign's backends, the eager baseline, the peers, the
+bare lm_head matmuls as the floor) as functions of one set of inputs, and the shapes of each preset."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -26,6 +30,9 @@ MODES = ("fwd", "fwd+bwd")
 TRAINING_ONLY = ("linear_dpo", "linear_grpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DPO_BETA = 0.1
+# The vocabulary chunk TRL 1.16's trainers pass to trl.kernels.ChunkedLogProbFunction
+# (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE; importing that module pulls in TRL's whole trainer stack).
+TRL_CHUNK_SIZE = 32768
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,14 @@ class Preset:
     sequence_shape: tuple[int, int]  # rows, T of linear_dpo (2B rows) and linear_grpo (B rows); D, V as linear
     policy_shape: tuple[int, int]  # B, T of policy_loss alone (B pairs = 2B rows for dpo_loss)
     repeats: int
+    cases: tuple[tuple[str, str], ...] = ()  # the (op, mode) pairs run by default; () = every op in every mode
+    impls: tuple[str, ...] = ()  # the implementations run by default (where they run); () = all
+
+    def default_cases(self) -> list[tuple[str, str]]:
+        """The preset's ``(op, mode)`` pairs, in the order they run."""
+        if self.cases:
+            return list(self.cases)
+        return [(op, mode) for op in OPS for mode in MODES if not (mode == "fwd" and op in TRAINING_ONLY)]
 
     def shape(self, op: str) -> tuple[int, int, int, int]:
         """``(n, d, v, t)`` of one op."""
@@ -80,7 +95,18 @@ PRESETS = {
                   (8, 2048), (256, 4096), 0),
     "gpu-small": Preset("a quick GPU smoke run", "cuda", "bfloat16", (4096, 2048, 32768), (4096, 32768),
                         (4, 1024), (64, 2048), 0),
+    # bench/gpu_check.sh's core benchmark: the gpu preset's core-op shapes, against eager, the floor and the peers.
+    "gpu-core": Preset("the GPU check's core benchmark", "cuda", "bfloat16", (16384, 4096, 131072),
+                       (16384, 151936), (8, 2048), (256, 4096), 0,
+                       cases=(("linear_logprobs", "fwd+bwd"), ("linear_cross_entropy", "fwd+bwd"),
+                              ("logprobs_from_logits", "fwd"), ("logprobs_from_logits", "fwd+bwd")),
+                       impls=("eager", "fastalign-triton", "fastalign-cuda", "lm-head-matmuls", "trl-chunked",
+                              "liger-kernel", "cut-cross-entropy")),
 }  # fmt: skip
+# The shapes a rehearsal (``python -m bench --rehearse``) runs a GPU preset's cases at, on the CPU: small enough
+# for Triton's interpreter (a few seconds for the gpu-core preset), vocabularies not a multiple of any tile.
+REHEARSAL = Preset("a GPU preset's cases rehearsed on the CPU", "cpu", "float32", (32, 16, 100), (32, 100), (2, 8),
+                   (4, 16), 1)  # fmt: skip
 
 
 def _eager_linear_logprobs(hidden, weight, targets):
@@ -163,6 +189,57 @@ def _cce(op: str):
     return lambda hidden, weight, targets: sign * linear_cross_entropy(hidden, weight, targets, reduction=reduction)
 
 
+def _trl_chunked(op: str):
+    """TRL 1.16's chunked log-prob kernel (``trl.kernels.ChunkedLogProbFunction``: cuBLAS tiles of the logits,
+    folded by a Triton kernel; torch ops off CUDA), log-probs only, with the chunk TRL's trainers pass."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    _trl_backward_without_datasets()
+
+    def logprobs(hidden, weight, targets):
+        return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, TRL_CHUNK_SIZE, None, 1.0, ())[0]
+
+    if op == "linear_logprobs":
+        return logprobs
+    return lambda hidden, weight, targets: -logprobs(hidden, weight, targets).mean()
+
+
+def _trl_backward_without_datasets() -> None:
+    """TRL 1.16's ``ChunkedLogProbFunction.backward`` imports ``trl.trainer.utils`` for one context manager,
+    ``maybe_gather_lm_head_ctx`` (DeepSpeed ZeRO-3 gathering; a null context otherwise), and that module imports
+    ``datasets``, which the GPU machine's image lacks. Where it does not import, stand in for it with that null
+    context: the same kernels run, as they do in TRL without ZeRO-3."""
+    try:
+        import trl.trainer.utils  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("trl.trainer.utils")
+        stand_in.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = stand_in
+        print("trl.trainer.utils does not import here: TRL's backward gets its ZeRO-3 gather as a null context",
+              file=sys.stderr)  # fmt: skip
+
+
+class _LmHeadMatmuls(torch.autograd.Function):
+    """The floor of a fused lm_head op: its matmuls alone, at the same shapes and dtype. Forward
+    ``logits = hidden @ weight.T``; backward ``d_hidden = G @ weight`` and ``d_weight = G.T @ hidden`` with the
+    logits standing in for their gradient ``G`` (no softmax, no loss, no reduction)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        logits = hidden @ weight.T
+        ctx.save_for_backward(hidden, weight, logits)
+        return logits[:1, :1].float().sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, logits = ctx.saved_tensors
+        return logits @ weight, logits.T @ hidden
+
+
+def _lm_head_matmuls(hidden, weight, targets):
+    return _LmHeadMatmuls.apply(hidden, weight)
+
+
 def _fastalign(op: str, backend: str) -> Callable:
     if op == "logprobs_from_logits":
         return lambda logits, targets: fastalign.logprobs_from_logits(logits, targets, backend=backend)
@@ -196,20 +273,49 @@ _EAGER = {
 }
 
 
-def implementations(op: str, device: str) -> dict[str, Callable]:
-    """``{impl name: fn(*inputs)}`` for one op; peers only where installed and on CUDA (they are GPU kernels)."""
-    on_gpu = device == "cuda"
-    impls = {"eager": _EAGER[op]}
-    for backend in ["torch", "triton"] if on_gpu else ["torch"]:
-        impls[f"fastalign-{backend}"] = _fastalign(op, backend)
-    if on_gpu and op in CUDA_OPS and fastalign.backends()["cuda"].available:
-        impls["fastalign-cuda"] = _fastalign(op, "cuda")
-    if on_gpu and op not in ("logprobs_from_logits", *TOKEN_LOSSES):
-        if importlib.util.find_spec("liger_kernel") is not None:
-            impls["liger-kernel"] = _liger_linear(op)
-        if op not in TRAINING_ONLY and importlib.util.find_spec("cut_cross_entropy") is not None:
-            impls["cut-cross-entropy"] = _cce(op)
-    return impls
+# Where each peer comes from (the GPU machine has none of them unless their wheels are carried).
+PEER_MODULES = {"trl-chunked": "trl", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy"}
+
+
+def _candidates(op: str) -> dict[str, Callable[[], Callable]]:
+    """``{impl name: factory of fn(*inputs)}`` for every implementation an op has anywhere."""
+    candidates = {"eager": lambda: _EAGER[op]}
+    for backend in ("torch", "triton", "cuda"):
+        if backend != "cuda" or op in CUDA_OPS:
+            candidates[f"fastalign-{backend}"] = functools.partial(_fastalign, op, backend)
+    if op in ("linear_logprobs", "linear_cross_entropy"):
+        candidates[FLOOR_IMPL] = lambda: _lm_head_matmuls
+        candidates["trl-chunked"] = functools.partial(_trl_chunked, op)
+    if op not in ("logprobs_from_logits", *TOKEN_LOSSES):
+        candidates["liger-kernel"] = functools.partial(_liger_linear, op)
+        if op not in TRAINING_ONLY:
+            candidates["cut-cross-entropy"] = functools.partial(_cce, op)
+    return candidates
+
+
+def available(op: str, device: str, kernels: bool | None = None) -> list[str]:
+    """The implementations of ``op`` that run here. ``kernels`` (default: on CUDA): the GPU set — Triton, the
+    CUDA kernels where ``fastalign._C`` runs, the floor, and TRL / the peers where importable; otherwise eager
+    and fastalign's torch backend. A rehearsal asks for the GPU set on the CPU (Triton then interprets)."""
+    kernels = device == "cuda" if kernels is None else kernels
+
+    def runs_here(name: str) -> bool:
+        if name in ("eager", "fastalign-torch"):
+            return True
+        if not kernels:
+            return False
+        if name == "fastalign-cuda":
+            return device == "cuda" and fastalign.backends()["cuda"].available
+        module = PEER_MODULES.get(name)
+        return module is None or importlib.util.find_spec(module) is not None
+
+    return [name for name in _candidates(op) if runs_here(name)]
+
+
+def implementations(op: str, device: str, kernels: bool | None = None) -> dict[str, Callable]:
+    """``{impl name: fn(*inputs)}`` for the implementations of ``op`` that run here (see :func:`available`)."""
+    candidates = _candidates(op)
+    return {name: candidates[name]() for name in available(op, device, kernels)}
 
 
 def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
@@ -252,7 +358,7 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
 
 def make_step(case: Case, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
     """One timed step: forward only (under no_grad, as for reference/old-policy log-probs) or forward+backward."""
-    fn = implementations(case.op, case.device)[case.impl]
+    fn = _candidates(case.op)[case.impl]()
     if case.mode == "fwd":
 
         def step() -> None:
@@ -269,6 +375,25 @@ def make_step(case: Case, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None
         fn(*inputs).sum().backward()
 
     return step
+
+
+FLOOR_IMPL = "lm-head-matmuls"  # not the op itself: no output to compare
+
+
+def output_error(case: Case, inputs: tuple[torch.Tensor, ...]) -> float | None:
+    """``max |out - eager| / max |eager|`` of the case's forward on its inputs: that an implementation computes
+    the op at all (a peer's wrapper with the wrong sign or reduction shows here). None for eager and the floor."""
+    if case.impl in ("eager", FLOOR_IMPL):
+        return None
+    with torch.no_grad():
+        got = _candidates(case.op)[case.impl]()(*inputs).double()
+        want = _EAGER[case.op](*inputs).double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
+def output_tolerance(case: Case) -> float:
+    """How far from eager an implementation may land: eager rounds the logits to the inputs' dtype first."""
+    return 1e-4 if case.dtype == "float32" else 3e-2
 
 
 def matmul_flops(case: Case) -> float:

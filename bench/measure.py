@@ -5,9 +5,13 @@ first pages in the library code; then the peak-RSS mark is reset (``/proc/self/c
 memory is the peak RSS during one step minus the RSS just before it and minus the gradients of the inputs
 (which every implementation must produce). The time is the median of later steps (at least
 the preset's number, and more for short steps until about 3 s of samples).
-GPU: in this process, ``triton.testing.do_bench`` median after warm-up; extra peak memory from
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before and minus
-the inputs' gradients.
+GPU: in this process, ``triton.testing.do_bench`` (CUDA events) after warm-up: the median and the 10th and 90th
+percentiles of the repeats; extra peak memory from ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, minus what was allocated before and minus the inputs' gradients; first, the forward's
+output against eager's (``out_rel_err``; a case beyond the dtype's tolerance is not timed). A case that raises
+(a peer that does not run with this torch, say) becomes a row with its error, so the other cases still run.
+The same in-process path runs a rehearsal's CPU cases (``python -m bench --rehearse``), with host timers and no
+memory figure.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from bench.cases import Case, make_inputs, make_step
+from bench.cases import Case, make_inputs, make_step, output_error, output_tolerance
 
 MIN_SAMPLE_SECONDS = 3.0
 MAX_REPEATS = 50
+QUANTILES = (0.1, 0.5, 0.9)  # the spread reported beside each median: time_p10_ms, time_ms, time_p90_ms
 
 
 def _memory_status(field: str) -> int:
@@ -70,7 +76,20 @@ def measure_here_cpu(case: Case, repeats: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"time_ms": 1e3 * statistics.median(times or [first]), "peak_extra_mib": extra / 2**20}
+    return {**_spread([1e3 * t for t in times or [first]]), "peak_extra_mib": extra / 2**20}
+
+
+def _spread(times_ms: list[float]) -> dict:
+    """Median and 10th / 90th percentiles of host-timed repeats."""
+    ordered = sorted(times_ms)
+
+    def quantile(q: float) -> float:  # linear interpolation, as torch.quantile (what do_bench uses)
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return {"time_ms": statistics.median(ordered), "time_p10_ms": quantile(0.1), "time_p90_ms": quantile(0.9)}
 
 
 def measure_cpu(case: Case, repeats: int) -> dict:
@@ -83,38 +102,60 @@ def measure_cpu(case: Case, repeats: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_gpu(case: Case) -> dict:
-    import triton.testing
-
-    inputs = make_inputs(case)
-    step = make_step(case, inputs)
+def measure_gpu(case: Case, rehearsal_repeats: int = 3) -> dict:
+    """One case in this process: CUDA events through ``do_bench`` on a CUDA case; on a CPU case (a rehearsal)
+    ``rehearsal_repeats`` host-timed steps."""
+    on_gpu = case.device == "cuda"
+    inputs = step = None
     try:
+        inputs = make_inputs(case)
+        error = output_error(case, inputs)  # the forward against eager's, before any timing
+        if error is not None and not error <= output_tolerance(case):  # NaN fails too
+            return {"out_rel_err": error, "error": f"output differs from eager's: max rel. error {error:.3g}"}
+        step = make_step(case, inputs)
         step()  # compile and autotune outside the measured window
         for tensor in inputs:
             tensor.grad = None  # the step allocates its gradients afresh, as on CPU
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before - _gradient_bytes(inputs)
-        time_ms = triton.testing.do_bench(step, warmup=100, rep=500, return_mode="median")
+        extra = 0
+        if on_gpu:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - before - _gradient_bytes(inputs)
+            import triton.testing
+
+            p10, median, p90 = triton.testing.do_bench(step, warmup=100, rep=500, quantiles=list(QUANTILES))
+            times = {"time_ms": median, "time_p10_ms": p10, "time_p90_ms": p90}
+        else:
+            times = []
+            for _ in range(rehearsal_repeats):
+                start = time.perf_counter()
+                step()
+                times.append(1e3 * (time.perf_counter() - start))
+            times = _spread(times)
     except torch.OutOfMemoryError as error:
         return {"error": f"out of memory: {str(error).splitlines()[0]}"}
+    except Exception as error:  # one implementation failing must not end the benchmark
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
     finally:
         del inputs, step
-        torch.cuda.empty_cache()
-    return {"time_ms": time_ms, "peak_extra_mib": extra / 2**20}
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return {**times, "peak_extra_mib": extra / 2**20, "out_rel_err": error}
 
 
-def copy_bandwidth_gbps() -> float:
-    """The device's achievable DRAM bandwidth: a 2 GiB device-to-device copy, counting bytes read and written."""
+def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
+    """The device's achievable DRAM bandwidth: a device-to-device copy of ``nbytes`` (2 GiB unless told; the
+    core benchmark copies a tensor the size of its logits), counting bytes read and written."""
     import triton.testing
 
-    source = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    source = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
     target = torch.empty_like(source)
     time_ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
-    return 2 * source.numel() * source.element_size() / (time_ms / 1e3) / 1e9
+    return 2 * (nbytes // 2) * 2 / (time_ms / 1e3) / 1e9
 
 
 def main() -> None:

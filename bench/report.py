@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from bench.cases import FLOOR_IMPL
+
 COLUMNS = [
-    "op", "mode", "impl", "dtype", "n", "d", "v", "time_ms", "vs_eager", "peak_extra_mib", "mem_vs_eager",
-    "tflops", "gbps", "error",
+    "op", "mode", "impl", "dtype", "n", "d", "v", "time_ms", "time_p10_ms", "time_p90_ms", "vs_eager",
+    "vs_matmuls", "peak_extra_mib", "mem_vs_eager", "tflops", "gbps", "vs_copy", "out_rel_err", "error",
 ]  # fmt: skip
 
 
@@ -35,6 +37,7 @@ def environment(device: str) -> dict[str, str]:
         "torch": torch.__version__,
         "triton": version("triton"),
         "fastalign": version("fastalign"),
+        "trl": version("trl"),
         "liger-kernel": version("liger-kernel"),
         "cut-cross-entropy": version("cut-cross-entropy"),
     }
@@ -56,9 +59,12 @@ def device_slug(env: dict[str, str]) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def add_derived(rows: list[dict]) -> None:
-    """Speed-up and memory relative to eager on the same op and mode, and achieved TFLOP/s or GB/s."""
+def add_derived(rows: list[dict], copy_gbps: float | None = None) -> None:
+    """Speed-up and memory relative to eager on the same op and mode, achieved TFLOP/s or GB/s, and the share of
+    the floors: the bare lm_head matmuls' time over this time (``vs_matmuls``, where measured) and this GB/s over
+    the measured device-to-device copy rate (``vs_copy``, where given)."""
     eager = {(r["op"], r["mode"]): r for r in rows if r["impl"] == "eager" and "time_ms" in r}
+    floor = {(r["op"], r["mode"]): r for r in rows if r["impl"] == FLOOR_IMPL and "time_ms" in r}
     for row in rows:
         base = eager.get((row["op"], row["mode"]))
         if "time_ms" not in row:
@@ -66,11 +72,15 @@ def add_derived(rows: list[dict]) -> None:
         if base is not None:
             row["vs_eager"] = base["time_ms"] / row["time_ms"]
             row["mem_vs_eager"] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+        if (row["op"], row["mode"]) in floor:
+            row["vs_matmuls"] = floor[(row["op"], row["mode"])]["time_ms"] / row["time_ms"]
         seconds = row["time_ms"] / 1e3
         if row["flops"]:
             row["tflops"] = row["flops"] / seconds / 1e12
         if row["bytes"]:
             row["gbps"] = row["bytes"] / seconds / 1e9
+            if copy_gbps:
+                row["vs_copy"] = row["gbps"] / copy_gbps
 
 
 def _format(value: object, column: str) -> str:
@@ -79,6 +89,8 @@ def _format(value: object, column: str) -> str:
     if isinstance(value, float):
         if column in ("vs_eager", "mem_vs_eager"):
             return f"{value:.2f}x" if column == "vs_eager" else f"{100 * value:.1f}%"
+        if column in ("vs_matmuls", "vs_copy"):
+            return f"{100 * value:.0f}%"
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
@@ -222,11 +234,17 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [f"- command: `{command}`", ""]
     lines += [
-        "time: median per step; fwd runs under no_grad (reference / old-policy log-probs), fwd+bwd is a",
-        "training step. peak_extra_mib: peak memory during one step above the inputs and the inputs' gradients",
-        "(which every implementation must produce). vs_eager: eager time / this time. tflops counts the matmul",
-        "work (2·N·D·V fwd, 6·N·D·V fwd+bwd); gbps counts the least traffic of the bandwidth-bound ops",
-        "(logprobs_from_logits: read the logits once; + read and write d_logits once; bench/cases.py min_bytes).",
+        "time: median per step (time_p10_ms / time_p90_ms: the 10th and 90th percentiles of the repeats); fwd",
+        "runs under no_grad (reference / old-policy log-probs), fwd+bwd is a training step. peak_extra_mib: peak",
+        "memory during one step above the inputs and the inputs' gradients (which every implementation must",
+        "produce). vs_eager: eager time / this time. tflops counts the matmul work (2·N·D·V fwd, 6·N·D·V",
+        "fwd+bwd); gbps counts the least traffic of the bandwidth-bound ops (logprobs_from_logits: read the",
+        "logits once; + read and write d_logits once; bench/cases.py min_bytes).",
+        f"{FLOOR_IMPL}: the floor of the lm_head ops, their matmuls alone at the same shapes (forward hidden @ W.T;",
+        "backward the two gradient GEMMs); vs_matmuls: its time / this time. trl-chunked: TRL's",
+        "trl.kernels.ChunkedLogProbFunction (log-probs only, TRL's chunk of 32768). vs_copy: gbps / the",
+        "device-to-device copy rate (dram_copy_gbps). out_rel_err: max |out - eager| / max |eager| of the",
+        "forward on the case's inputs (GPU presets; checked before timing).",
         "",
     ]
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -243,10 +261,13 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
     lines += ["## targets", ""]
     if "--shape" in command:
         lines += ["The targets are set for the preset's shapes; this run overrode them with --shape."]
-    elif preset_name not in ("cpu", "gpu"):
+    elif preset_name not in ("cpu", "gpu", "gpu-core"):
         lines += [f"The targets are set for the `cpu` and `gpu` presets' shapes; `{preset_name}` is informational."]
     else:
         copy_gbps = float(env["dram_copy_gbps"]) if "dram_copy_gbps" in env else None
-        targets = check_targets(rows, preset_name, copy_gbps)
+        targets = check_targets(rows, "cpu" if preset_name == "cpu" else "gpu", copy_gbps)
+        if preset_name == "gpu-core":  # the gpu preset's shapes for a subset of its ops: the targets of those
+            measured = {r["op"] for r in rows}
+            targets = [(met, text) for met, text in targets if text.split()[0] in measured]
         lines += [f"- [{'x' if met else ' '}] {text}" for met, text in targets]
     return "\n".join(lines) + "\n"

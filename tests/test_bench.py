@@ -61,3 +61,46 @@ def test_fastest_backend_per_dispatch_key():
     choice = fastest_backends(rows)
     assert set(choice) == {"logits_stats"}  # eager is not a backend; policy_loss has no fwd+bwd row
     assert choice["logits_stats"][0] == "cuda" and "triton 3 ms" in choice["logits_stats"][1]
+
+
+def test_gpu_core_rehearsal_times_each_case_against_eager_and_the_floor(tmp_path):
+    """The GPU check's core benchmark on the CPU (`--rehearse`): the preset's (op, mode) pairs, the floor, TRL's
+    chunked kernel, each output checked against eager's before timing, spread around the median."""
+    main(["--preset", "gpu-core", "--rehearse", "--ops", "logprobs_from_logits", "linear_logprobs", "--impls",
+          "eager", "fastalign-triton", "lm-head-matmuls", "trl-chunked", "--out", str(tmp_path)])  # fmt: skip
+    rows = read_rows(tmp_path / "core_ops-gpu-core-rehearsal.csv")
+    assert [(r["op"], r["mode"], r["impl"]) for r in rows] == [
+        ("logprobs_from_logits", "fwd", "eager"), ("logprobs_from_logits", "fwd", "fastalign-triton"),
+        ("logprobs_from_logits", "fwd+bwd", "eager"), ("logprobs_from_logits", "fwd+bwd", "fastalign-triton"),
+        ("linear_logprobs", "fwd+bwd", "eager"), ("linear_logprobs", "fwd+bwd", "fastalign-triton"),
+        ("linear_logprobs", "fwd+bwd", "lm-head-matmuls"), ("linear_logprobs", "fwd+bwd", "trl-chunked"),
+    ]  # fmt: skip
+    for row in rows:
+        assert not row["error"], row["error"]
+        assert float(row["time_p10_ms"]) <= float(row["time_ms"]) <= float(row["time_p90_ms"])
+        if row["impl"] not in ("eager", "lm-head-matmuls"):
+            assert float(row["out_rel_err"]) < 3e-2, row
+    floor = [r for r in rows if r["impl"] == "lm-head-matmuls"]
+    assert float(floor[0]["vs_matmuls"]) == 1.0 and floor[0]["out_rel_err"] == ""
+    assert "informational" in (tmp_path / "core_ops-gpu-core-rehearsal.md").read_text()
+
+
+def test_derived_columns_hold_rows_to_the_floor_and_the_copy_rate():
+    from bench.report import add_derived, render
+
+    def row(op, mode, impl, time_ms, flops=0.0, nbytes=0.0):
+        return {"op": op, "mode": mode, "impl": impl, "time_ms": time_ms, "peak_extra_mib": 1.0, "flops": flops,
+                "bytes": nbytes, "device": "cuda"}  # fmt: skip
+
+    rows = [row("linear_logprobs", "fwd+bwd", impl, t, flops=6e12)
+            for impl, t in (("eager", 4.0), ("lm-head-matmuls", 1.0), ("fastalign-triton", 2.0))]  # fmt: skip
+    rows += [row("logprobs_from_logits", "fwd", impl, t, nbytes=3e9)
+             for impl, t in (("eager", 3.0), ("fastalign-cuda", 1.0))]  # fmt: skip
+    add_derived(rows, copy_gbps=4000.0)
+    assert (rows[2]["vs_eager"], rows[2]["vs_matmuls"], rows[2]["tflops"]) == (2.0, 0.5, 3000.0)
+    assert (rows[4]["gbps"], rows[4]["vs_copy"]) == (3000.0, 0.75) and "vs_matmuls" not in rows[4]
+    markdown = render(rows, {"dram_copy_gbps": "4000"}, "gpu-core", "core", "python -m bench --preset gpu-core")
+    targets = markdown.split("## targets")[1].strip().splitlines()
+    assert targets and all(line.split("] ")[1].split()[0] in ("linear_logprobs", "logprobs_from_logits")
+                           for line in targets)  # fmt: skip
+    assert "logprobs_from_logits cuda fwd >= 80% of DRAM bandwidth: 3000 of 4000 GB/s = 75%" in markdown
