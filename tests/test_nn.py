@@ -14,11 +14,12 @@ BACKENDS = ["torch", "triton"]
 VOCAB, WIDTH = 97, 24
 
 
-def make_batch(rows=4, width=7, prompt=2, seed=0):
+def make_batch(rows=4, width=7, prompt=2, seed=0, dim=WIDTH, vocab=VOCAB):
+    """float64 hidden [rows, width, dim], weight [vocab, dim], targets with a prompt and a padded row."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, width, WIDTH, generator=gen, dtype=torch.float64)
-    weight = torch.randn(VOCAB, WIDTH, generator=gen, dtype=torch.float64) / WIDTH**0.5 * 2
-    targets = torch.randint(0, VOCAB, (rows, width), generator=gen)
+    hidden = torch.randn(rows, width, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) / dim**0.5 * 2
+    targets = torch.randint(0, vocab, (rows, width), generator=gen)
     targets[:, :prompt] = -100
     targets[-1, -2:] = -100  # a padded row
     return hidden, weight, targets
