@@ -12,10 +12,13 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracle import assert_matches_reference
 
 import fastalign
-from fastalign.ops import _cuda_ext, reference
+from fastalign.ops import _cuda_ext, logprobs, reference
+from fastalign.ops._checks import shares_memory_within
 from fastalign.ops.stats import LogitsStats, StatsOptions
 
 host_math = pytest.importorskip("fastalign._host_math", reason="built with the CUDA extension (nvcc at install)")
@@ -120,6 +123,71 @@ def test_inplace_backward_is_caught_when_the_logits_are_needed_elsewhere(backend
     logp = fastalign.logprobs_from_logits(logits, torch.randint(0, 23, (4,)), inplace_backward=True, backend=backend)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (logp.sum() + other_use).backward()
+
+
+def _logits_backend(monkeypatch, backend: str) -> str:
+    """``backend`` for ``logprobs_from_logits`` on CPU tensors; ``"cuda"`` runs the CUDA backend's host side on
+    :class:`FakeLogprobsExtension` (the op's dispatch told to pick it)."""
+    if backend == "cuda":
+        monkeypatch.setattr(_cuda_ext, "extension", FakeLogprobsExtension)
+        monkeypatch.setattr(_cuda_ext, "stream", lambda tensor: 0)
+        monkeypatch.setattr(logprobs, "resolve_backend", lambda *args: "cuda")
+    return backend
+
+
+# (views of a fresh buffer of 64 elements, V): logits whose rows share memory, as the backends see them.
+OVERLAPPING_LOGITS = {
+    "expand (row stride 0)": lambda buffer: buffer[:11].expand(4, 11),
+    "expand over two dims": lambda buffer: buffer[:11].view(1, 1, 11).expand(2, 3, 11),
+    "as_strided rows overlapping by half": lambda buffer: buffer.as_strided((4, 12), (6, 1)),
+    "as_strided, column stride 2": lambda buffer: buffer.as_strided((3, 5), (4, 2)),
+    "expand within rows (column stride 0)": lambda buffer: buffer[:4, None].expand(4, 9),
+}
+# Rows that do not share memory, some in layouts a cruder check (a stride below the extent of the others) refuses.
+DISJOINT_LOGITS = {
+    "rows with gaps": lambda buffer: buffer.as_strided((4, 11), (14, 1)),
+    "interleaved rows": lambda buffer: buffer.as_strided((4, 11), (1, 4)),
+    "row stride 3, column stride 2": lambda buffer: buffer.as_strided((2, 3), (3, 2)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("layout", OVERLAPPING_LOGITS)
+def test_inplace_backward_refuses_logits_whose_rows_share_memory(monkeypatch, backend, layout):
+    """Writing d_logits in place over overlapping rows would overwrite logits other rows still read (silently
+    wrong gradients on Triton, CUDA and, for as_strided views, torch): refused up front, naming the argument."""
+    backend = _logits_backend(monkeypatch, backend)
+    logits = OVERLAPPING_LOGITS[layout](torch.randn(64, requires_grad=True) * 1.0)
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^logits must not have elements that share memory .* refer to a single"):
+        fastalign.logprobs_from_logits(logits, targets, inplace_backward=True, backend=backend)
+    fastalign.logprobs_from_logits(logits, targets, backend=backend)  # out of place they are fine
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("layout", DISJOINT_LOGITS)
+def test_inplace_backward_takes_strided_logits_whose_rows_are_disjoint(monkeypatch, backend, layout):
+    backend = _logits_backend(monkeypatch, backend)
+    buffer = 3 * torch.randn(64)
+    targets = torch.tensor([1, 0, 2, 2][: DISJOINT_LOGITS[layout](buffer).shape[0]])
+    grads = []
+    for inplace in (False, True):
+        source = buffer.clone().requires_grad_()
+        logits = DISJOINT_LOGITS[layout](source * 1.0)
+        options = {"return_entropy": True, "inplace_backward": inplace, "backend": backend if inplace else "torch"}
+        logp, entropy = fastalign.logprobs_from_logits(logits, targets, **options)
+        (logp.sum() + 0.5 * entropy.sum()).backward()
+        grads.append(source.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.tuples(st.integers(0, 7), st.integers(0, 7)), strides=st.tuples(st.integers(0, 13), st.integers(0, 13)))
+def test_shares_memory_within_is_exact(sizes, strides):
+    """Against the addresses themselves, for every small 2-D layout."""
+    offsets = [i * strides[0] + j * strides[1] for i in range(sizes[0]) for j in range(sizes[1])]
+    layout = torch.empty(max(offsets, default=0) + 1).as_strided(sizes, strides)
+    assert shares_memory_within(layout) == (len(set(offsets)) < len(offsets))
 
 
 def test_inplace_backward_must_be_a_bool():

@@ -112,6 +112,36 @@ def check_linear_inputs(
     return hidden, weight, bias, targets
 
 
+def shares_memory_within(tensor: torch.Tensor) -> bool:
+    """Whether two elements of a 2-D ``tensor`` lie at one address: exact, from its sizes and strides (no sync).
+
+    Elements ``(i, j)`` sit at ``i·s + j·t``; with both sizes ``a, b > 1`` and strides ``s, t > 0`` two of them
+    coincide iff ``(t / g) < a`` and ``(s / g) < b`` for ``g = gcd(s, t)``; a stride of 0 over a size > 1 always
+    overlaps. (torch itself detects only the stride-0 case, not an ``as_strided`` view whose rows overlap.)
+    """
+    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride(), strict=True) if size > 1]
+    if tensor.numel() == 0 or not dims:
+        return False
+    if any(stride == 0 for _, stride in dims):
+        return True
+    if len(dims) == 1:
+        return False
+    (a, s), (b, t) = dims
+    g = math.gcd(s, t)
+    return t // g < a and s // g < b
+
+
+def check_inplace_target(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a 2-D ``tensor`` that a kernel will overwrite in place while two of its elements share memory."""
+    if shares_memory_within(tensor):
+        raise ValueError(
+            f"{name} must not have elements that share memory when its gradient is written in place "
+            f"(inplace_backward=True): some elements of {name} (as {tuple(tensor.shape)} with strides "
+            f"{tensor.stride()}) refer to a single memory location, so one row's gradient would overwrite values "
+            f"another row still reads; pass {name}.contiguous() or inplace_backward=False"
+        )
+
+
 def check_logits_inputs(logits: object, targets: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Check ``logits [..., V]`` and ``targets [...]``."""
     logits = _check_tensor("logits", logits)

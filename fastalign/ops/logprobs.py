@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from fastalign.ops._checks import (
+    check_inplace_target,
     check_linear_inputs,
     check_logits_inputs,
     check_scalar_options,
@@ -243,7 +244,8 @@ def logprobs_from_logits(
     With ``inplace_backward=True`` the backward writes ``d_logits`` into the logits' own storage instead of a new
     ``[..., V]`` buffer (saving that much memory): use it only when nothing else reads the logits after this
     op's backward. Autograd's version counter is bumped, so a graph that saved the same logits elsewhere raises
-    rather than silently using the overwritten values.
+    rather than silently using the overwritten values. Logits whose ``[N, V]`` rows share memory (an ``expand``-ed
+    or overlapping ``as_strided`` view) are refused with it: one row's gradient would overwrite another's logits.
 
     Example:
         >>> import torch, fastalign
@@ -254,11 +256,14 @@ def logprobs_from_logits(
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     vocab_size = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab_size)  # what the backends read and, in place, overwrite
+    if inplace_backward:
+        check_inplace_target("logits", flat_logits)
     prepared, opts, backend = _prepare(
         targets, vocab_size, logits,
         temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         need_entropy=return_entropy, need_sum=False, backend=backend, op="logits_stats",
         grad_into_logits=inplace_backward,
     )  # fmt: skip
-    _, target_logp, entropy, _ = LogitsStats.apply(logits.reshape(-1, vocab_size), prepared.safe, backend, opts)
+    _, target_logp, entropy, _ = LogitsStats.apply(flat_logits, prepared.safe, backend, opts)
     return _logprob_outputs(target_logp, entropy, prepared, return_entropy)
