@@ -12,6 +12,7 @@ import ctypes
 import numpy as np
 import pytest
 import torch
+from fake_cuda import FakeCudaDevices
 
 import fastalign
 from fastalign.ops import _cuda_ext, _dpo_kernels
@@ -178,7 +179,12 @@ def test_host_mask_reading_matches_nonzero(dtype):
 class FakeDPOExtension:
     """``fastalign._C``'s DPO entry points emulated on CPU memory: the same arguments (addresses, sizes, dtype
     codes, strides), the kernels' per-pair math and mask reading from ``fastalign._host_math``, the reductions in
-    torch. It checks how the CUDA launcher marshals its arguments, on a machine without a GPU."""
+    torch. It checks how the CUDA launcher marshals its arguments, on a machine without a GPU, on the devices
+    of a :class:`FakeCudaDevices`."""
+
+    def __init__(self, devices: FakeCudaDevices):
+        self.devices = devices
+        self.set_device = devices.set_device
 
     @staticmethod
     def _at(address: int, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -197,6 +203,7 @@ class FakeDPOExtension:
     def dpo_loss_forward(self, token_logps, dtype, mask, mask_bytes, mask_is_float, ref_logps, pairs, width, types,
                          averaged, type_weights, beta, label_smoothing, discopop_tau, losses, sums, lengths,
                          row_grad, stream):  # fmt: skip
+        self.devices.launched(stream)
         rows = 2 * pairs
         tokens = self._at(token_logps, DTYPE_OF_CODE[dtype], rows * width).view(rows, width).float()
         keep = self._keep(mask, mask_bytes, mask_is_float, rows, width)
@@ -214,6 +221,7 @@ class FakeDPOExtension:
 
     def dpo_loss_backward(self, mask, mask_bytes, mask_is_float, row_grad, grad_losses, grad_losses_stride,
                           grad_sums, grad_sums_stride, pairs, width, grad, dtype, stream):  # fmt: skip
+        self.devices.launched(stream)
         rows = 2 * pairs
         upstream = torch.zeros(rows)
         if grad_losses:
@@ -285,8 +293,7 @@ def assert_outputs_close(got, expected, dtype):
 
 
 def emulated_cuda(monkeypatch):
-    monkeypatch.setattr(_cuda_ext, "extension", FakeDPOExtension)
-    monkeypatch.setattr(_cuda_ext, "stream", lambda tensor: 0)
+    monkeypatch.setattr(_cuda_ext, "extension", FakeCudaDevices(monkeypatch).extension(FakeDPOExtension))
 
 
 LAUNCH_CASES = [

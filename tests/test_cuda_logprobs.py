@@ -12,6 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from fake_cuda import FakeCudaDevices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import assert_matches_reference
@@ -129,8 +130,7 @@ def _logits_backend(monkeypatch, backend: str) -> str:
     """``backend`` for ``logprobs_from_logits`` on CPU tensors; ``"cuda"`` runs the CUDA backend's host side on
     :class:`FakeLogprobsExtension` (the op's dispatch told to pick it)."""
     if backend == "cuda":
-        monkeypatch.setattr(_cuda_ext, "extension", FakeLogprobsExtension)
-        monkeypatch.setattr(_cuda_ext, "stream", lambda tensor: 0)
+        monkeypatch.setattr(_cuda_ext, "extension", FakeCudaDevices(monkeypatch).extension(FakeLogprobsExtension))
         monkeypatch.setattr(logprobs, "resolve_backend", lambda *args: "cuda")
     return backend
 
@@ -198,9 +198,14 @@ def test_inplace_backward_must_be_a_bool():
 class FakeLogprobsExtension:
     """``fastalign._C``'s logprobs entry points emulated on CPU memory: the same arguments (addresses, sizes,
     dtype codes, strides), the kernels' per-row math from ``fastalign._host_math``. It checks how
-    ``fastalign/ops/_cuda_backend.py`` marshals its arguments, on a machine without a GPU."""
+    ``fastalign/ops/_cuda_backend.py`` marshals its arguments, on a machine without a GPU, on the devices
+    of a :class:`FakeCudaDevices`."""
 
     DTYPES: ClassVar = {code: dtype for dtype, code in _cuda_ext.DTYPE_CODES.items()}
+
+    def __init__(self, devices: FakeCudaDevices):
+        self.devices = devices
+        self.set_device = devices.set_device
 
     @staticmethod
     def _at(address: int, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -213,6 +218,7 @@ class FakeLogprobsExtension:
 
     def logprobs_forward(self, logits, dtype, rows, cols, row_stride, targets, softcap, inv_temperature,
                          has_softcap, max_logit, log_sum, target_logp, entropy, sum_logits, stream):  # fmt: skip
+        self.devices.launched(stream)
         values = self._rows(logits, dtype, rows, cols, row_stride).float()
         target_ids = self._at(targets, torch.int64, rows)
         outputs = {name: self._at(address, torch.float32, rows) if address else None for name, address in
@@ -230,6 +236,7 @@ class FakeLogprobsExtension:
     def logprobs_backward(self, logits, dtype, rows, cols, row_stride, targets, max_logit, log_sum, alpha,
                           beta, gamma, kappa, softcap, inv_temperature, has_softcap, grad, grad_row_stride,
                           stream):  # fmt: skip
+        self.devices.launched(stream)
         values = self._rows(logits, dtype, rows, cols, row_stride).float()
         out = self._rows(grad, dtype, rows, cols, grad_row_stride)
         per_row = [self._at(a, torch.float32, rows) if a else torch.zeros(rows)
@@ -247,8 +254,8 @@ class FakeLogprobsExtension:
 def test_cuda_backend_marshals_its_arguments(monkeypatch, dtype, inplace):
     """The CUDA backend's host side against the torch backend, with the extension emulated on CPU memory:
     a column slice (row stride > V), every statistic, and upstream gradients on all four outputs."""
-    monkeypatch.setattr(_cuda_ext, "extension", FakeLogprobsExtension)
-    monkeypatch.setattr(_cuda_ext, "stream", lambda tensor: 0)
+    devices = FakeCudaDevices(monkeypatch)
+    monkeypatch.setattr(_cuda_ext, "extension", devices.extension(FakeLogprobsExtension))
     wide = (3 * torch.randn(6, 45)).to(dtype)
     targets = torch.tensor([0, 44, 7, 3, 19, 40])
     opts = StatsOptions(1 / 0.8, 5.0, need_entropy=True, need_sum=True, scratch_bytes=1 << 20)

@@ -37,7 +37,10 @@ PYBIND11_MODULE(_C, m) {
         const char* error = fastalign::set_device(device);
         if (error != nullptr) throw std::runtime_error(std::string("fastalign._C.set_device: CUDA error: ") + error);
       },
-      py::arg("device"), "Make a device current for this extension's launches (its CUDA runtime is its own)");
+      py::arg("device"),
+      "Make a device current for the calling thread and this extension's launches (its CUDA runtime is its own). "
+      "It stays current, for torch too (both act on the thread's current CUDA context): callers restore torch's "
+      "device after their launches, as fastalign.ops._cuda_ext.launch_stream does");
   m.def("device_capability", &fastalign::device_capability, py::arg("device"),
         "Compute capability of a device as major * 10 + minor (0 if it cannot be read)");
   m.def(

@@ -29,11 +29,12 @@ def logits_forward(logits: torch.Tensor, targets: torch.Tensor, opts: StatsOptio
     stats = torch.empty(5, n_rows, dtype=torch.float32, device=logits.device)
     entropy = stats[3] if opts.need_entropy else None
     sum_logits = stats[4] if opts.need_sum else None
-    _cuda_ext.extension().logprobs_forward(
-        ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets),
-        *_transform_args(opts), ptr(stats[0]), ptr(stats[1]), ptr(stats[2]), ptr(entropy), ptr(sum_logits),
-        _cuda_ext.stream(logits),
-    )  # fmt: skip
+    with _cuda_ext.launch_stream(logits) as stream:
+        _cuda_ext.extension().logprobs_forward(
+            ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets),
+            *_transform_args(opts), ptr(stats[0]), ptr(stats[1]), ptr(stats[2]), ptr(entropy), ptr(sum_logits),
+            stream,
+        )  # fmt: skip
     return TokenStats(stats[0], stats[1], stats[2], entropy, sum_logits)
 
 
@@ -53,11 +54,12 @@ def logits_backward(
     if n_rows == 0:
         return grad
     alpha, beta, gamma, kappa = (None if c is None else c.to(torch.float32) for c in coeffs)
-    _cuda_ext.extension().logprobs_backward(
-        ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets),
-        ptr(max_logit), ptr(log_sum), ptr(alpha), ptr(beta), ptr(gamma), ptr(kappa), *_transform_args(opts),
-        ptr(grad), grad.stride(0), _cuda_ext.stream(logits),
-    )  # fmt: skip
+    with _cuda_ext.launch_stream(logits) as stream:
+        _cuda_ext.extension().logprobs_backward(
+            ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets),
+            ptr(max_logit), ptr(log_sum), ptr(alpha), ptr(beta), ptr(gamma), ptr(kappa), *_transform_args(opts),
+            ptr(grad), grad.stride(0), stream,
+        )  # fmt: skip
     if opts.grad_into_logits:
         # The kernel wrote through a raw pointer; tell autograd the logits changed so misuse is caught.
         torch.autograd.graph.increment_version(grad)

@@ -7,7 +7,9 @@ contiguity before calling. Launch failures raise ``RuntimeError`` with CUDA's er
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -50,14 +52,22 @@ def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 
 
-def stream(tensor: torch.Tensor) -> int:
-    """Make the tensor's device current for the extension and return torch's current stream there.
+@contextlib.contextmanager
+def launch_stream(tensor: torch.Tensor) -> Iterator[int]:
+    """Launch on the CUDA tensor's device: inside the block that device is current, for torch and for the
+    extension, and the handle yielded is torch's current stream there (launching on it orders the kernels with
+    torch's work). After the block, an error included, torch's current device is the one it was before.
 
-    The extension links its own CUDA runtime, whose current device torch's ``cuda.set_device`` does not move,
-    so every launch sets it; launching on torch's stream orders the kernels with torch's work.
+    The extension links its own CUDA runtime, whose current device torch's ``cuda.set_device`` need not move (torch
+    defers it on a device without a context), so the block sets it with ``fastalign._C.set_device``, which does not
+    restore it. Both runtimes act on the thread's current CUDA context, so that would also move
+    ``torch.cuda.current_device()``; torch's own device guard (``torch.cuda.device``) around it puts torch's
+    current device back, without creating a context on a device that has none.
     """
-    extension().set_device(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
-    return torch.cuda.current_stream(tensor.device).cuda_stream
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        extension().set_device(index)
+        yield torch.cuda.current_stream(index).cuda_stream
 
 
 def ptr(tensor: torch.Tensor | None) -> int:

@@ -105,20 +105,22 @@ class _CudaLaunches:
     """``csrc/cuda/dpo_loss.cu`` through ``fastalign._C``; its backward combines the upstream gradients itself."""
 
     def forward(self, token_logps, mask, ref_logps, plan, out) -> None:
-        _cuda_ext.extension().dpo_loss_forward(
-            ptr(token_logps), _cuda_ext.dtype_code(token_logps.dtype), ptr(mask), *mask_layout(mask.dtype),
-            ptr(ref_logps), token_logps.shape[0] // 2, token_logps.shape[1], plan.type_bits, plan.averaged_bits,
-            list(plan.weights), plan.beta, plan.label_smoothing, plan.discopop_tau, *map(ptr, out),
-            _cuda_ext.stream(token_logps),
-        )  # fmt: skip
+        with _cuda_ext.launch_stream(token_logps) as stream:
+            _cuda_ext.extension().dpo_loss_forward(
+                ptr(token_logps), _cuda_ext.dtype_code(token_logps.dtype), ptr(mask), *mask_layout(mask.dtype),
+                ptr(ref_logps), token_logps.shape[0] // 2, token_logps.shape[1], plan.type_bits,
+                plan.averaged_bits, list(plan.weights), plan.beta, plan.label_smoothing, plan.discopop_tau,
+                *map(ptr, out), stream,
+            )  # fmt: skip
 
     def backward(self, mask, row_grad, grad_losses, grad_sums, grad) -> None:
-        _cuda_ext.extension().dpo_loss_backward(
-            ptr(mask), *mask_layout(mask.dtype), ptr(row_grad),
-            ptr(grad_losses), 0 if grad_losses is None else grad_losses.stride(0),
-            ptr(grad_sums), 0 if grad_sums is None else grad_sums.stride(0),
-            mask.shape[0] // 2, mask.shape[1], ptr(grad), _cuda_ext.dtype_code(grad.dtype), _cuda_ext.stream(grad),
-        )  # fmt: skip
+        with _cuda_ext.launch_stream(grad) as stream:
+            _cuda_ext.extension().dpo_loss_backward(
+                ptr(mask), *mask_layout(mask.dtype), ptr(row_grad),
+                ptr(grad_losses), 0 if grad_losses is None else grad_losses.stride(0),
+                ptr(grad_sums), 0 if grad_sums is None else grad_sums.stride(0),
+                mask.shape[0] // 2, mask.shape[1], ptr(grad), _cuda_ext.dtype_code(grad.dtype), stream,
+            )  # fmt: skip
 
 
 LAUNCHES: dict[str, Launches] = {"triton": _TritonLaunches(), "cuda": _CudaLaunches()}

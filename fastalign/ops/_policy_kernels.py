@@ -174,14 +174,16 @@ class CudaLaunch:
 
     def forward(self, a: PolicyArgs, tensors: Tensors, stats: torch.Tensor) -> None:
         ext = _cuda_ext.extension()
-        ext.policy_loss_forward(self._problem(ext, a, tensors), stats.data_ptr(), _cuda_ext.stream(tensors["logp"]))
+        with _cuda_ext.launch_stream(tensors["logp"]) as stream:
+            ext.policy_loss_forward(self._problem(ext, a, tensors), stats.data_ptr(), stream)
 
     def backward(self, a: PolicyArgs, tensors: Tensors, weights: torch.Tensor, grads: Tensors) -> None:
         ext = _cuda_ext.extension()
-        ext.policy_loss_backward(
-            self._problem(ext, a, tensors), weights.data_ptr(), grads["logp"].data_ptr(),
-            _cuda_ext.ptr(grads["entropy"]), _cuda_ext.stream(tensors["logp"]),
-        )  # fmt: skip
+        with _cuda_ext.launch_stream(tensors["logp"]) as stream:
+            ext.policy_loss_backward(
+                self._problem(ext, a, tensors), weights.data_ptr(), grads["logp"].data_ptr(),
+                _cuda_ext.ptr(grads["entropy"]), stream,
+            )  # fmt: skip
 
 
 # The launch of each kernel backend, by the name resolve_backend gives.
