@@ -25,7 +25,7 @@ from fastalign.kernels.triton.softmax_tile import (
 # needs small inner tiles (each thread holds whole rows of the A operand). Every tile was measured by
 # ``python -m bench.aot`` to compile for its target without spills in the heaviest variant (bias, softcap, entropy,
 # logit sum); sm_80 spills at 128 x 128 in the forward, so it gets narrower tiles. Lists are per kernel family.
-_ARCHITECTURES = (8, 9)  # sm_80..sm_89 (tiles also filtered by the device's shared memory), sm_90 and newer
+# Architecture 8: sm_80..sm_89 (tiles also filtered by the device's shared memory); 9: sm_90 and newer.
 _LOGIT_TILES = {
     ("half", 9): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4)],
     ("half", 8): [(64, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4)],
