@@ -247,6 +247,7 @@ POLICY_ERRORS = [
     ({"kl_estimator": "k4", "ref_logp": torch.randn(2, 3)}, "kl_estimator must be one of"),
     ({"dual_clip": 1.0}, "dual_clip must be None or a number > 1"),
     ({"kl_coef": 0.1}, "kl_coef is nonzero but ref_logp is None"),
+    ({"kl_coef": -1.0, "ref_logp": torch.randn(2, 3)}, "kl_coef must be >= 0"),
     ({"entropy_coef": 0.1}, "entropy_coef is nonzero but entropy is None"),
     ({"importance_sampling_level": "batch"}, "importance_sampling_level must be one of"),
     ({"clip_eps_low": 1.5}, "clip_eps_low must be < 1"),

@@ -197,7 +197,8 @@ def policy_loss(
         advantages: ``[B]`` per sequence (GRPO) or ``[B, T]`` per token (PPO); no gradient.
         mask: ``[B, T]``, nonzero on completion tokens. A row with an empty mask contributes nothing, no NaN.
         ref_logp: ``[B, T]`` under the reference policy, for the KL term. entropy: ``[B, T]`` (gradient flows).
-        kl_estimator: ``"k1" | "k2" | "k3"`` (aliases ``"kl"``, ``"mse"``, ``"low_var_kl"``).
+        kl_coef: weight of the KL term, ``>= 0``. kl_estimator: ``"k1" | "k2" | "k3"`` (aliases ``"kl"``,
+            ``"mse"``, ``"low_var_kl"``).
         loss_agg_mode / loss_type: see :func:`aggregate`; ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``,
             ``dapo``) wins when given. num_items_in_batch: the global completion-token count for ``token-mean``.
         is_weights: ``[B]`` or ``[B, T]`` truncated importance weights (no gradient).
@@ -291,6 +292,10 @@ def check_policy_args(
     for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if kl_coef < 0:
+        raise ValueError(
+            f"kl_coef must be >= 0 (a negative coefficient rewards moving away from the reference), got {kl_coef}"
+        )
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
     if kl_coef != 0 and ref_logp is None:
