@@ -2,10 +2,13 @@
 the mean reward rises on a toy rule reward, DAPO's dynamic sampling keeps only informative groups, and bad
 configurations or datasets are refused."""
 
+import copy
+
 import datasets
 import pytest
 import torch
 from tiny import NUMBERS, tiny_causal_lm, word_tokenizer
+from transformers import TrainerCallback
 
 from fastalign.trainers.configs import GRPOConfig
 from fastalign.trainers.grpo import GRPOTrainer
@@ -122,3 +125,56 @@ def test_configuration_and_dataset_errors(tmp_path):
         trainer(tmp_path, rows=[{"question": "what is one plus one ?"}])
     with pytest.raises(ValueError, match="reward_weights"):
         trainer(tmp_path, reward=[blue_reward, id_hash_reward], reward_weights=[1.0])
+
+
+class OwnCopyEngine:
+    """A rollout engine that samples from its OWN copy of the weights (as vLLM does) and records, at each
+    generation, the weights it sampled with."""
+
+    def __init__(self, model, tokenizer):
+        from fastalign.rollout import HFGenerateEngine
+
+        self.copy = copy.deepcopy(model)
+        self.inner = HFGenerateEngine(self.copy, pad_token_id=tokenizer.pad_token_id, eos_token_id=3)
+        self.sampled_with: list[dict[str, torch.Tensor]] = []
+        self.syncs = 0
+
+    def generate(self, prompts, params):
+        self.sampled_with.append({n: p.detach().clone() for n, p in self.copy.named_parameters()})
+        return self.inner.generate(prompts, params)
+
+    def sync_weights(self, model):
+        self.syncs += 1
+        self.copy.load_state_dict(model.state_dict())
+
+
+class RecordWeights(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.after_step = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_step.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_each_generation_samples_from_the_policy_after_the_last_optimizer_step(tmp_path, iterations):
+    model, tokenizer = tiny_causal_lm(), word_tokenizer()
+    engine = OwnCopyEngine(model, tokenizer)
+    grpo = GRPOTrainer(
+        model, reward_funcs=id_hash_reward, args=config(tmp_path, max_steps=4, num_iterations=iterations),
+        train_dataset=datasets.Dataset.from_list(PROMPTS), processing_class=tokenizer, rollout_engine=engine,
+    )  # fmt: skip
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = RecordWeights(model)
+    grpo.add_callback(record)
+    grpo.train()
+    rounds = 4 // iterations
+    assert len(engine.sampled_with) == rounds
+    assert engine.syncs == rounds - 1  # once per round after an optimizer step, not once per step
+    policies = [initial, *record.after_step]
+    for k, sampled in enumerate(engine.sampled_with):
+        policy = policies[k * iterations]  # the policy after the optimizer step that precedes round k
+        for name, value in sampled.items():
+            torch.testing.assert_close(value, policy[name], rtol=0, atol=0, msg=f"round {k}: {name}")
+    last, first = engine.sampled_with[-1], engine.sampled_with[0]
+    assert any(not torch.equal(last[n], first[n]) for n in first), "the policy never moved: the test shows nothing"

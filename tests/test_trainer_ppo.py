@@ -226,3 +226,24 @@ def test_configuration_and_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match=r"reward_funcs or args\.reward_model_path"):
         PPOTrainer(tiny_causal_lm(), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(PROMPTS),
                    processing_class=word_tokenizer())  # fmt: skip
+
+
+def test_each_rollout_samples_from_the_policy_after_the_last_optimizer_step(tmp_path):
+    from test_trainer_grpo import OwnCopyEngine, RecordWeights
+
+    model, tokenizer = tiny_causal_lm(), word_tokenizer()
+    engine = OwnCopyEngine(model, tokenizer)
+    ppo = PPOTrainer(
+        model, reward_funcs=blue_reward, args=config(tmp_path, max_steps=6, num_ppo_epochs=2),
+        train_dataset=datasets.Dataset.from_list(PROMPTS), processing_class=tokenizer, rollout_engine=engine,
+    )  # fmt: skip
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = RecordWeights(model)
+    ppo.add_callback(record)
+    ppo.train()
+    assert len(engine.sampled_with) == 3 and engine.syncs == 2  # a rollout every 2 optimizer steps
+    policies = [initial, *record.after_step]
+    for k, sampled in enumerate(engine.sampled_with):
+        for name, value in sampled.items():
+            torch.testing.assert_close(value, policies[2 * k][name], rtol=0, atol=0, msg=f"rollout {k}: {name}")
+    assert not torch.equal(engine.sampled_with[-1]["lm_head.weight"], initial["lm_head.weight"])

@@ -143,3 +143,14 @@ class BufferedMetricsMixin:
             averaged = {f"eval_{name}": value for name, value in averaged.items()}
         super().log({**logs, **averaged}, start_time)
         buffers.clear()
+
+
+def sync_engine_weights(trainer: Any, model: nn.Module) -> None:
+    """Push ``model``'s weights to ``trainer.engine`` once per optimiser step, before the first generation that
+    follows it (TRL guards vLLM's weight loading by ``global_step`` the same way). Step 0 needs none: the engine
+    was built from the same weights; a resumed run is past step 0, so its first generation loads the
+    checkpoint's weights."""
+    step = trainer.state.global_step
+    if step != trainer.__dict__.get("_engine_synced_step", 0):
+        trainer.engine.sync_weights(model)
+        trainer._engine_synced_step = step

@@ -37,6 +37,7 @@ from fastalign.trainers._common import (
     disable_dropout,
     load_policy_and_tokenizer,
     set_pad_token,
+    sync_engine_weights,
 )
 from fastalign.trainers.configs import GRPOConfig
 
@@ -291,6 +292,7 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
 
     def _generate_and_score(self, rows: list[dict], mode: str) -> dict[str, torch.Tensor]:
         args = self.args
+        sync_engine_weights(self, self.model)
         rows, batch = rollout_groups(self, rows)
         per_function, rewards = score_rollout(self, rows, batch)
         if mode == "train" and args.dynamic_sampling:

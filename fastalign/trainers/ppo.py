@@ -44,6 +44,7 @@ from fastalign.trainers._common import (
     disable_dropout,
     load_policy_and_tokenizer,
     set_pad_token,
+    sync_engine_weights,
 )
 from fastalign.trainers.configs import PPOConfig
 from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions, rollout_groups, score_rollout
@@ -294,10 +295,9 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
             return self._generate_and_score(rows, "eval")
         position = self._step % self._micro_batches_per_rollout
         if position == 0 or self._rollout is None:
-            if self._rollout is not None:
-                if self.args.objective == "kl_penalty" and self.args.target_kl is not None:
-                    self._adapt_kl_penalty(self._rollout[: self._micro_batches_per_epoch])
-                self.engine.sync_weights(self.policy)
+            adaptive = self.args.objective == "kl_penalty" and self.args.target_kl is not None
+            if self._rollout is not None and adaptive:
+                self._adapt_kl_penalty(self._rollout[: self._micro_batches_per_epoch])
             batch = self._generate_and_score(rows, "train")
             self._rollout = self._micro_batches(batch, self.args.seed + self._step)
         inputs = self._rollout[position]
@@ -328,6 +328,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         """The rollout batch with everything the PPO update reads: token tensors, old log-probs, old values,
         per-token rewards, advantages and returns."""
         args = self.args
+        sync_engine_weights(self, self.policy)
         device = self.args.device
         rows, batch = rollout_groups(self, rows)
         per_function, scores = score_rollout(self, rows, batch, unscorable="zero")
