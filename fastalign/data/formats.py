@@ -21,6 +21,8 @@ from typing import Any
 
 import datasets
 
+from fastalign.data.values import check_values
+
 LANGUAGE_MODELING = "language_modeling"
 CONVERSATIONAL_LM = "conversational_lm"
 PROMPT_COMPLETION = "prompt_completion"
@@ -96,9 +98,12 @@ def require_format(dataset_or_columns: Any, trainer: str) -> str:
 
     RL trainers accept any dataset with a ``prompt`` column (and return ``"prompt_only"``).
 
+    A ``datasets.Dataset``'s values are checked too (:func:`~fastalign.data.values.check_values`: a number or
+    null where text is expected, an int in ``tests`` ...).
+
     Raises:
         ValueError: the message names the missing column(s), the columns found and the formats the trainer
-            reads.
+            reads; or the row, the column and what was expected.
     """
     if trainer not in TRAINER_FORMATS:
         raise ValueError(f"unknown trainer {trainer!r}; expected one of {sorted(TRAINER_FORMATS)}")
@@ -107,6 +112,7 @@ def require_format(dataset_or_columns: Any, trainer: str) -> str:
     found = set(columns)
     for fmt in accepted:  # listed in detection order
         if set(FORMAT_COLUMNS[fmt]) <= found:
+            check_values(dataset_or_columns)
             return fmt
     # The closest accepted format: fewest missing columns.
     missing_by_format = {fmt: [c for c in FORMAT_COLUMNS[fmt] if c not in found] for fmt in accepted}

@@ -26,6 +26,7 @@ from fastalign.data.formats import (
     maybe_extract_prompt,
     require_format,
 )
+from fastalign.data.values import value_problem
 
 Messages = list[dict[str, Any]]
 
@@ -38,6 +39,13 @@ def _render(tokenizer, messages: Messages, *, add_generation_prompt: bool, tools
 
 def _ids(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _check_example(example: Mapping[str, Any]) -> None:
+    for column, value in example.items():
+        problem = value_problem(column, value, example)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 def _with_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
@@ -96,6 +104,7 @@ def tokenize_sft(
         ``{"input_ids": list[int], "completion_mask": list[int]}`` of equal length; ``completion_mask`` is 1 on
         the tokens that carry loss.
     """
+    _check_example(example)
     fmt = detect_format(example)
     eos = tokenizer.eos_token_id
     if fmt == PROMPT_COMPLETION:
@@ -171,6 +180,7 @@ def tokenize_preference(
         ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (``list[int]`` each), plus ``"margin"`` (float) when
         the example has one (reward-model margins).
     """
+    _check_example(example)
     ex = maybe_extract_prompt(example)
     prompt, chosen, rejected = ex["prompt"], ex["chosen"], ex["rejected"]
     if is_conversational({"chosen": chosen}) or is_conversational({"prompt": prompt}):
@@ -220,6 +230,7 @@ def tokenize_prompt(
     """
     if "prompt" not in example:
         raise ValueError(f"tokenize_prompt needs a 'prompt' column, got keys {sorted(example)}")
+    _check_example(example)
     prompt = example["prompt"]
     if is_conversational({"prompt": prompt}):
         text = _render(tokenizer, prompt, add_generation_prompt=True, tools=tools, **template_kwargs)
