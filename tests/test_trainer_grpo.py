@@ -178,3 +178,21 @@ def test_each_generation_samples_from_the_policy_after_the_last_optimizer_step(t
             torch.testing.assert_close(value, policy[name], rtol=0, atol=0, msg=f"round {k}: {name}")
     last, first = engine.sampled_with[-1], engine.sampled_with[0]
     assert any(not torch.equal(last[n], first[n]) for n in first), "the policy never moved: the test shows nothing"
+
+
+def test_log_completions_prints_prompts_completions_rewards_and_advantages(tmp_path, capsys):
+    grpo = trainer(tmp_path, log_completions=True, num_completions_to_print=3, max_steps=2)
+    grpo.train()
+    lines = capsys.readouterr().out.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("step ")]
+    assert len(headers) == 2, lines  # one table per logging step
+    header = [name.strip() for name in lines[headers[-1]].split(" | ")]
+    assert header == ["step", "prompt", "completion", "blue_reward", "advantage"]
+    rows = [line.split(" | ") for line in lines[headers[-1] + 2 :][:3]]
+    assert all(len(row) == 5 and row[0].strip() == "1" and row[1].startswith("what is") for row in rows), rows
+    assert not lines[headers[-1] + 5 :] or " | " not in lines[headers[-1] + 5]  # num_completions_to_print rows
+    for row in rows:  # the printed reward is the reward function's (4 significant digits)
+        assert float(row[3]) == pytest.approx(blue_reward([row[2].strip()])[0], rel=1e-3, abs=1e-4)
+    quiet = trainer(tmp_path, max_steps=1)
+    quiet.train()
+    assert "| completion" not in capsys.readouterr().out

@@ -151,3 +151,29 @@ def test_num_tokens_counts_the_non_padding_tokens_trained_on(tmp_path):
     counts = [entry["num_tokens"] for entry in sft.state.log_history if "num_tokens" in entry]
     assert counts == sorted(counts) and len(set(counts)) > 1
     assert counts[-1] == expected
+
+
+def test_label_smoothing_factor_is_the_fused_losss_label_smoothing(tmp_path):
+    """The loss equals transformers' LabelSmoother on the full logits (computed in float64)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    sft = trainer(tmp_path, label_smoothing_factor=0.5)
+    batch = next(iter(sft.get_train_dataloader()))
+    batch = {key: value.to(sft.model.device) for key, value in batch.items()}
+    with torch.no_grad():  # peaked logits: the smoothed and plain losses then differ by far more than rounding
+        sft.model.lm_head.weight.mul_(20)
+    fused = sft.compute_loss(sft.model, batch)
+    model64 = sft.model.double()
+    with torch.no_grad():
+        logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = LabelSmoother(epsilon=0.5)({"logits": logits}, batch["labels"], shift_labels=True)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-6)
+    plain = SFTTrainer(sft.model, args=config(tmp_path), processing_class=word_tokenizer())
+    # without the smoothing the loss is off by far more than the 1e-5 tolerance above
+    assert abs(float(plain.compute_loss(model64, batch).detach()) - float(expected)) > 0.1
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, 2])
+def test_label_smoothing_factor_out_of_range_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match=r"label_smoothing_factor must be a number in \[0, 1\]"):
+        config(tmp_path, label_smoothing_factor=value)

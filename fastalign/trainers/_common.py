@@ -154,3 +154,8 @@ def sync_engine_weights(trainer: Any, model: nn.Module) -> None:
     if step != trainer.__dict__.get("_engine_synced_step", 0):
         trainer.engine.sync_weights(model)
         trainer._engine_synced_step = step
+
+
+def data_seed(args: Any) -> int:
+    """The seed of the trainer's own data samplers: ``data_seed`` when set, else ``seed`` (as ``Trainer``)."""
+    return args.seed if args.data_seed is None else args.data_seed

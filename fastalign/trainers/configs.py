@@ -7,7 +7,9 @@ fields that only fastalign has are marked as such in their help text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -66,12 +68,40 @@ class FastalignTrainingConfig(TrainingArguments):
         metadata={"help": "fastalign only: kernel backend of the fused losses ('auto', 'torch', 'triton', 'cuda')."},
     )
 
+    # Fields (mostly ``TrainingArguments``') this trainer does not honour: name -> why. Set to anything but this
+    # config's default, the config refuses them (see :meth:`_refuse_unhonoured_fields`).
+    _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = {}
+
     def __post_init__(self):
+        _check_training_numbers(self)
         if self.bf16 is None:
             # TRL turns bf16 on whenever fp16 is off; on a machine without a bf16 GPU transformers then refuses to
             # start (unless use_cpu), so the default also asks for the hardware.
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
+        self._refuse_unhonoured_fields()  # after TrainingArguments normalised them (False -> "no", ...)
+
+    def _refuse_unhonoured_fields(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        defaults["include_num_input_tokens_seen"] = "no"  # what TrainingArguments turns False into
+        for name, why in self._UNHONOURED_FIELDS.items():
+            value, default = getattr(self, name), defaults[name]
+            if value != default:
+                raise ValueError(
+                    f"{name}={value!r}: {type(self).__name__[: -len('Config')]}Trainer does not honour it ({why}); "
+                    f"leave it at {default!r}"
+                )
+
+
+def _check_training_numbers(args: TrainingArguments) -> None:
+    """Refuse, before any model is loaded, the optimisation numbers ``TrainingArguments`` lets through."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    rate = args.learning_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"learning_rate must be a finite number >= 0, got {rate!r}")
 
 
 @dataclass
@@ -94,6 +124,33 @@ class SFTConfig(FastalignTrainingConfig):
     eos_token: str | None = field(default=None, metadata={"help": "End-of-sequence token (default: tokenizer's)."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: tokenizer's)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenising the dataset."})
+
+    def __post_init__(self):
+        smoothing = self.label_smoothing_factor
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
+            raise ValueError(
+                f"label_smoothing_factor must be a number in [0, 1] (the fused cross-entropy's label smoothing), "
+                f"got {smoothing!r}"
+            )
+        super().__post_init__()
+
+
+# TrainingArguments fields that only a cross-entropy on labels reads: the preference and RL losses are their own.
+_NO_LABEL_SMOOTHING = {
+    "label_smoothing_factor": "it smooths a cross-entropy on labels, which this trainer's loss is not",
+}
+# ... and what the online trainers' own sampler and generation loop leave unread.
+_ONLINE_UNHONOURED = {
+    **_NO_LABEL_SMOOTHING,
+    "train_sampling_strategy": "prompts are drawn by the trainer's own group sampler",
+    "dataloader_num_workers": "the trainer's own prompt loader runs in the training process",
+    "dataloader_persistent_workers": "the trainer's own prompt loader runs in the training process",
+    "dataloader_prefetch_factor": "the trainer's own prompt loader runs in the training process",
+    "include_num_input_tokens_seen": "the inputs are generated; the trainer logs num_tokens itself",
+    "auto_find_batch_size": "the generation batch is fixed when the config is built",
+    "neftune_noise_alpha": "noise in the embeddings would differ between the old and the new log-probs",
+    "remove_unused_columns": "every dataset column reaches the reward functions",
+}
 
 
 @dataclass
@@ -118,6 +175,23 @@ class RewardConfig(FastalignTrainingConfig):
         default=None,
         metadata={"help": "Weight of mean((r_chosen + r_rejected)^2), keeping rewards centred (0.01 recommended)."},
     )
+
+    _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = {
+        **_NO_LABEL_SMOOTHING,
+        "backend": "the reward model's loss is a small op on its scores, with one implementation",
+    }
+
+    def __post_init__(self):
+        coefficient = self.center_rewards_coefficient
+        if coefficient is not None and (
+            isinstance(coefficient, bool) or not isinstance(coefficient, (int, float))
+            or not math.isfinite(coefficient) or coefficient < 0
+        ):  # fmt: skip
+            raise ValueError(
+                f"center_rewards_coefficient must be None or a finite number >= 0 (a negative one pushes the "
+                f"rewards away from 0), got {coefficient!r}"
+            )
+        super().__post_init__()
 
 
 # TRL 1.x DPO loss types fastalign does not implement, with what to use instead.
@@ -218,6 +292,13 @@ class DPOConfig(FastalignTrainingConfig):
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO alpha (needs sync_ref_model)."})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO tau (needs sync_ref_model)."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: tokenizer's, else EOS)."})
+
+    _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = {
+        "label_smoothing_factor": "DPO's own label smoothing is the label_smoothing field",
+        "f_alpha_divergence_coef": "only f_divergence_type='reverse_kl' is implemented",
+        "ref_model_mixup_alpha": "TR-DPO reference syncing (sync_ref_model) is not implemented",
+        "ref_model_sync_steps": "TR-DPO reference syncing (sync_ref_model) is not implemented",
+    }
 
     def __post_init__(self):
         from fastalign.ops.preference import check_dpo_options
@@ -328,10 +409,26 @@ class GRPOConfig(FastalignTrainingConfig):
     max_resample_rounds: int = field(
         default=4, metadata={"help": "fastalign: refill rounds of dynamic sampling before keeping what there is."}
     )
-    log_completions: bool = field(default=False, metadata={"help": "Print a sample of completions when logging."})
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Print the last generation's prompts, completions, rewards and advantages when logging."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Rows of that sample printed (None: all of the last generation batch)."}
+    )
+
+    _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = _ONLINE_UNHONOURED
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("beta", "epsilon", "entropy_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be None or >= 1, got {self.num_completions_to_print}")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0:
+            raise ValueError(f"epsilon_high must be None or a number >= 0, got {self.epsilon_high!r}")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
         if self.steps_per_generation is None:
@@ -355,6 +452,11 @@ class GRPOConfig(FastalignTrainingConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.eval_strategy != "no" and self.per_device_eval_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_eval_batch_size ({self.per_device_eval_batch_size} completions) must be a multiple of "
+                f"num_generations ({self.num_generations}) when evaluating: whole groups only"
+            )
 
 
 PPO_OBJECTIVES = ("clip", "kl_penalty")
@@ -381,7 +483,9 @@ class PPOConfig(FastalignTrainingConfig):
     disable_dropout: bool = field(
         default=True, metadata={"help": "Set every dropout probability of policy, value and reference models to 0."}
     )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Unused (prompts are tokenised on the fly)."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Not implemented (prompts are tokenised on the fly): None only."}
+    )
     reward_model_path: str | None = field(
         default=None, metadata={"help": "Reward model used when the trainer is given no reward_funcs."}
     )
@@ -465,6 +569,11 @@ class PPOConfig(FastalignTrainingConfig):
             "and halves when < target/1.5; None keeps β fixed."
         },
     )
+
+    _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = {
+        **_ONLINE_UNHONOURED,
+        "dataset_num_proc": "prompts are tokenised on the fly, in the training process",
+    }
 
     @property
     def rollout_batch_size(self) -> int:

@@ -34,6 +34,7 @@ from fastalign.trainers._common import (
     FusedLossTrainerMixin,
     NumTokensLogMixin,
     TrainTokenCount,
+    data_seed,
     disable_dropout,
     load_policy_and_tokenizer,
     set_pad_token,
@@ -261,7 +262,7 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
         args = self.args
         sampler = RepeatSampler(
             len(self.train_dataset), args.num_generations, args.generation_batch_size // args.num_generations,
-            args.steps_per_generation * args.num_iterations, args.seed, self.accelerator.num_processes,
+            args.steps_per_generation * args.num_iterations, data_seed(args), self.accelerator.num_processes,
         )  # fmt: skip
         loader = DataLoader(
             self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler, collate_fn=lambda rows: rows
@@ -269,9 +270,15 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
         return self.accelerator.prepare(loader)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        """Batches of ``per_device_eval_batch_size`` completions: whole groups of ``num_generations``."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        sampler = RepeatSampler(len(dataset), self.args.num_generations, 1, 1, self.args.seed)
-        loader = DataLoader(dataset, batch_size=self.args.num_generations, sampler=sampler, collate_fn=lambda r: r)
+        size, group = self.args.per_device_eval_batch_size, self.args.num_generations
+        if size % group:
+            raise ValueError(
+                f"per_device_eval_batch_size ({size} completions) must be a multiple of num_generations ({group})"
+            )
+        sampler = RepeatSampler(len(dataset), group, size // group, 1, data_seed(self.args))
+        loader = DataLoader(dataset, batch_size=size, sampler=sampler, collate_fn=lambda r: r)
         return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------------------------------- generation
@@ -304,7 +311,28 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
         inputs = self._training_tensors(batch, mask)
         inputs["advantages"] = advantages.to(self.model.device)
         self._log_generation(mode, batch, per_function, all_rewards)
+        if mode == "train" and args.log_completions:
+            self._completions_sample = self._sample_table(rows, batch, per_function, advantages)
         return inputs
+
+    def _sample_table(self, rows, batch: RolloutBatch, per_function: torch.Tensor, advantages: torch.Tensor):
+        """The columns TRL's ``log_completions`` prints: prompt, completion, each reward function's reward and
+        the advantage, for the first ``num_completions_to_print`` rows of this process's generation batch."""
+        count = len(rows) if self.args.num_completions_to_print is None else self.args.num_completions_to_print
+        ids = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids, batch.completion_mask, strict=True)]
+        texts = self.processing_class.batch_decode(ids[:count], skip_special_tokens=True)
+        table = {"step": [self.state.global_step] * len(texts), "prompt": [row["prompt"] for row in rows[:count]]}
+        table["completion"] = texts
+        for function, column in zip(self.reward_funcs, per_function.T.tolist(), strict=True):
+            table[reward_function_name(function)] = column[:count]
+        table["advantage"] = advantages.tolist()[:count]
+        return table
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        sample = self.__dict__.pop("_completions_sample", None)
+        if sample is not None and self.model.training and self.accelerator.is_main_process:
+            print(format_completions(sample), flush=True)
 
     def _advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's advantages ``[N]`` and the rewards of every process ``[N × processes]``.
@@ -357,7 +385,7 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
     def _more_rollouts(self, prompts: int):
         if self._refill is None:
             # Each process refills from its own stream of prompts (the same one would repeat them on every process).
-            self._refill = _cycle(self.train_dataset, self.args.seed + 1 + self.accelerator.process_index)
+            self._refill = _cycle(self.train_dataset, data_seed(self.args) + 1 + self.accelerator.process_index)
         rows = [row for _ in range(prompts) for row in [next(self._refill)] * self.args.num_generations]
         rows, batch = rollout_groups(self, rows)
         per_function, rewards = score_rollout(self, rows, batch)
@@ -491,6 +519,26 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
             self._train_tokens.add(batch.prompt_mask.sum() + batch.completion_mask.sum())
         for function, column in zip(self.reward_funcs, per_function.T, strict=True):
             metrics[f"rewards/{reward_function_name(function)}/mean"].append(float(torch.nanmean(column)))
+
+
+def format_completions(table: dict[str, list]) -> str:
+    """A plain-text table of a completions sample (one row per completion, newlines shown as ``\\n``)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):  # conversational: the last message's content
+            value = value[-1].get("content", value) if value and isinstance(value[-1], dict) else value
+        return str(value).replace("\n", "\\n")
+
+    names = list(table)
+    cells = [[cell(value) for value in column] for column in table.values()]
+    widths = [max([len(name)] + [len(text) for text in column]) for name, column in zip(names, cells, strict=True)]
+    lines = [" | ".join(name.ljust(width) for name, width in zip(names, widths, strict=True))]
+    lines.append("-+-".join("-" * width for width in widths))
+    for row in zip(*cells, strict=True):
+        lines.append(" | ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)))
+    return "\n".join(lines)
 
 
 def _completion_targets(inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -41,6 +41,7 @@ from fastalign.rollout import HFGenerateEngine, SamplingParams
 from fastalign.trainers._common import (
     BufferedMetricsMixin,
     FusedLossTrainerMixin,
+    data_seed,
     disable_dropout,
     load_policy_and_tokenizer,
     set_pad_token,
@@ -272,7 +273,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         args = self.args
         sampler = RepeatSampler(
             len(self.train_dataset), args.num_generations, args.rollout_batch_size // args.num_generations,
-            self._micro_batches_per_rollout, args.seed, self.accelerator.num_processes,
+            self._micro_batches_per_rollout, data_seed(args), self.accelerator.num_processes,
         )  # fmt: skip
         loader = DataLoader(
             self.train_dataset, batch_size=args.rollout_batch_size, sampler=sampler, collate_fn=lambda rows: rows
@@ -282,7 +283,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         prompts = self.args.per_device_eval_batch_size
-        sampler = RepeatSampler(len(dataset), self.args.num_generations, prompts, 1, self.args.seed)
+        sampler = RepeatSampler(len(dataset), self.args.num_generations, prompts, 1, data_seed(self.args))
         loader = DataLoader(
             dataset, batch_size=prompts * self.args.num_generations, sampler=sampler, collate_fn=lambda r: r
         )

@@ -108,7 +108,9 @@ class SFTTrainer(NumTokensLogMixin, FusedLossTrainerMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean next-token cross-entropy over the label tokens of the whole (gradient-accumulated) batch.
+        """Mean next-token cross-entropy over the label tokens of the whole (gradient-accumulated) batch, with
+        ``label_smoothing_factor`` as the fused op's label smoothing (``Trainer``'s ``LabelSmoother`` is the same
+        ``(1 - ε)·nll + ε·mean over the vocabulary of -log p``).
 
         ``num_items_in_batch`` (counted by ``Trainer`` over every micro-batch of the optimiser step) makes the
         loss a token mean over the step rather than a mean of micro-batch means, as transformers' own loss does.
@@ -116,7 +118,7 @@ class SFTTrainer(NumTokensLogMixin, FusedLossTrainerMixin, Trainer):
         targets = shift_labels(inputs["labels"])
         loss_sum = self._adapter(model).cross_entropy_loss(
             inputs["input_ids"], inputs.get("attention_mask"), targets, position_ids=inputs.get("position_ids"),
-            reduction="sum", backend=self.args.backend,
+            reduction="sum", label_smoothing=self.args.label_smoothing_factor, backend=self.args.backend,
         )  # fmt: skip
         loss = self._token_mean(loss_sum, num_items_in_batch, targets)
         if model.training:
