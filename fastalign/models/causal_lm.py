@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from fastalign.models.paths import check_model_path
 from fastalign.ops.cross_entropy import linear_cross_entropy
 from fastalign.ops.logprobs import linear_logprobs
 
@@ -389,9 +390,14 @@ def load_causal_lm(
         dtype: parameter dtype (``torch.bfloat16``, ``"auto"``, ...); ``None`` keeps transformers' default.
         attn_implementation: ``"flash_attention_2" | "sdpa" | "eager" | ...``; ``None`` picks automatically.
         kwargs: passed to ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is a local path (``./model``, ``/abs/model``, ``runs/a/b``) that does
+            not exist.
     """
     from transformers import AutoModelForCausalLM
 
+    check_model_path(name_or_path)
     attn_implementation = resolve_attention(AutoModelForCausalLM, name_or_path, attn_implementation, kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fastalign.models.causal_lm import _text_config, resolve_attention, unwrap_peft
+from fastalign.models.paths import check_model_path
 
 __all__ = ["ValueHeadModel", "load_reward_model", "sequence_rewards"]
 
@@ -78,6 +79,7 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
+    check_model_path(name_or_path)  # a missing local folder: FileNotFoundError, not a hub repo-id error
     attn_implementation = resolve_attention(
         AutoModelForSequenceClassification, name_or_path, attn_implementation, kwargs
     )
