@@ -125,16 +125,95 @@ def _peft_config(model_args: ModelConfig, task_type: str):
     )  # fmt: skip
 
 
-def _datasets(script: ScriptArguments, config: Any, evaluate: bool | None = None):
+def _check_model_paths(*paths: str | None) -> None:
+    """A missing local model folder (``--model_name_or_path``, ``--reward_model_name_or_path``) fails here, before
+    any data or model loads, instead of as transformers' hub repo-id error."""
+    from fastalign.models.paths import missing_model_folder
+
+    for flag, path in zip(("--model_name_or_path", "--reward_model_name_or_path"), paths, strict=False):
+        problem = missing_model_folder(path) if path is not None else None
+        if problem is not None:
+            raise SystemExit(f"{flag}: {problem}")
+
+
+def _load_dataset(flag: str, name: str, split: str, **options: Any):
+    """``load_training_dataset``, its errors (``FILE:LINE: reason``, ``no rows in FILE``, a missing split) as one
+    line naming the flag."""
     from fastalign.data import load_training_dataset
 
+    try:
+        return load_training_dataset(name, split=split, **options)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"{flag}: {error}") from None
+
+
+def _datasets(script: ScriptArguments, config: Any, evaluate: bool | None = None):
+    """The train split and, when ``config.eval_strategy`` evaluates, the held-out ``--dataset_test_split`` (TRL's
+    scripts: ``dataset[dataset_test_split]``); evaluating on the training split is refused."""
     if script.dataset_name is None:
         raise SystemExit("--dataset_name is required (a local JSON/JSONL/Parquet file or folder, or a hub name)")
     options = {"name": script.dataset_config} if script.dataset_config else {}
-    train = load_training_dataset(script.dataset_name, split=script.dataset_train_split, **options)
-    evaluate = config.eval_strategy != "no" if evaluate is None else evaluate
-    return train, (load_training_dataset(script.dataset_name, split=script.dataset_test_split, **options)
-                   if evaluate else None)  # fmt: skip
+    strategy = getattr(config, "eval_strategy", "no")
+    strategy = getattr(strategy, "value", strategy)
+    evaluate = strategy != "no" if evaluate is None else evaluate
+    if evaluate and script.dataset_test_split == script.dataset_train_split:
+        raise SystemExit(
+            f"--eval_strategy {strategy} evaluates on --dataset_test_split, which is the training split "
+            f"{script.dataset_train_split!r}: give a held-out split (e.g. --dataset_train_split 'train[:90%]' "
+            "--dataset_test_split 'train[90%:]') or --eval_strategy no"
+        )
+    train = _load_dataset("--dataset_name", script.dataset_name, script.dataset_train_split, **options)
+    if not evaluate:
+        return train, None
+    flag = f"--dataset_test_split {script.dataset_test_split!r} (--eval_strategy {strategy} evaluates on it)"
+    return train, _load_dataset(flag, script.dataset_name, script.dataset_test_split, **options)
+
+
+_DATASET_TRAINER = {"pretrain": "sft", "rejection-sample": "rl"}  # the others read the format of their own name
+
+
+def check_inputs(name: str, script: Any, model_args: ModelConfig, config: Any,
+                 produced: Callable[[str], bool] = lambda path: False) -> None:  # fmt: skip
+    """Check command ``name``'s inputs that exist now, without running it: its local model folders, its dataset
+    (every split it reads, and that it fits the command's trainer) and ``--mix_dataset``; the paths ``produced``
+    says an earlier stage writes are skipped, and so are hub datasets while the hub is reachable (they are
+    checked when the command runs). ``fastalign pipeline`` calls it for every stage before the first one runs.
+
+    Raises:
+        SystemExit: one line naming the flag, and the file:line, row and column when the data is to blame.
+    """
+    from fastalign.data import require_format
+    from fastalign.data.load import hub_offline, local_path_meant, looks_like_hub_id
+
+    reward_model = getattr(script, "reward_model_name_or_path", None) or getattr(
+        config, "reward_model_name_or_path", None
+    )
+    models = (model_args.model_name_or_path, reward_model)
+    _check_model_paths(*(None if path is None or produced(path) else path for path in models))
+
+    def checkable(dataset: str | None) -> bool:
+        if dataset is None or produced(dataset):
+            return False
+        on_hub = looks_like_hub_id(dataset) and not Path(dataset).expanduser().exists()
+        return not on_hub or hub_offline() is not None or local_path_meant(dataset) is not None
+
+    if checkable(script.dataset_name):
+        is_sampling = name == "rejection-sample"
+        train, held_out = _datasets(script, config, evaluate=False if is_sampling else None)
+        trainer = _DATASET_TRAINER.get(name, name)
+        for flag, dataset in (("--dataset_name", train), ("--dataset_test_split", held_out)):
+            if dataset is None:
+                continue
+            try:
+                require_format(dataset, trainer)
+            except ValueError as error:
+                raise SystemExit(f"{flag} {script.dataset_name}: {error}") from None
+    mix = getattr(config, "mix_dataset", None)
+    if checkable(mix):
+        try:
+            require_format(_load_dataset("--mix_dataset", mix, config.mix_dataset_split), "sft")
+        except ValueError as error:
+            raise SystemExit(f"--mix_dataset {mix}: {error}") from None
 
 
 def _import_reward(spec: str) -> Callable[..., list]:
@@ -231,6 +310,7 @@ def _train(trainer, config: Any) -> None:
 def run_sft(script: ScriptArguments, model_args: ModelConfig, config: SFTConfig, from_scratch_ok: bool = False):
     from fastalign.trainers import SFTTrainer
 
+    _check_model_paths(model_args.model_name_or_path)
     train, evaluate = _datasets(script, config)
     trainer = SFTTrainer(
         _load_policy(model_args, from_scratch_ok), args=config, train_dataset=train, eval_dataset=evaluate,
@@ -247,6 +327,7 @@ def run_reward(script: ScriptArguments, model_args: ModelConfig, config: RewardC
     from fastalign.models import load_reward_model
     from fastalign.trainers import RewardTrainer
 
+    _check_model_paths(model_args.model_name_or_path)
     train, evaluate = _datasets(script, config)
     tokenizer = _load_tokenizer(model_args)
     model = load_reward_model(
@@ -264,6 +345,7 @@ def run_reward(script: ScriptArguments, model_args: ModelConfig, config: RewardC
 def run_dpo(script: ScriptArguments, model_args: ModelConfig, config: DPOConfig):
     from fastalign.trainers import DPOTrainer
 
+    _check_model_paths(model_args.model_name_or_path)
     train, evaluate = _datasets(script, config)
     # No ref_model: DPOTrainer uses the LoRA base with adapters disabled (--use_peft), precomputed reference
     # log-probs (--precompute_ref_log_probs), or a frozen copy of the starting policy.
@@ -278,6 +360,7 @@ def run_grpo(script: GRPOScriptArguments, model_args: ModelConfig, config: GRPOC
     from fastalign.trainers import GRPOTrainer
 
     named = _reward_setup(script, config.reward_weights, config.max_completion_length)
+    _check_model_paths(model_args.model_name_or_path, script.reward_model_name_or_path)
     train, evaluate = _datasets(script, config)
     tokenizer = _load_tokenizer(model_args)
     reward_funcs = _with_reward_model(script, named, model_args, tokenizer, config.device)
@@ -293,6 +376,7 @@ def run_ppo(script: GRPOScriptArguments, model_args: ModelConfig, config: PPOCon
     from fastalign.trainers import PPOTrainer
 
     named = _reward_setup(script, config.reward_weights, config.response_length)
+    _check_model_paths(model_args.model_name_or_path, script.reward_model_name_or_path)
     train, evaluate = _datasets(script, config)
     tokenizer = _load_tokenizer(model_args)
     reward_funcs = _with_reward_model(script, named, model_args, tokenizer, config.device)
@@ -305,16 +389,28 @@ def run_ppo(script: GRPOScriptArguments, model_args: ModelConfig, config: PPOCon
     _train(trainer, config)
 
 
+def _check_output_path(output_path: str, inputs: dict[str, str | None]) -> None:
+    """Refuse an output file that is one of the inputs, or inside an input folder (compared resolved)."""
+    output = Path(output_path).expanduser().resolve()
+    for flag, name in inputs.items():
+        source = Path(name).expanduser().resolve() if name is not None else None
+        if source is not None and source.exists() and (output == source or source in output.parents):
+            where = "is" if output == source else "is inside"
+            raise SystemExit(f"--output_path {output_path} {where} the input {flag} {name}: writing it would "
+                             "overwrite the input; give another --output_path")  # fmt: skip
+
+
 def run_rejection_sample(script: ScriptArguments, model_args: ModelConfig, args: RejectionSamplingArguments):
     import torch
 
-    from fastalign.data import load_training_dataset
     from fastalign.rollout import SamplingParams
     from fastalign.sampling import mix_datasets, rejection_sample, save_jsonl
 
     if args.output_path is None:
         raise SystemExit("--output_path is required (the JSONL file to write)")
+    _check_output_path(args.output_path, {"--dataset_name": script.dataset_name, "--mix_dataset": args.mix_dataset})
     named = _reward_setup(args, args.reward_weights, args.max_completion_length)
+    _check_model_paths(model_args.model_name_or_path, args.reward_model_name_or_path)
     try:
         params = SamplingParams(
             num_generations=args.num_generations, max_completion_length=args.max_completion_length,
@@ -325,20 +421,30 @@ def run_rejection_sample(script: ScriptArguments, model_args: ModelConfig, args:
     prompts, _ = _datasets(script, None, evaluate=False)
     mix = None
     if args.mix_dataset is not None:  # loaded before sampling, so that a bad path fails at once
-        mix = load_training_dataset(args.mix_dataset, split=args.mix_dataset_split)
+        mix = _load_dataset("--mix_dataset", args.mix_dataset, args.mix_dataset_split)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = _load_tokenizer(model_args)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _load_policy(model_args, from_scratch_ok=False).to(device)
     reward_funcs = _with_reward_model(args, named, model_args, tokenizer, device)
+    stats: dict[str, Any] = {}
     sampled = rejection_sample(
         model, tokenizer, prompts, reward_funcs, args.reward_weights, params=params, keep=args.keep,
         threshold=args.threshold, batch_size=args.batch_size, seed=args.seed,
         max_prompt_length=args.max_prompt_length, skip_truncated=args.skip_truncated,
-        deduplicate=args.deduplicate, progress=not args.disable_tqdm,
+        deduplicate=args.deduplicate, progress=not args.disable_tqdm, stats=stats,
     )  # fmt: skip
     kept = len(sampled)
+    if kept == 0:  # an empty file would only fail the next stage
+        best = "none scored" if stats["best_reward"] is None else f"the best reward was {stats['best_reward']:.4g}"
+        raise SystemExit(
+            f"fastalign rejection-sample: kept 0 of {stats['sampled']} sampled completions ({stats['prompts']} "
+            f"prompts x {args.num_generations}; --keep {args.keep}, --threshold {args.threshold}, {best}; "
+            f"{stats['unscored']} unscored, {stats['truncated']} truncated"
+            f"{' and skipped (--skip_truncated)' if args.skip_truncated else ''}): nothing written to "
+            f"{args.output_path}; lower --threshold or sample more (--num_generations)"
+        )
     mean = f"{sum(sampled['reward']) / kept:.4f}" if kept else "n/a"
     output = mix_datasets(sampled, mix, args.mix_ratio, seed=args.seed) if mix is not None else sampled
     path = save_jsonl(output, args.output_path)

@@ -248,6 +248,47 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
 
 
+def _stages_to_run(stages: list[Stage], from_stage: str | None) -> list[bool]:
+    """Which stages run: those not finished before, ``from_stage`` on, and every stage after one that runs (the
+    later stages read its output)."""
+    forced, runs = False, []
+    for stage in stages:
+        forced = forced or stage.name == from_stage or not stage.marker.exists()
+        runs.append(forced)
+    return runs
+
+
+def _written_by(path: str, stages: list[Stage]) -> bool:
+    """Whether ``path`` is (inside) the output of one of ``stages``."""
+    target = Path(str(path)).expanduser().resolve()
+    for stage in stages:
+        outputs = {stage.folder, *(Path(str(stage.args[key])) for key in ("output_dir", "output_path") if key in
+                                   stage.args)}  # fmt: skip
+        for output in outputs:
+            output = output.expanduser().resolve()
+            if target == output or output in target.parents:
+                return True
+    return False
+
+
+def check_stage_inputs(stages: list[Stage], runs: Sequence[bool]) -> None:
+    """Before the first stage runs, check the inputs of every stage that will run (:func:`fastalign.cli.
+    check_inputs`: model folders, datasets and their formats, held-out splits, the mix dataset), except those an
+    earlier stage writes: a missing or malformed dataset of the last stage fails now, not hours later."""
+    from fastalign.cli import build_parser, check_inputs, parse, values_to_argv
+
+    for index, (stage, run) in enumerate(zip(stages, runs, strict=True)):
+        if not run:
+            continue
+        argv = values_to_argv(stage.args, build_parser(stage.command), f"stage {stage.name!r}")
+        script, model_args, config = parse(stage.command, argv)
+        try:
+            written = stages[:index]
+            check_inputs(stage.command, script, model_args, config, lambda path, w=written: _written_by(path, w))
+        except SystemExit as error:
+            raise SystemExit(f"fastalign pipeline: stage {stage.name!r} ({stage.command}): {error}") from None
+
+
 def run_pipeline(
     stages: list[Stage],
     from_stage: str | None = None,
@@ -262,19 +303,18 @@ def run_pipeline(
     names = [stage.name for stage in stages]
     if from_stage is not None and from_stage not in names:
         raise SystemExit(f"fastalign pipeline: --from_stage {from_stage!r}: no such stage (stages: {', '.join(names)})")
-    forced = False
+    runs = _stages_to_run(stages, from_stage)
+    check_stage_inputs(stages, runs)
     ran: list[str] = []
     for index, stage in enumerate(stages, start=1):
-        forced = forced or stage.name == from_stage
         label = f"[{index}/{len(stages)}] {stage.name} ({stage.command})"
-        if not forced and stage.marker.exists():
+        if not runs[index - 1]:
             previous = json.loads(stage.marker.read_text()).get("args")
             changed = "" if previous == stage.args else "; its args changed since: re-run it with --from_stage"
             _progress(f"{label}: done before, skipped ({stage.marker}){changed}")
             if on_stage_done is not None:
                 on_stage_done(stage, False)
             continue
-        forced = True  # the later stages read this stage's output: they run again too
         stage.marker.unlink(missing_ok=True)
         _progress(f"{label}: running -> {stage.folder}")
         start = time.perf_counter()

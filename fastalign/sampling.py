@@ -108,6 +108,7 @@ def rejection_sample(
     deduplicate: bool = True,
     engine: Any = None,
     progress: bool = True,
+    stats: dict[str, Any] | None = None,
 ) -> datasets.Dataset:
     """Sample ``params.num_generations`` completions per prompt, score them, keep the best or those that pass.
 
@@ -134,6 +135,9 @@ def rejection_sample(
         deduplicate: with ``keep="threshold"``, identical completions of one prompt are kept once.
         engine: a :class:`fastalign.rollout.RolloutEngine` to sample with instead of ``model.generate``.
         progress: show a tqdm progress bar over the prompts.
+        stats: a dict to fill with the counts behind the result: ``prompts``, ``sampled`` (completions),
+            ``unscored`` (no function scored them), ``truncated`` (no EOS), ``kept`` and ``best_reward`` (the
+            highest reward of any completion, ``None`` when none was scored), e.g. to explain an empty result.
 
     Returns:
         a ``datasets.Dataset`` of prompt-completion rows in the input's style: a string completion (the text that
@@ -165,6 +169,8 @@ def rejection_sample(
 
     k = params.num_generations
     kept: list[dict[str, Any]] = []
+    counts: dict[str, Any] = {"prompts": len(dataset), "sampled": 0, "unscored": 0, "truncated": 0}
+    best_reward = -math.inf
     bar = tqdm(total=len(dataset), desc="rejection sampling", unit="prompt", disable=not progress)
     for b, start in enumerate(range(0, len(dataset), batch_size)):
         rows = dataset.select(range(start, min(start + batch_size, len(dataset)))).to_list()
@@ -186,6 +192,11 @@ def rejection_sample(
         columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
         _, rewards = score(functions, weights, [row["prompt"] for row in repeated], completions, ids, columns)
         rewards = rewards.tolist()
+        scored = [r for r in rewards if not math.isnan(r)]
+        counts["sampled"] += len(rewards)
+        counts["unscored"] += len(rewards) - len(scored)
+        counts["truncated"] += sum(map(bool, truncated))
+        best_reward = max([best_reward, *scored])
         for p, row in enumerate(rows):
             candidates = [
                 i
@@ -205,6 +216,8 @@ def rejection_sample(
                 kept.append({"prompt": row["prompt"], "completion": completions[i], **others, "reward": rewards[i]})
         bar.update(len(rows))
     bar.close()
+    if stats is not None:
+        stats.update(counts, kept=len(kept), best_reward=best_reward if best_reward > -math.inf else None)
     if not kept:
         columns = ["prompt", "completion", *(c for c in dataset.column_names if c not in ("prompt", "completion"))]
         return datasets.Dataset.from_dict({c: [] for c in dict.fromkeys([*columns, "reward"])})

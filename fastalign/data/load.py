@@ -51,7 +51,7 @@ def hub_offline() -> str | None:
     return None
 
 
-def _local_intent(name: str) -> str | None:
+def local_path_meant(name: str) -> str | None:
     """Why a hub-looking ``name`` that is not on disk was probably meant as a local path, or ``None``."""
     first = Path(name).parts[0] if Path(name).parts else name
     if "/" in name and Path(first).is_dir():
@@ -260,7 +260,7 @@ def load_training_dataset(
             f"dataset {name!r} not found: no such local file or folder, and it is not a hub dataset id "
             "('name' or 'owner/name')"
         )
-    intent = _local_intent(name)
+    intent = local_path_meant(name)
     if intent is not None:
         raise FileNotFoundError(f"dataset {name!r} not found: no such local file or folder ({intent})")
     offline = hub_offline()
