@@ -13,7 +13,7 @@ LATEST_PY := $(LATEST_VENV)/bin/python
 # Where `make demo` writes its stages, report.json and report.png (a re-run reuses finished stages).
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test test-gpu test-latest constraints cli-spec demo bench lint clean
+.PHONY: install bwrap test test-gpu test-latest constraints cli-spec demo bench lint clean
 
 install: $(STAMP)
 
@@ -26,8 +26,21 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(shell find csrc -type f)
 	rm -f $(VENV)/.installed-torch-*
 	touch $@
 
-test: install
+test: install bwrap
 	$(PY) -m pytest
+
+# The code reward runs model-written programs under bubblewrap; its sandbox tests need it (they fail, never
+# skip, without it). As root with apt-get it is installed here; otherwise install the `bubblewrap` package.
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y --no-install-recommends bubblewrap || \
+	      { apt-get update && apt-get install -y --no-install-recommends bubblewrap; }; \
+	  else \
+	    echo "make test needs bubblewrap (bwrap) for the code-reward sandbox: sudo apt-get install bubblewrap"; \
+	    exit 1; \
+	  fi; }
 
 # Not in CI: the suite against the newest releases of everything but torch, in a venv of its own.
 test-latest:

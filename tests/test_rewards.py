@@ -173,10 +173,6 @@ def test_code_reward_outcomes():
         "raises": "```python\nraise SystemExit(0)\n```",
         # 2 GiB actually written: only the address-space limit (512 MiB here) stops it
         "memory": "```python\nblob = bytearray(b'x') * (2 * 2**30)\ndef add(a, b):\n    return a + b\n```",
-        # both work offline without the sandbox (creating a socket, resolving localhost): the sandbox blocks them
-        "socket": "```python\nimport socket\ndef add(a, b):\n    socket.socket().close()\n    return a + b\n```",
-        "resolve": "```python\nimport socket\ndef add(a, b):\n    socket.getaddrinfo('localhost', 80)\n"
-        "    return a + b\n```",
         "limits": "```python\nimport resource\nassert resource.getrlimit(resource.RLIMIT_AS) == (512 * 2**20,) * 2\n"
         "assert resource.getrlimit(resource.RLIMIT_CPU) == (3, 3)\nimport os\nassert 'HTTP_PROXY' not in os.environ\n"
         "def add(a, b):\n    return a + b\n```",
@@ -188,7 +184,7 @@ def test_code_reward_outcomes():
     assert out["partial"] == pytest.approx(2 / 3)
     assert out["noisy"] == 1.0
     assert out["limits"] == 1.0
-    for key in ("fail", "syntax", "raises", "memory", "socket", "resolve"):
+    for key in ("fail", "syntax", "raises", "memory"):
         assert out[key] == 0.0, key
 
 

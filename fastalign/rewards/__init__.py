@@ -6,8 +6,8 @@ The contract is TRL's: a reward function is called as ``f(prompts=..., completio
 weighted NaN-aware sum.
 
 Built-ins: :func:`accuracy_reward` (math answers against the ``solution`` column), :func:`think_format_reward`,
-:func:`soft_overlong_punishment` (DAPO), :data:`code_reward` / :class:`CodeReward` (Python tests in a limited
-subprocess) and :class:`RewardModelFunction` (a Bradley-Terry reward model as a reward function).
+:func:`soft_overlong_punishment` (DAPO), :data:`code_reward` / :class:`CodeReward` (Python tests in a bubblewrap
+sandbox, judged by the trainer) and :class:`RewardModelFunction` (a Bradley-Terry reward model as a reward function).
 """
 
 from fastalign.rewards.accuracy import (
@@ -29,11 +29,13 @@ from fastalign.rewards.base import (
 )
 from fastalign.rewards.code_execution import CodeReward, code_reward, extract_code
 from fastalign.rewards.rules import SoftOverlongPunishment, soft_overlong_punishment, think_format_reward
+from fastalign.rewards.sandbox import SandboxUnavailableError
 
 __all__ = [
     "CodeReward",
     "RewardFunction",
     "RewardModelFunction",
+    "SandboxUnavailableError",
     "SoftOverlongPunishment",
     "accuracy_reward",
     "answers_equal",
