@@ -279,6 +279,27 @@ def test_score_errors():
         score([torch.nn.Linear(2, 1)], None, *args)
 
 
+def test_score_nan_is_not_applicable_and_inf_is_refused():
+    args = (["p", "q", "r"], ["a", "b", "c"], [[1], [2], [3]])
+
+    def nan_second(**kwargs):
+        return [1.0, math.nan, None]
+
+    def ones(**kwargs):
+        return [1.0, 2.0, 3.0]
+
+    per_function, total = score([nan_second, ones], [0.5, 1.0], *args)
+    assert torch.isnan(per_function[1:, 0]).all()
+    assert total.tolist() == [1.5, 2.0, 3.0]  # NaN and None are both skipped by the weighted sum
+    for bad in (math.inf, -math.inf, torch.tensor(math.inf)):
+        with pytest.raises(ValueError, match=r"'blows_up' returned -?inf for completion 1: rewards must be finite"):
+
+            def blows_up(bad=bad, **kwargs):
+                return [1.0, bad, 0.0]
+
+            score([blows_up], None, *args)
+
+
 def test_completion_text():
     assert completion_text("abc") == "abc"
     assert completion_text(conv("abc")) == "abc"

@@ -266,9 +266,15 @@ def _to_float(value: Any, func_name: str, row: int) -> float:
     if value is None:
         return math.nan
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value.item())
+        value = float(value.item())
     if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
-        return float(value)
+        value = float(value)
+        if math.isinf(value):  # it would turn the group's baseline and every advantage into inf/NaN
+            raise ValueError(
+                f"reward function {func_name!r} returned {value} for completion {row}: rewards must be finite "
+                "(return None, or NaN, for a completion the function does not apply to)"
+            )
+        return value
     raise TypeError(
         f"reward function {func_name!r} returned {value!r} ({type(value).__name__}) for completion {row}: "
         "expected a real number or None"
@@ -312,11 +318,13 @@ def score(
 
     Returns:
         ``(per_function, total)``: ``per_function`` is ``[N, F]`` float32 with NaN where a function returned
-        ``None``; ``total[n] = nansum_f(weights[f] * per_function[n, f])``, ``[N]`` float32.
+        ``None`` or NaN (both mean "does not apply": the weighted sum skips them, as TRL's does);
+        ``total[n] = nansum_f(weights[f] * per_function[n, f])``, ``[N]`` float32.
 
     Raises:
-        ValueError: mismatched lengths (inputs, columns, weights) or a function returning the wrong number of
-            rewards. TypeError: a function returning something that is not a list of numbers / ``None``.
+        ValueError: mismatched lengths (inputs, columns, weights), a function returning the wrong number of
+            rewards, or a reward of ±inf (named with the function and the completion). TypeError: a function
+            returning something that is not a list of numbers / ``None``.
     """
     if unscorable not in ("nan", "zero"):
         raise ValueError(f"unscorable must be 'nan' or 'zero', got {unscorable!r}")
