@@ -47,7 +47,13 @@ if TYPE_CHECKING:
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-BUILTIN_REWARDS = ("accuracy_reward", "think_format_reward", "code_reward", "soft_overlong_punishment")
+BUILTIN_REWARDS = (
+    "accuracy_reward",
+    "think_format_reward",
+    "code_reward",
+    "unsandboxed_code_reward",
+    "soft_overlong_punishment",
+)
 """The names ``--reward_funcs`` accepts besides ``module.path:function`` (TRL's ``get_soft_overlong_punishment``
 is accepted as an alias of ``soft_overlong_punishment``)."""
 
@@ -250,7 +256,13 @@ def reward_functions_from_names(
             except ValueError as error:
                 raise SystemExit(f"--soft_punish_cache: {error}") from None
         elif name in BUILTIN_REWARDS:
-            functions.append(getattr(rewards, name))
+            function = getattr(rewards, name)
+            if isinstance(function, rewards.CodeReward):
+                try:  # a missing or broken sandbox fails here, before any model is loaded
+                    function.check()
+                except rewards.SandboxUnavailableError as error:
+                    raise SystemExit(f"--reward_funcs {name}: {error}") from None
+            functions.append(function)
         elif ":" in name or "." in name:
             functions.append(_import_reward(name))
         else:

@@ -183,7 +183,8 @@ def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace
     _, _, grpo = rl_workspace
     for flags, message in [
         (["--reward_funcs", "blue_reward"], "unknown reward function 'blue_reward'; the built-ins are accuracy_reward, "
-                                            "think_format_reward, code_reward, soft_overlong_punishment"),
+                                            "think_format_reward, code_reward, unsandboxed_code_reward, "
+                                            "soft_overlong_punishment"),
         (["--reward_funcs", "soft_overlong_punishment"], "needs --soft_punish_cache"),
         (["--reward_funcs", "no_such_module:f"], "cannot import 'no_such_module'"),
         (["--reward_funcs", "cli_rewards:missing"], "'missing' in module 'cli_rewards' is not found"),
@@ -196,6 +197,17 @@ def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace
     assert (functions[1].max_completion_length, functions[1].soft_punish_cache) == (100, 20)
     with pytest.raises(SystemExit, match="no reward"):
         main(["rejection-sample", "--model_name_or_path", "/nonexistent", "--output_path", "x.jsonl"])
+
+
+def test_code_reward_without_a_sandbox_fails_before_any_model_loads(monkeypatch):
+    from fastalign.cli import reward_functions_from_names
+    from fastalign.rewards import code_reward, sandbox, unsandboxed_code_reward
+
+    assert reward_functions_from_names(["code_reward"], 100) == [code_reward]  # bwrap works here
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    with pytest.raises(SystemExit, match=r"--reward_funcs code_reward: .*apt-get install bubblewrap"):
+        reward_functions_from_names(["code_reward"], 100)
+    assert reward_functions_from_names(["unsandboxed_code_reward"], 100) == [unsandboxed_code_reward]
 
 
 def test_rejection_sample_writes_jsonl_that_sft_trains_on(rl_workspace, capsys):

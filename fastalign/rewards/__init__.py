@@ -27,7 +27,7 @@ from fastalign.rewards.base import (
     reward_function_name,
     score,
 )
-from fastalign.rewards.code_execution import CodeReward, code_reward, extract_code
+from fastalign.rewards.code_execution import CodeReward, code_reward, extract_code, unsandboxed_code_reward
 from fastalign.rewards.rules import SoftOverlongPunishment, soft_overlong_punishment, think_format_reward
 from fastalign.rewards.sandbox import SandboxUnavailableError
 
@@ -52,4 +52,5 @@ __all__ = [
     "score",
     "soft_overlong_punishment",
     "think_format_reward",
+    "unsandboxed_code_reward",
 ]

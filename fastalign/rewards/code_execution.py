@@ -371,7 +371,7 @@ class CodeReward:
         self.python = python or sys.executable
         self.site_packages = bool(site_packages)
         self.sandbox = sandbox
-        self.__name__ = self.name = "code_reward"
+        self.__name__ = self.name = "code_reward" if sandbox == "bwrap" else f"{sandbox}_code_reward"
 
     def _limits(self) -> Limits:
         return Limits(
@@ -437,3 +437,7 @@ class CodeReward:
 
 code_reward = CodeReward()
 """The default :class:`CodeReward` (bubblewrap sandbox, 10 s, 1 GiB, up to 4 programs in parallel)."""
+
+unsandboxed_code_reward = CodeReward(sandbox="unsandboxed")
+""":data:`code_reward` without the sandbox: model-written code runs with the trainer's user, files and network.
+Only for trusted completions; ``--reward_funcs unsandboxed_code_reward`` asks for it by name."""
