@@ -2,11 +2,7 @@
 model loads; and an inventory that maps each field the configs declare to the test showing it is honoured or to
 its refusal, so that a new field cannot go unaudited."""
 
-import ast
-import dataclasses
 import math
-import re
-from pathlib import Path
 
 import pytest
 

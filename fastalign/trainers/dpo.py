@@ -36,6 +36,7 @@ from fastalign.data import IGNORE_INDEX, PreferenceCollator, tokenize_dataset
 from fastalign.models import CausalLMAdapter, load_causal_lm, shift_labels, unwrap_peft
 from fastalign.nn import LinearDPOLoss
 from fastalign.trainers._common import FusedLossTrainerMixin, disable_dropout, prepare_splits, set_pad_token
+from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import DPOConfig
 
 # The precomputed reference log-probs' columns.
@@ -123,7 +124,7 @@ def _dpo_loss_module(args: DPOConfig, adapter: CausalLMAdapter) -> LinearDPOLoss
     )  # fmt: skip
 
 
-class DPOTrainer(FusedLossTrainerMixin, Trainer):
+class DPOTrainer(FiniteLossMixin, ResumeMixin, FusedLossTrainerMixin, Trainer):
     """DPO and its variants with fastalign's fused log-probs (TRL's ``DPOTrainer`` keywords and metrics).
 
     Args:
@@ -223,7 +224,8 @@ class DPOTrainer(FusedLossTrainerMixin, Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        self._total_train_tokens: torch.Tensor | int = 0
+        self._total_train_tokens: torch.Tensor | int = 0  # this process's, since this run started
+        self._resumed_train_tokens = 0  # every process's, before the checkpoint this run resumed from
 
         if args.precompute_ref_log_probs:
             batch = args.precompute_ref_batch_size
@@ -333,6 +335,8 @@ class DPOTrainer(FusedLossTrainerMixin, Trainer):
         record["logps/rejected"].append(metrics["rejected_logps"].mean())
         if mode == "train" and "attention_mask" in inputs:
             self._total_train_tokens = self._total_train_tokens + inputs["attention_mask"].sum()
+        if mode == "train":
+            self._watch_loss(loss, {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected})
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(
@@ -343,6 +347,13 @@ class DPOTrainer(FusedLossTrainerMixin, Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def _tokens_so_far(self) -> int:
+        local = torch.as_tensor(self._total_train_tokens, device=self.args.device).double().reshape(1)
+        return self._resumed_train_tokens + round(float(self.accelerator.gather(local).sum()))
+
+    def _resume_tokens(self, total: int) -> None:
+        self._resumed_train_tokens, self._total_train_tokens = total, 0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the metrics recorded since the last log (one device-to-host copy for all of them)."""
@@ -357,7 +368,7 @@ class DPOTrainer(FusedLossTrainerMixin, Trainer):
             rows = self.accelerator.gather(local.unsqueeze(0)).tolist()  # [processes, K]: the one host sync
             values = {name: sum(row[k] for row in rows) / len(rows) for k, name in enumerate(names)}
             if len(rows[0]) > len(names):
-                values["num_tokens"] = round(sum(row[-1] for row in rows))
+                values["num_tokens"] = self._resumed_train_tokens + round(sum(row[-1] for row in rows))
         if mode == "eval":
             values = {f"eval_{key}": value for key, value in values.items()}
         logs.update(values)

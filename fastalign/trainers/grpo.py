@@ -40,6 +40,7 @@ from fastalign.trainers._common import (
     set_pad_token,
     sync_engine_weights,
 )
+from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import GRPOConfig
 
 RewardFuncs = Callable[..., list] | str | PreTrainedModel | Sequence[Callable[..., list] | str | PreTrainedModel]
@@ -160,7 +161,9 @@ def _reward_functions(reward_funcs: RewardFuncs, tokenizer: Any) -> list[Callabl
     return functions
 
 
-class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
+class GRPOTrainer(
+    FiniteLossMixin, ResumeMixin, NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin, Trainer
+):
     """GRPO with fastalign's fused policy loss (TRL's ``GRPOTrainer`` keywords).
 
     Args:
@@ -299,6 +302,7 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
 
     def _generate_and_score(self, rows: list[dict], mode: str) -> dict[str, torch.Tensor]:
         args = self.args
+        self._stop_if_loss_was_not_finite()  # NaN weights would fail in sampling, without saying why
         sync_engine_weights(self, self.model)
         rows, batch = rollout_groups(self, rows)
         per_function, rewards = score_rollout(self, rows, batch)
@@ -495,6 +499,13 @@ class GRPOTrainer(NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin
         mode = "train" if model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)  # tensors: read once, when logged
+        if model.training:
+            mask = inputs["completion_mask"]
+            watched = {"advantages (from the rewards)": inputs["advantages"], "old_logps": (inputs["old_logps"], mask)}
+            for name in ("ref_logps", "is_weights"):
+                if inputs.get(name) is not None:
+                    watched[name] = (inputs[name], mask) if inputs[name].dim() == 2 else inputs[name]
+            self._watch_loss(loss, watched)
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -47,6 +47,7 @@ from fastalign.trainers._common import (
     set_pad_token,
     sync_engine_weights,
 )
+from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import PPOConfig
 from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions, rollout_groups, score_rollout
 
@@ -145,7 +146,7 @@ def _default_value_model(model: nn.Module) -> ValueHeadModel:
     return ValueHeadModel(base).requires_grad_(True)
 
 
-class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
+class PPOTrainer(FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
     """PPO with a learned value model and fastalign's fused policy loss (TRL's ``PPOTrainer`` keywords).
 
     Args:
@@ -329,6 +330,7 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         """The rollout batch with everything the PPO update reads: token tensors, old log-probs, old values,
         per-token rewards, advantages and returns."""
         args = self.args
+        self._stop_if_loss_was_not_finite()  # NaN weights would fail in sampling, without saying why
         sync_engine_weights(self, self.policy)
         device = self.args.device
         rows, batch = rollout_groups(self, rows)
@@ -462,6 +464,12 @@ class PPOTrainer(BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
         mode = "train" if model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)  # tensors: read once, when logged
+        if model.training:
+            watched = {"scores (from the rewards)": inputs["scores"]}
+            for name in ("advantages", "returns", "old_logps", "old_values", "ref_logps"):
+                if name in inputs:
+                    watched[name] = (inputs[name], mask)
+            self._watch_loss(loss, watched)
         return (loss, metrics) if return_outputs else loss
 
     def _token_normaliser(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from fastalign.data import RewardCollator, tokenize_dataset
 from fastalign.models import load_reward_model
 from fastalign.ops.preference import reward_loss
 from fastalign.trainers._common import TrainTokenCount, disable_dropout, prepare_splits
+from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import RewardConfig
 
 # Columns the collator reads; Trainer drops every other column unless told which to keep.
@@ -81,7 +82,7 @@ def _seq_cls_peft_config(peft_config: Any) -> Any:
     return peft_config
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(FiniteLossMixin, ResumeMixin, Trainer):
     """Reward-model training on preference pairs (TRL's ``RewardTrainer`` keywords).
 
     Args:
@@ -195,6 +196,8 @@ class RewardTrainer(Trainer):
             chosen, rejected, margin=inputs.get("margin"), center_rewards_coef=self.args.center_rewards_coefficient
         )
         self._record(model, chosen.detach(), rejected.detach(), inputs["attention_mask"])
+        if model.training:
+            self._watch_loss(loss, {} if inputs.get("margin") is None else {"margin": inputs["margin"]})
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, model: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor) -> None:

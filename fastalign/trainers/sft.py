@@ -24,6 +24,7 @@ from fastalign.trainers._common import (
     prepare_splits,
     set_pad_token,
 )
+from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import SFTConfig
 
 
@@ -54,7 +55,7 @@ def _uses_flash_attention(model: nn.Module) -> bool:
     return implementation.startswith("flash_attention")
 
 
-class SFTTrainer(NumTokensLogMixin, FusedLossTrainerMixin, Trainer):
+class SFTTrainer(FiniteLossMixin, ResumeMixin, NumTokensLogMixin, FusedLossTrainerMixin, Trainer):
     """SFT with fastalign's fused cross-entropy (TRL's ``SFTTrainer`` keywords).
 
     Args:
@@ -122,6 +123,7 @@ class SFTTrainer(NumTokensLogMixin, FusedLossTrainerMixin, Trainer):
         )  # fmt: skip
         loss = self._token_mean(loss_sum, num_items_in_batch, targets)
         if model.training:
+            self._watch_loss(loss, {})
             mask = inputs.get("attention_mask")
             self._train_tokens.add(mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel()))
         return (loss, {}) if return_outputs else loss
