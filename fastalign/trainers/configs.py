@@ -51,6 +51,9 @@ class ModelConfig:
     )
 
 
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
 @dataclass
 class FastalignTrainingConfig(TrainingArguments):
     """``TrainingArguments`` with the defaults TRL's trainers share, plus fastalign's kernel backend."""
@@ -99,6 +102,8 @@ def _check_training_numbers(args: TrainingArguments) -> None:
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if args.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {args.backend!r}")
     rate = args.learning_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
         raise ValueError(f"learning_rate must be a finite number >= 0, got {rate!r}")

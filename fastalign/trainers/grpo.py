@@ -375,11 +375,11 @@ class GRPOTrainer(
         kept: list[tuple[list[dict], RolloutBatch, torch.Tensor, torch.Tensor]] = []
         dropped = []
         pending = (rows, batch, per_function, rewards)
-        for _ in range(self.args.max_resample_rounds + 1):
+        for round_ in range(self.args.max_resample_rounds + 1):
             for group in _split_groups(*pending, self.args.num_generations):
                 (kept if group[3].std() > 0 else dropped).append(group)
-            if len(kept) >= needed:
-                break
+            if len(kept) >= needed or round_ == self.args.max_resample_rounds:
+                break  # (no refill after the last round: it would be sampled and never looked at)
             pending = self._more_rollouts(needed - len(kept))
             self._metrics["train"]["dynamic_sampling/resampled_prompts"].append(float(needed - len(kept)))
         self._metrics["train"]["dynamic_sampling/kept_groups"].append(float(min(len(kept), needed)))
