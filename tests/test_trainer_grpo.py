@@ -3,6 +3,7 @@ the mean reward rises on a toy rule reward, DAPO's dynamic sampling keeps only i
 configurations or datasets are refused."""
 
 import copy
+import math
 
 import datasets
 import pytest
@@ -196,3 +197,35 @@ def test_log_completions_prints_prompts_completions_rewards_and_advantages(tmp_p
     quiet = trainer(tmp_path, max_steps=1)
     quiet.train()
     assert "| completion" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_an_unscorable_completion_gets_zero_advantage_and_leaves_the_baseline(tmp_path, scale):
+    """Every reward function returned None for it (reward NaN): as TRL, it is out of its group's mean and std
+    and its advantage is 0; without NaN the advantages are group_advantages'."""
+    from fastalign import group_advantages
+    from fastalign.trainers.grpo import _advantages_of
+
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 0.0, 2.0, 2.0, 5.0, 1.0], dtype=torch.float64)
+    got = _advantages_of(rewards, 4, scale)
+    valid = [1.0, 3.0, 0.0]  # group 1 without its NaN
+    expected = torch.tensor(valid, dtype=torch.float64) - sum(valid) / 3
+    if scale == "group":
+        expected = expected / (torch.tensor(valid, dtype=torch.float64).std() + 1e-4)
+    elif scale == "batch":
+        expected = expected / (rewards[~rewards.isnan()].std() + 1e-4)
+    assert got[1] == 0
+    torch.testing.assert_close(got[[0, 2, 3]], expected.double(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[4:], group_advantages(rewards[4:], 4, scale=scale) if scale != "batch" else
+                               (rewards[4:] - 2.5) / (rewards[~rewards.isnan()].std() + 1e-4))  # fmt: skip
+    clean = rewards.nan_to_num(2.0)
+    torch.testing.assert_close(_advantages_of(clean, 4, scale), group_advantages(clean, 4, scale=scale))
+
+
+def test_training_goes_on_when_a_completion_is_unscorable(tmp_path):
+    def none_for_the_first(completions, **kwargs):
+        return [None] + [0.1 * i for i in range(1, len(completions))]
+
+    grpo = trainer(tmp_path, reward=none_for_the_first, max_steps=2)
+    grpo.train()  # a NaN reward used to make its whole group's advantages, and the loss, NaN
+    assert all(math.isfinite(entry["loss"]) for entry in grpo.state.log_history if "loss" in entry)

@@ -81,21 +81,42 @@ def test_grpo_samples_from_the_checkpoints_weights_after_a_resume(tmp_path):
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
 
 
-def nan_reward_at_call(call):
+def nan_at_call(function, call):
+    """``function``, whose ``call``-th result (a tensor, or the tensors of a tuple) is NaN: a stand-in for a
+    non-finite value reaching the loss (reward functions may not return inf, and NaN means "unscorable")."""
     calls = []
 
-    def reward(completions, **kwargs):
+    def wrapped(*args, **kwargs):
+        out = function(*args, **kwargs)
         calls.append(1)
-        return [math.nan if len(calls) == call else 0.1 * i for i in range(len(completions))]
+        if len(calls) != call:
+            return out
+        return tuple(t.clone().fill_(math.nan) for t in out) if isinstance(out, tuple) else out.clone().fill_(math.nan)
 
-    return reward
+    return wrapped
 
 
-def test_grpo_stops_at_a_nan_reward_naming_the_step_and_the_advantages(tmp_path):
-    grpo = test_trainer_grpo.trainer(tmp_path, reward=nan_reward_at_call(2), max_steps=4, logging_steps=3)
+def test_grpo_stops_at_non_finite_advantages_naming_the_step_and_them(tmp_path, monkeypatch):
+    import fastalign.trainers.grpo as grpo_module
+
+    monkeypatch.setattr(grpo_module, "_advantages_of", nan_at_call(grpo_module._advantages_of, 2))
+    grpo = test_trainer_grpo.trainer(tmp_path, max_steps=4, logging_steps=3)
     with pytest.raises(FloatingPointError, match=r"step 2: the training loss is not finite.*advantages"):
         grpo.train()
     assert grpo.state.global_step == 2  # stopped before the next generation, which NaN weights would break
+
+
+def test_ppo_stops_at_non_finite_scores_naming_them(tmp_path, monkeypatch):
+    import test_trainer_ppo
+
+    import fastalign.trainers.ppo as ppo_module
+
+    monkeypatch.setattr(ppo_module, "score_rollout", nan_at_call(ppo_module.score_rollout, 2))
+    ppo = test_trainer_ppo.trainer(tmp_path, max_steps=8)
+    with pytest.raises(
+        FloatingPointError, match=r"step 5: the training loss is not finite.*scores \(from the rewards\)"
+    ):
+        ppo.train()  # the second rollout (steps 5-8)
 
 
 def test_sft_stops_at_a_nan_loss_naming_the_step_and_the_forward(tmp_path):

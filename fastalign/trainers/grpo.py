@@ -346,10 +346,10 @@ class GRPOTrainer(
         on all of them, as one process would on the global batch, and this process's rows kept."""
         processes = self.accelerator.num_processes
         if processes == 1:
-            return group_advantages(rewards, self.args.num_generations, scale=self.args.scale_rewards), rewards
+            return _advantages_of(rewards, self.args.num_generations, self.args.scale_rewards), rewards
         device = self.accelerator.device
         everyone = self.accelerator.gather(rewards.to(device)).cpu()
-        advantages = group_advantages(everyone, self.args.num_generations, scale=self.args.scale_rewards)
+        advantages = _advantages_of(everyone, self.args.num_generations, self.args.scale_rewards)
         rows = rewards.shape[0]
         start = self.accelerator.process_index * rows
         return advantages[start : start + rows], everyone
@@ -518,11 +518,10 @@ class GRPOTrainer(
 
     def _log_generation(self, mode: str, batch: RolloutBatch, per_function: torch.Tensor, rewards: torch.Tensor):
         metrics = self._metrics[mode]
-        metrics["reward"].append(float(rewards.mean()))
-        metrics["reward_std"].append(float(rewards.view(-1, self.args.num_generations).std(dim=1).mean()))
-        metrics["frac_reward_zero_std"].append(
-            float((rewards.view(-1, self.args.num_generations).std(dim=1) == 0).float().mean())
-        )
+        metrics["reward"].append(float(torch.nanmean(rewards)))  # unscorable (NaN) completions left out
+        group_std = rewards.view(-1, self.args.num_generations).std(dim=1)
+        metrics["reward_std"].append(float(torch.nanmean(group_std)))
+        metrics["frac_reward_zero_std"].append(float((group_std == 0).float().mean()))
         metrics["completions/mean_length"].append(float(batch.completion_mask.sum(dim=1).float().mean()))
         metrics["completions/clipped_ratio"].append(float(batch.truncated.float().mean()))
         if mode == "train":
@@ -530,6 +529,26 @@ class GRPOTrainer(
             self._train_tokens.add(batch.prompt_mask.sum() + batch.completion_mask.sum())
         for function, column in zip(self.reward_funcs, per_function.T, strict=True):
             metrics[f"rewards/{reward_function_name(function)}/mean"].append(float(torch.nanmean(column)))
+
+
+def _advantages_of(rewards: torch.Tensor, group: int, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """:func:`fastalign.group_advantages`, except that a NaN reward (an unscorable completion: every reward
+    function returned ``None``) is left out of its group's mean and standard deviation and gets advantage 0, as
+    TRL 1.16's GRPO does (``group_advantages`` would turn its whole group, or with ``scale="batch"`` the whole
+    batch, into NaN). A group (or batch) with fewer than two scorable rewards has standard deviation 0."""
+    unscorable = torch.isnan(rewards)
+    if not unscorable.any():
+        return group_advantages(rewards, group, scale=scale, eps=eps)
+    grouped = rewards.double().view(-1, group)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    advantages = grouped - mean
+    if scale != "none":  # the unbiased std of each group's (or the batch's) scorable rewards
+        pooled = grouped if scale == "group" else grouped.reshape(1, -1)
+        deviations = pooled - torch.nanmean(pooled, dim=1, keepdim=True)
+        count = (~torch.isnan(pooled)).sum(dim=1, keepdim=True)
+        std = (torch.nansum(deviations.square(), dim=1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+        advantages = advantages / (std + eps)  # [groups, 1] or [1, 1]: broadcast over the rows
+    return advantages.reshape(-1).nan_to_num(nan=0.0).to(rewards.dtype)
 
 
 def format_completions(table: dict[str, list]) -> str:
