@@ -547,3 +547,16 @@ def test_every_declared_field_is_audited(config):
             assert where in tests, f"{config.__name__}.{name}: {where} does not exist"
     for name in config._UNHONOURED_FIELDS:  # every refusal listed in a config is tested
         assert (config, name) in refused or name == "dataloader_prefetch_factor", name
+
+
+def test_sft_neftune_noise_reaches_the_fused_loss(tmp_path):
+    """Trainer's NEFTune hook is on the input embeddings, which the fused loss runs through: same weights,
+    different loss."""
+
+    def first_loss(**overrides):
+        sft = test_trainer_sft.trainer(tmp_path, max_steps=1, learning_rate=0.0, **overrides)
+        sft.train()
+        return sft.state.log_history[0]["loss"]
+
+    assert first_loss() == first_loss()  # deterministic without noise
+    assert abs(first_loss(neftune_noise_alpha=50.0) - first_loss()) > 1e-3
