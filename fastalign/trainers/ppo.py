@@ -465,7 +465,8 @@ class PPOTrainer(FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, FusedLossTr
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)  # tensors: read once, when logged
         if model.training:
-            watched = {"scores (from the rewards)": inputs["scores"]}
+            # a batch built outside _prepare_inputs (bench.train_step) may carry no scores
+            watched = {"scores (from the rewards)": inputs["scores"]} if "scores" in inputs else {}
             for name in ("advantages", "returns", "old_logps", "old_values", "ref_logps"):
                 if name in inputs:
                     watched[name] = (inputs[name], mask)
