@@ -12,7 +12,8 @@ instructions (``wgmma`` on sm_90, ``mma`` on sm_80). The CUDA C++ kernels of ``c
 
 The gate fails (exit 1) on: a compile error; a config the launcher can pick that needs more shared memory than a
 block may have (A100 163 KiB, H100 227 KiB); spills in a bfloat16 / float16 config the launcher can pick; spills in
-a CUDA C++ kernel.
+a CUDA C++ kernel; a CUDA C++ kernel off its machine-code target (:func:`sass_target_failures`, counted from
+``cuobjdump --dump-sass`` by :func:`hot_paths`).
 
     python -m bench.aot                      # everything: bench/results/aot-sm80-sm90.md
     python -m bench.aot --fast               # one config per kernel and target (the CI subset), no file
@@ -30,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import heapq
 import importlib.metadata
 import io
 import multiprocessing
@@ -86,6 +88,7 @@ class Row:
     stack_bytes: int = 0
     tensor_cores: str = ""
     pickable: bool = True
+    hot: list = dataclasses.field(default_factory=list)  # CUDA C++: HotPath per steady-state loop
 
     @property
     def shared_limit(self) -> int:
@@ -420,30 +423,255 @@ def triton_rows(recorded: dict, fast: bool, jobs: int, log=print) -> list[Row]:
 
 _PTXAS_FUNCTION = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)a?'")
 _PTXAS_SHARED = re.compile(r"(\d+) bytes smem")
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)")
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_SASS_REGISTER = re.compile(r"(?<![\w.])R(\d+)(\.64)?")
+_NOT_WRITING = ("ST", "BRA", "EXIT", "CALL", "RET", "BAR", "BSSY", "BSYNC", "RED", "WARPSYNC")
+# Bytes of the element types that appear as template arguments of the kernels.
+_TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2, "unsigned char": 1, "unsigned short": 2,
+               "unsigned int": 4, "unsigned long long": 8}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Sass:
+    """One SASS instruction: address, guard predicate, opcode with its modifiers, operand text."""
+
+    addr: int
+    pred: str
+    op: str
+    operands: str
+
+    @property
+    def target(self) -> int | None:
+        if self.op.startswith(("BRA", "CALL")):
+            match = re.search(r"0x([0-9a-f]+)\s*$", self.operands)
+            return int(match.group(1), 16) if match else None
+        return None
+
+    @property
+    def width(self) -> int:
+        """Bytes per thread of a memory access."""
+        for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+            if suffix in self.op:
+                return size
+        return 4
+
+    def is_load(self, width: int = 0) -> bool:
+        return self.op.startswith("LDG") and self.width >= width
+
+    def is_store(self, width: int = 0) -> bool:
+        return self.op.startswith("STG") and self.width >= width
+
+    @staticmethod
+    def _registers(text: str) -> set[int]:
+        found = set()
+        for match in _SASS_REGISTER.finditer(text):
+            first = int(match.group(1))
+            found.update((first, first + 1) if match.group(2) else (first,))
+        return found
+
+    def written(self) -> set[int]:
+        if self.op.startswith(_NOT_WRITING):
+            return set()
+        registers = self._registers(self.operands.split(",")[0])
+        if self.is_load() and registers:  # a vector load writes width / 4 consecutive registers
+            return set(range(min(registers), min(registers) + max(1, self.width // 4)))
+        return registers
+
+    def read(self) -> set[int]:
+        if self.op.startswith(_NOT_WRITING):
+            return self._registers(self.operands)
+        return self._registers(",".join(self.operands.split(",")[1:]))
+
+
+def parse_sass(text: str) -> dict[str, list[Sass]]:
+    """``cuobjdump --dump-sass`` text -> mangled function name -> its instructions (NOPs left out)."""
+    functions: dict[str, list[Sass]] = {}
+    current = None
+    for line in text.splitlines():
+        if match := _SASS_FUNCTION.match(line):
+            current = functions.setdefault(match.group(1), [])
+        elif current is not None and (match := _SASS_INSTRUCTION.match(line)) and match.group(3) != "NOP":
+            current.append(Sass(int(match.group(1), 16), (match.group(2) or "").strip(), match.group(3),
+                                match.group(4).strip()))  # fmt: skip
+    return functions
+
+
+def _successors(code: list[Sass], index: int, lo: int, hi: int, where: dict[int, int]) -> list[int]:
+    """Instructions code[index] can pass control to, kept inside code[lo..hi] (a branch out leaves the region)."""
+    ins = code[index]
+    unconditional = not ins.pred and (ins.op.startswith(("EXIT", "RET")) or
+                                      (ins.op.startswith("BRA") and "," not in ins.operands))  # fmt: skip
+    nexts = []
+    if ins.op.startswith("BRA") and ins.target in where and lo <= where[ins.target] <= hi:
+        nexts.append(where[ins.target])
+    if not unconditional and index + 1 <= hi:
+        nexts.append(index + 1)
+    return nexts
+
+
+def shortest_path(code: list[Sass], start: int, end: int, lo: int, hi: int) -> list[Sass] | None:
+    """The path from code[start] to code[end] through the fewest instructions, inside code[lo..hi]: the steady
+    state, where the rare branches (a new running max, a slow-path division, an unaligned row) are not taken."""
+    where = {ins.addr: i for i, ins in enumerate(code)}
+    distance, previous, heap = {start: 1}, {}, [(1, start)]
+    while heap:
+        d, i = heapq.heappop(heap)
+        if i == end:
+            path = [i]
+            while path[-1] != start:
+                path.append(previous[path[-1]])
+            return [code[j] for j in reversed(path)]
+        if d > distance[i]:
+            continue
+        for j in _successors(code, i, lo, hi, where):
+            if j != start and d + 1 < distance.get(j, 1 << 60):
+                distance[j], previous[j] = d + 1, i
+                heapq.heappush(heap, (d + 1, j))
+    return None
+
+
+def innermost_loops(code: list[Sass]) -> list[tuple[int, int]]:
+    """(head, back-edge branch) indices of the loops with no other loop inside."""
+    where = {ins.addr: i for i, ins in enumerate(code)}
+    edges = [
+        (where[ins.target], i)
+        for i, ins in enumerate(code)
+        if ins.op.startswith("BRA") and ins.target is not None and ins.target <= ins.addr and ins.target in where
+    ]
+    return [(h, e) for h, e in edges if not any(h <= h2 and e2 <= e and (h2, e2) != (h, e) for h2, e2 in edges)]
+
+
+def loads_in_flight(path: list[Sass]) -> int:
+    """The most 16-byte global loads issued, in path order, before the first of them has its result read."""
+    best = 0
+    for i, ins in enumerate(path):
+        if not ins.is_load(16):
+            continue
+        dest, count = ins.written(), 1
+        for other in path[i + 1 :]:
+            if other.read() & dest or other.written() & dest:
+                break
+            count += other.is_load(16)
+        best = max(best, count)
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class HotPath:
+    kind: str  # "loop": a vector loop's iteration; "thread": entry to a thread's last 16-byte store; "scalar"
+    instructions: int
+    elements: float
+    in_flight: int
+
+    @property
+    def per_element(self) -> float:
+        return self.instructions / self.elements if self.elements else float("nan")
+
+
+def _template_types(name: str) -> list[int]:
+    match = re.search(r"<(.*?)>", name)
+    return [_TYPE_BYTES[arg.strip()] for arg in (match.group(1).split(",") if match else []) if arg.strip() in
+            _TYPE_BYTES]  # fmt: skip
+
+
+def hot_paths(code: list[Sass], name: str) -> list[HotPath]:
+    """The steady-state work of a kernel, counted in SASS instructions per element (``name``: demangled, for the
+    element types among its template arguments).
+
+    - ``loop``: every innermost loop with a 16-byte global load, one iteration along its fewest-instruction path;
+      elements = the bytes it loads / the bytes of one element of each input (the template's element types).
+    - ``thread``: kernels without such a loop (one thread, a few vectors): the fewest-instruction path from the
+      entry through the first 16-byte global load (when there is one), then on to each next reachable 16-byte
+      store (a thread's every vector); elements = the bytes of 16-byte stores / the output element's bytes.
+    - ``scalar``: neither (a rolled loop of scalar loads): the static size of the largest innermost loop, one
+      element per iteration.
+    """
+    sizes = _template_types(name)
+    found = []
+    for head, edge in innermost_loops(code):
+        if not any(ins.is_load(16) for ins in code[head : edge + 1]):
+            continue
+        path = shortest_path(code, head, edge, head, edge)
+        if path and any(ins.is_load(16) for ins in path) and sizes:
+            loaded = sum(ins.width for ins in path if ins.is_load())
+            found.append(HotPath("loop", len(path), loaded / sum(sizes), loads_in_flight(path)))
+    if found:
+        return found
+    loads = [i for i, ins in enumerate(code) if ins.is_load(16)]
+    stores = [i for i, ins in enumerate(code) if ins.is_store(16)]
+    if stores and sizes:
+        # Through the first 16-byte load when there is one (not a shortcut that only stores), then from store to
+        # the next reachable 16-byte store while there is one: all of a thread's vectors.
+        # (the first load from which a 16-byte store is reachable: the compiler may unswitch the body into
+        # variants, some of them without vector stores)
+        reach = [i for i in loads if any(shortest_path(code, i, end, 0, len(code) - 1) for end in stores if end > i)]
+        at = reach[0] if reach else 0
+        path = shortest_path(code, 0, at, 0, len(code) - 1)
+        while path:
+            step = next((p for p in (shortest_path(code, at, end, 0, len(code) - 1) for end in stores if end > at)
+                         if p), None)  # fmt: skip
+            if step is None:
+                break
+            path, at = path[:-1] + step, code.index(step[-1])
+        if path and any(ins.is_store(16) for ins in path):
+            stored = sum(ins.width for ins in path if ins.is_store(16))
+            return [HotPath("thread", len(path), stored / sizes[0], loads_in_flight(path))]
+    loops = [(e - h + 1, h, e) for h, e in innermost_loops(code) if any(ins.is_load() for ins in code[h : e + 1])]
+    if loops:
+        size, head, edge = max(loops)
+        return [HotPath("scalar", size, 1.0, loads_in_flight(code[head : edge + 1]))]
+    return []
+
+
+def _cuobjdump() -> str | None:
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    with contextlib.suppress(ImportError):
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
 
 def _demangle(name: str) -> str:
+    """The function's name and template arguments (not its parameter list)."""
     filt = shutil.which("c++filt")
     if not filt:
         return name
     text = subprocess.run([filt, name], capture_output=True, text=True).stdout.strip() or name
-    return re.sub(r"\(.*\)$", "", text)  # the name and template arguments, not the parameter list
+    text = text.removeprefix("void ").replace("(anonymous namespace)::", "")
+    if text.endswith(")"):  # cut the trailing parameter list at its matching "("
+        depth = 0
+        for i in range(len(text) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[:i]
+    return text
 
 
-def cuda_rows(capabilities, log=print) -> list[Row]:
-    """``nvcc -Xptxas -v`` on each ``csrc/cuda/*.cu`` for each target: one row per kernel and target."""
+def cuda_rows(capabilities, log=print, source_root: Path = ROOT) -> list[Row]:
+    """``nvcc -Xptxas -v`` on each ``csrc/cuda/*.cu`` of ``source_root`` for each target: one row per kernel and
+    target, with its steady-state SASS instructions per element (``cuobjdump --dump-sass``, :func:`hot_paths`)."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not Path(nvcc).exists():
         log("bench.aot: no nvcc: the CUDA C++ rows are left out")
         return []
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        log("bench.aot: no cuobjdump: the CUDA C++ rows have no SASS counts")
     rows = []
-    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+    for source in sorted((source_root / "csrc" / "cuda").glob("*.cu")):
         for capability in capabilities:
             with tempfile.TemporaryDirectory() as tmp:
-                command = [nvcc, "-O3", "-std=c++17", "-lineinfo", f"-I{ROOT / 'csrc' / 'include'}",
+                command = [nvcc, "-O3", "-std=c++17", "-lineinfo", f"-I{source_root / 'csrc' / 'include'}",
                            f"-gencode=arch=compute_{capability},code=sm_{capability}", "-Xptxas", "-v", "-c",
                            str(source), "-o", str(Path(tmp) / "out.o")]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True)
+                sass = {}
+                if done.returncode == 0 and cuobjdump:
+                    dump = subprocess.run([cuobjdump, "--dump-sass", str(Path(tmp) / "out.o")], capture_output=True,
+                                          text=True)  # fmt: skip
+                    sass = parse_sass(dump.stdout)
             case = f"csrc/cuda/{source.name}"
             if done.returncode != 0:
                 rows.append(Row(source.stem, capability, "-", "-", case, status="error",
@@ -453,6 +681,7 @@ def cuda_rows(capabilities, log=print) -> list[Row]:
             for line in done.stderr.splitlines():
                 if match := _PTXAS_FUNCTION.search(line):
                     current = Row(_demangle(match.group(1)), capability, "-", "-", case)
+                    current.hot = hot_paths(sass.get(match.group(1), []), current.kernel)
                     rows.append(current)
                 elif current is not None:
                     if match := _SPILLS.search(line):
@@ -465,10 +694,25 @@ def cuda_rows(capabilities, log=print) -> list[Row]:
     return rows
 
 
+def sass_target_failures(row: Row) -> list[str]:
+    """Issue 15's machine-code targets: the bf16 logprobs forward at most 12 SASS instructions per element without
+    a softcap and 20 with one; every logprobs backward with at least 4 16-byte loads in flight per thread."""
+    if row.status != "ok" or not row.hot:
+        return []
+    best = min(row.hot, key=lambda path: (path.per_element, -path.in_flight))
+    if match := re.fullmatch(r"fastalign::logprobs_fwd_kernel<__nv_bfloat16, (\d+)u>", row.kernel):
+        limit = 20 if int(match.group(1)) & 1 else 12
+        if best.per_element > limit:
+            return [f"{best.per_element:.1f} SASS instructions per element (target <= {limit})"]
+    if row.kernel.startswith("fastalign::logprobs_bwd_kernel<") and best.in_flight < 4:
+        return [f"{best.in_flight} 16-byte loads in flight per thread (target >= 4)"]
+    return []
+
+
 def cuda_failures(rows: list[Row]) -> list[str]:
     return [f"{row.kernel} sm_{row.target}: {reason}" for row in rows for reason in
             ([f"does not compile: {row.error}"] if row.status != "ok" else
-             [f"spills {row.spill_bytes} B"] if row.spill_bytes else [])]  # fmt: skip
+             [f"spills {row.spill_bytes} B"] if row.spill_bytes else sass_target_failures(row))]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -495,7 +739,9 @@ def _kib(nbytes: int) -> str:
     return f"{nbytes / 1024:.0f}"
 
 
-def markdown(triton: list[Row], cuda: list[Row], env: dict[str, str], seconds: float) -> str:
+def markdown(
+    triton: list[Row], cuda: list[Row], env: dict[str, str], seconds: float, baseline: tuple[str, list] | None = None
+) -> str:
     failures = gate(triton, cuda, with_case=False)
     lines = [
         "# Ahead-of-time compile gate: every GPU kernel for sm_80 and sm_90", "",
@@ -528,14 +774,73 @@ def markdown(triton: list[Row], cuda: list[Row], env: dict[str, str], seconds: f
             f"| {kernel} | sm_{target} | {config} | {dtype} | {pickable} | {status} | {_kib(worst.shared)} | "
             f"{worst.registers} | {worst.spill_bytes} | {worst.tensor_cores or '-'} |"
         )
-    lines += ["", "## CUDA C++ (`csrc/cuda`, nvcc -O3 -Xptxas -v)", "",
-              "| kernel | source | target | status | regs | spill B | stack B | smem B |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## CUDA C++ (`csrc/cuda`, nvcc -O3 -Xptxas -v, cuobjdump --dump-sass)", "", SASS_LEGEND, "",
+              "| kernel | source | target | status | regs | spill B | stack B | smem B | SASS path | instr/elem | "
+              "16-B loads in flight |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in cuda:
         status = "ok" if row.status == "ok" else f"error: {row.error}"
         lines.append(f"| `{row.kernel}` | {row.case} | sm_{row.target} | {status} | {row.registers} | "
-                     f"{row.spill_bytes} | {row.stack_bytes} | {row.shared} |")  # fmt: skip
+                     f"{row.spill_bytes} | {row.stack_bytes} | {row.shared} | {_sass_cells(row.hot)} |")  # fmt: skip
+    if baseline:
+        ref, rows = baseline
+        lines += ["", f"### Before: the kernels of `{ref}`", "", BASELINE_LEGEND, "",
+                  "| kernel | target | variant | SASS path | instr/elem | 16-B loads in flight |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for variant, row in rows:
+            lines.append(f"| `{row.kernel}` | sm_{row.target} | {variant} | {_sass_cells(row.hot)} |")
     return "\n".join(lines) + "\n"
+
+
+SASS_LEGEND = (
+    "SASS columns, counted from `cuobjdump --dump-sass` by `bench.aot.hot_paths`: *loop* = one iteration of each "
+    "innermost loop that makes a 16-byte global load, along its fewest-instruction path (the steady state: no new "
+    "running max, no slow-path division, aligned rows), divided by the elements it covers (bytes loaded / bytes "
+    "per element of each input); *thread* = kernels without such a loop, from the entry through the first 16-byte "
+    "load to each next 16-byte store (all of a thread's vectors), divided by the elements stored; *scalar* = a "
+    "rolled loop of scalar loads, one token per iteration (its static size, all dtype branches included). Several "
+    "loops (one per row and per alignment variant): the one with the fewest instructions per element, the aligned "
+    "steady state. *16-B loads in flight*: the most 16-byte loads issued, in path order, before the "
+    "first of them has its result read."
+)
+BASELINE_LEGEND = (
+    "The same count on the commit named, sm_90. Its kernels chose softcap and the all-zero-row shortcut at run "
+    "time, so the fewest-instruction path would be the shortcut: *plain* compiles it with the shortcut off (the "
+    "path of a row that has a gradient), *softcap* also with the softcap on (`bench.aot.BASELINE_PATCHES`)."
+)
+# Applied to a baseline's sources only (each where found): see BASELINE_LEGEND.
+BASELINE_PATCHES = {
+    "plain": [("if (zero) return 0.0f;", "if (false) return 0.0f;")],
+    "softcap": [("if (zero) return 0.0f;", "if (false) return 0.0f;"),
+                ("if (has_softcap) z = softcap", "if (true) z = softcap"),
+                ("if (!has_softcap) return inv_temperature;", "if (false) return inv_temperature;")],
+}  # fmt: skip
+
+
+def _sass_cells(hot: list) -> str:
+    if not hot:
+        return "- | - | -"
+    kinds = sorted({path.kind for path in hot})
+    best = min(hot, key=lambda path: (path.per_element, -path.in_flight))
+    return f"{'/'.join(kinds)} x{len(hot)} | {best.per_element:.1f} | {best.in_flight}"
+
+
+def baseline_rows(ref: str, capability: int = 90, log=print) -> list[tuple[str, Row]]:
+    """:func:`cuda_rows` for ``csrc/`` at git ``ref``, once per :data:`BASELINE_PATCHES` variant."""
+    rows = []
+    for variant, patches in BASELINE_PATCHES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = subprocess.run(["git", "archive", ref, "csrc"], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "x"], cwd=tmp, input=archive.stdout, check=True)
+            for path in (Path(tmp) / "csrc").rglob("*"):
+                if path.suffix in (".h", ".cu", ".cuh"):
+                    text = path.read_text()
+                    for old, new in patches:
+                        text = text.replace(old, new)
+                    path.write_text(text)
+            rows += [(variant, row) for row in cuda_rows([capability], log, source_root=Path(tmp))
+                     if "logprobs" in row.case or variant == "plain"]  # fmt: skip
+    return rows
 
 
 def gate(triton: list[Row], cuda: list[Row], with_case: bool = True) -> list[str]:
@@ -583,6 +888,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     parser.add_argument("--output", type=Path, help=f"the markdown table (default without --fast: {DEFAULT_OUTPUT})")
     parser.add_argument("--no-cuda", action="store_true", help="leave out the csrc/ kernels")
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also count the SASS of csrc/ at GIT_REF (sm_90): the table's before section")  # fmt: skip
     parser.add_argument("--check-table", type=Path, metavar="PATH",
                         help="also fail when the table at PATH does not list exactly the configs the launchers can "
                              "pick now (a config change without a new full run)")  # fmt: skip
@@ -598,11 +905,12 @@ def main(argv: list[str] | None = None) -> int:
     stale = stale_table(recorded, options.check_table) if options.check_table else []
     triton = triton_rows(recorded, options.fast, max(1, options.jobs))
     cuda = [] if options.no_cuda else cuda_rows(capabilities)
+    baseline = (options.baseline, baseline_rows(options.baseline)) if options.baseline and not options.no_cuda else None
     seconds = time.perf_counter() - start
     output = options.output or (None if options.fast else DEFAULT_OUTPUT)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(markdown(triton, cuda, _environment(), seconds))
+        output.write_text(markdown(triton, cuda, _environment(), seconds, baseline))
         print(f"bench.aot: wrote {output}")
     failures = gate(triton, cuda) + stale
     for failure in failures:
