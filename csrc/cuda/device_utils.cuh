@@ -30,11 +30,17 @@ struct Convert<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
 
-// VEC elements of T in one 16-byte load or store.
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kSize = 16 / sizeof(T);
+// kBytes / sizeof(T) elements of T in one load or store of kBytes (16 by default).
+template <typename T, int kBytes = 16>
+struct alignas(kBytes) Vec {
+  static constexpr int kSize = kBytes / sizeof(T);
   T v[kSize];
+};
+
+// A compile-time int to pass to generic lambdas.
+template <int N>
+struct Width {
+  static constexpr int value = N;
 };
 
 // Elements before the first 16-byte boundary of a row starting at ptr (at most cols).
@@ -54,6 +60,15 @@ inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaSt
 inline LaunchError last_launch_error() {
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
+}
+
+// The current device's SM count (the launchers size grids by it).
+inline LaunchError multiprocessor_count(int* sms) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device) !=
+                                                   cudaSuccess)
+    return last_launch_error();
+  return nullptr;
 }
 
 // Run launch<T>() for the element type named by dtype.

@@ -87,6 +87,64 @@ FA_HD RowStats softmax_finish(SoftmaxState state, float target_logit) {
   return RowStats{shift, log_sum, (target_logit - shift) - log_sum, log_sum - state.centered / state.sum};
 }
 
+// ------------------------------------------------------------------------------------------------ base 2
+// What the CUDA kernels run: the transformed logit is l = u * lin with u = z (no softcap) or tanh(z / softcap),
+// lin = 1 / temperature (times softcap with a softcap); the sums are taken in base 2 on l2 = u * s with
+// s = lin * log2(e) > 0, so each element costs one ex2. Since s > 0 the running max is kept on u, and the shift on
+// l2 is shift_u * s. The state's sum is Σ 2^(l2 - shift2) = Σ e^(l - shift), the same number as in base e;
+// centered is Σ 2^(l2 - shift2) (l2 - shift2), log2(e) times the base-e one.
+template <bool kSoftcap>
+FA_HD float softmax2_u(float z, float inv_softcap) {
+  return kSoftcap ? fast_tanh(z * inv_softcap) : z;
+}
+
+// Re-express the state (max on u) around new_max_u >= state.max.
+template <bool kEntropy>
+FA_HD SoftmaxState softmax2_rescale(SoftmaxState state, float new_max_u, float s) {
+  const float old_shift = softmax_shift(state.max) * s;
+  const float shift = softmax_shift(new_max_u) * s;
+  const float scale = state.sum > 0.0f ? fast_exp2(old_shift - shift) : 0.0f;
+  return SoftmaxState{new_max_u, state.sum * scale,
+                      kEntropy ? scale * (state.centered + (old_shift - shift) * state.sum) : 0.0f};
+}
+
+// Add one u not above the state's max; neg_shift = -(softmax_shift(state.max) * s).
+template <bool kEntropy>
+FA_HD void softmax2_add_below_max(SoftmaxState& state, float u, float s, float neg_shift) {
+  const float centered = fmaf(u, s, neg_shift);
+  const float e = fast_exp2(centered);
+  state.sum += e;
+  // A -inf logit adds e = 0 and must not add 0 * -inf.
+  if (kEntropy) state.centered += e > 0.0f ? e * centered : 0.0f;
+}
+
+// Add n values of u with one rescale for the group.
+template <bool kEntropy>
+FA_HD SoftmaxState softmax2_add_group(SoftmaxState state, const float* u, int n, float s) {
+  float group_max = state.max;
+  for (int k = 0; k < n; ++k) group_max = fmaxf(group_max, u[k]);
+  if (group_max > state.max) state = softmax2_rescale<kEntropy>(state, group_max, s);
+  const float neg_shift = -(softmax_shift(state.max) * s);
+  for (int k = 0; k < n; ++k) softmax2_add_below_max<kEntropy>(state, u[k], s, neg_shift);
+  return state;
+}
+
+template <bool kEntropy>
+FA_HD SoftmaxState softmax2_merge(SoftmaxState a, SoftmaxState b, float s) {
+  const float max = a.max > b.max ? a.max : b.max;
+  a = softmax2_rescale<kEntropy>(a, max, s);
+  b = softmax2_rescale<kEntropy>(b, max, s);
+  return SoftmaxState{max, a.sum + b.sum, a.centered + b.centered};
+}
+
+// The row's statistics in base e (as softmax_finish) from a base-2 state and the target's u.
+FA_HD RowStats softmax2_finish(SoftmaxState state, float target_u, float s) {
+  const float shift = softmax_shift(state.max) * s;
+  const float log_sum = logf(state.sum);
+  return RowStats{shift * kLn2, log_sum, fmaf(target_u, s, -shift) * kLn2 - log_sum,
+                  log_sum - kLn2 * state.centered / state.sum};
+}
+
 // Per-row coefficients of d_l = p (alpha + beta log p) + gamma [j = y] + kappa (absent ones are 0).
 struct GradCoefficients {
   float alpha;
@@ -104,6 +162,35 @@ FA_HD float logit_grad(float l, bool is_target, float max_logit, float log_sum, 
   float grad = p * (c.alpha + c.beta * (p > 0.0f ? log_p : 0.0f)) + c.kappa;
   if (is_target) grad += c.gamma;
   return grad * transform_slope(l, softcap, inv_temperature, has_softcap);
+}
+
+// The base-2 gradient of one logit for the kernels: log2 p = u s - offset2 with offset2 = (max_logit + log_sum)
+// log2(e), and the coefficients pre-scaled by the constant part of the slope: alpha' = alpha lin_slope,
+// beta' = beta ln 2 lin_slope (log p = ln 2 log2 p), kappa' = kappa lin_slope, gamma' = gamma lin_slope, with
+// lin_slope = 1 / temperature. With a softcap the slope also has the factor 1 - tanh^2 = 1 - u^2.
+struct Grad2Coefficients {
+  float alpha, beta, gamma, kappa;
+};
+
+FA_HD Grad2Coefficients grad2_coefficients(GradCoefficients c, float inv_temperature) {
+  return Grad2Coefficients{c.alpha * inv_temperature, c.beta * kLn2 * inv_temperature, c.gamma * inv_temperature,
+                           c.kappa * inv_temperature};
+}
+
+// d loss / d z without the target's gamma term. log2 p is clamped at -200 before the log-prob term: where
+// p > 0 it is at least -126 (ex2 flushes below), and where p = 0 (a -inf logit) the term must be 0, not 0 * -inf.
+template <bool kSoftcap>
+FA_HD float logit_grad2(float u, float s, float offset2, Grad2Coefficients c) {
+  const float log2_p = fmaf(u, s, -offset2);
+  const float p = fast_exp2(log2_p);
+  const float grad = fmaf(p, fmaf(c.beta, fmaxf(log2_p, -200.0f), c.alpha), c.kappa);
+  return kSoftcap ? grad * fmaf(-u, u, 1.0f) : grad;
+}
+
+// The target's extra term, in the same units: gamma' times the slope's non-constant factor.
+template <bool kSoftcap>
+FA_HD float target_grad2(float u, Grad2Coefficients c) {
+  return kSoftcap ? c.gamma * fmaf(-u, u, 1.0f) : c.gamma;
 }
 
 }  // namespace fastalign
