@@ -13,12 +13,17 @@
 #include "fastalign/mask.h"
 #include "fastalign/dpo_math.h"
 #include "fastalign/launch_dpo.h"
+#include "fastalign/row_split.h"
 
 namespace fastalign {
 namespace {
 
 constexpr int kMinForwardThreads = 64;
-constexpr int kMaxForwardThreads = 1024;
+// 512-thread blocks, at least 2 per SM (a 1024-thread block of 43-46 registers held an SM alone: 50 %
+// occupancy); rows too few to fill the GPU are split across blocks (row_split.h).
+constexpr int kMaxForwardThreads = 512;
+constexpr int kForwardBlocksPerSM = 2;
+constexpr int kFinishThreads = 128;
 constexpr int kBackwardThreads = 256;
 
 // The mask elements that go with one Vec<T> of token log-probs, read in one load (several 16-byte loads for
@@ -76,31 +81,40 @@ __device__ __forceinline__ void fold_chunk(RowSum& acc, const Vec<T>& x, const M
   for (int k = 0; k < Vec<T>::kSize; ++k) fold(acc, x.v[k], m.v[k], bits);
 }
 
-// This thread's share of one row of `width` tokens.
-template <typename T, typename M>
-__device__ RowSum row_share(const T* x, const M* m, int64_t width, M bits) {
+// The share of one row of `width` tokens of thread `first` of `stride` (row_split.h: the threads of all the
+// row's blocks). Both vectors of a pair and their mask chunks are loaded before either is folded.
+template <typename T, typename M, bool kMaskAligned>
+__device__ __forceinline__ void row_body(RowSum& acc, const T* x, const M* m, RowSplit split, int64_t first,
+                                         int64_t stride, M bits) {
   constexpr int N = Vec<T>::kSize;
   using Chunk = MaskChunk<M, N>;
-  const int threads = blockDim.x;
+  const Vec<T>* xv = reinterpret_cast<const Vec<T>*>(x + split.head);
+  const M* mv = m + split.head;
+  for_vector_pairs(
+      split.n_vec, first, stride,
+      [&](int64_t a, int64_t b) {
+        const Vec<T> va = xv[a];
+        const Vec<T> vb = xv[b];
+        const Chunk mask_a = load_chunk<M, N>(mv + a * N, kMaskAligned);
+        const Chunk mask_b = load_chunk<M, N>(mv + b * N, kMaskAligned);
+        fold_chunk(acc, va, mask_a, bits);
+        fold_chunk(acc, vb, mask_b, bits);
+      },
+      [&](int64_t a) { fold_chunk(acc, xv[a], load_chunk<M, N>(mv + a * N, kMaskAligned), bits); });
+}
+
+template <typename T, typename M>
+__device__ RowSum row_share(const T* x, const M* m, int64_t width, M bits, int64_t first, int64_t stride) {
+  constexpr int N = Vec<T>::kSize;
   RowSum acc{0.0f, 0};
-  const int64_t head = unaligned_head(x, width);
-  const int64_t n_vec = (width - head) / N;
-  const int64_t tail = head + n_vec * N;
-  for (int64_t j = threadIdx.x; j < head; j += threads) fold(acc, x[j], m[j], bits);
-  for (int64_t j = tail + threadIdx.x; j < width; j += threads) fold(acc, x[j], m[j], bits);
-  const Vec<T>* xv = reinterpret_cast<const Vec<T>*>(x + head);
-  const M* mv = m + head;
-  const bool mask_aligned = reinterpret_cast<uintptr_t>(mv) % alignof(Chunk) == 0;
-  int64_t v = threadIdx.x;
-  for (; v + threads < n_vec; v += 2 * threads) {
-    const Vec<T> a = xv[v];
-    const Vec<T> b = xv[v + threads];
-    const Chunk mask_a = load_chunk<M, N>(mv + v * N, mask_aligned);
-    const Chunk mask_b = load_chunk<M, N>(mv + (v + threads) * N, mask_aligned);
-    fold_chunk(acc, a, mask_a, bits);
-    fold_chunk(acc, b, mask_b, bits);
+  const RowSplit split = split_row(reinterpret_cast<uintptr_t>(x), width, sizeof(T));
+  for_strided(0, split.head, first, stride, [&](int64_t j) { fold(acc, x[j], m[j], bits); });
+  for_strided(split.tail, width, first, stride, [&](int64_t j) { fold(acc, x[j], m[j], bits); });
+  if (reinterpret_cast<uintptr_t>(m + split.head) % alignof(MaskChunk<M, N>) == 0) {
+    row_body<T, M, true>(acc, x, m, split, first, stride, bits);
+  } else {
+    row_body<T, M, false>(acc, x, m, split, first, stride, bits);
   }
-  if (v < n_vec) fold_chunk(acc, xv[v], load_chunk<M, N>(mv + v * N, mask_aligned), bits);
   return acc;
 }
 
@@ -133,25 +147,28 @@ __device__ __forceinline__ void block_sum(RowSum& chosen, RowSum& rejected) {
   }
 }
 
-template <typename T, typename M>
-__global__ void __launch_bounds__(kMaxForwardThreads) dpo_fwd_kernel(ForwardParams p) {
-  const int64_t pair = blockIdx.x;
+// Warp 0 of a pair's block (or its finishing warp) with the pair's totals in every lane: lane k evaluates loss
+// type k, a butterfly sums the types' shares, lane 0 writes.
+__device__ __forceinline__ void finish_pair(const ForwardParams& p, int64_t pair, RowSum chosen, RowSum rejected) {
+  const int lane = threadIdx.x % 32;
   const int64_t chosen_row = pair;
   const int64_t rejected_row = p.pairs + pair;
-  const T* tokens = static_cast<const T*>(p.tokens);
-  const M* mask = static_cast<const M*>(p.mask);
-  const M bits = static_cast<M>(p.mask_bits);
-  RowSum chosen = row_share(tokens + chosen_row * p.width, mask + chosen_row * p.width, p.width, bits);
-  RowSum rejected = row_share(tokens + rejected_row * p.width, mask + rejected_row * p.width, p.width, bits);
-  block_sum(chosen, rejected);
-  if (threadIdx.x != 0) return;
   const dpo::PairRows rows{chosen.sum,
                            rejected.sum,
                            static_cast<float>(chosen.count),
                            static_cast<float>(rejected.count),
                            p.ref[chosen_row],
                            p.ref[rejected_row]};
-  const dpo::Terms terms = dpo::pair_terms(rows, p.types, p.averaged, p.weights, p.options);
+  dpo::Terms terms{0.0f, 0.0f, 0.0f};
+  if (lane < dpo::kNumLossTypes && ((p.types >> lane) & 1u) != 0)
+    terms = dpo::pair_type_terms(rows, lane, p.averaged, p.weights, p.options);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    terms.loss += __shfl_xor_sync(0xffffffffu, terms.loss, offset);
+    terms.d_chosen += __shfl_xor_sync(0xffffffffu, terms.d_chosen, offset);
+    terms.d_rejected += __shfl_xor_sync(0xffffffffu, terms.d_rejected, offset);
+  }
+  if (lane != 0) return;
   p.losses[pair] = terms.loss;
   p.sums[chosen_row] = rows.chosen_sum;
   p.sums[rejected_row] = rows.rejected_sum;
@@ -159,6 +176,49 @@ __global__ void __launch_bounds__(kMaxForwardThreads) dpo_fwd_kernel(ForwardPara
   p.lengths[rejected_row] = rows.rejected_length;
   p.row_grad[chosen_row] = terms.d_chosen;
   p.row_grad[rejected_row] = terms.d_rejected;
+}
+
+// Grid (pairs, splits). One split: the block finishes its pair. More: block s writes its shares of both rows to
+// partial[2 (pair * splits + s)] and dpo_finish_kernel sums them in block order.
+template <typename T, typename M>
+__global__ void __launch_bounds__(kMaxForwardThreads, kForwardBlocksPerSM)
+    dpo_fwd_kernel(ForwardParams p, RowSum* __restrict__ partial) {
+  const int64_t pair = blockIdx.x;
+  const int64_t chosen_row = pair;
+  const int64_t rejected_row = p.pairs + pair;
+  const T* tokens = static_cast<const T*>(p.tokens);
+  const M* mask = static_cast<const M*>(p.mask);
+  const M bits = static_cast<M>(p.mask_bits);
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  RowSum chosen =
+      row_share(tokens + chosen_row * p.width, mask + chosen_row * p.width, p.width, bits, first, stride);
+  RowSum rejected =
+      row_share(tokens + rejected_row * p.width, mask + rejected_row * p.width, p.width, bits, first, stride);
+  block_sum(chosen, rejected);
+  if (threadIdx.x >= 32) return;
+  if (gridDim.y == 1) return finish_pair(p, pair, chosen, rejected);
+  if (threadIdx.x == 0) {
+    partial[2 * (pair * gridDim.y + blockIdx.y)] = chosen;
+    partial[2 * (pair * gridDim.y + blockIdx.y) + 1] = rejected;
+  }
+}
+
+// One warp per pair: the splits' shares summed in block order (the same bits on every run), then finish_pair.
+__global__ void __launch_bounds__(kFinishThreads) dpo_finish_kernel(ForwardParams p, const RowSum* partial,
+                                                                    int splits) {
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (kFinishThreads / 32) + threadIdx.x / 32;
+  if (pair >= p.pairs) return;
+  RowSum chosen{0.0f, 0}, rejected{0.0f, 0};
+  for (int s = 0; s < splits; ++s) {
+    const RowSum c = partial[2 * (pair * splits + s)];
+    const RowSum r = partial[2 * (pair * splits + s) + 1];
+    chosen.sum += c.sum;
+    chosen.count += c.count;
+    rejected.sum += r.sum;
+    rejected.count += r.count;
+  }
+  finish_pair(p, pair, chosen, rejected);
 }
 
 struct BackwardParams {
@@ -232,7 +292,7 @@ __global__ void __launch_bounds__(kBackwardThreads) dpo_bwd_kernel(BackwardParam
 }
 
 // Threads per forward block: about two vectors of each row per thread, so that short rows leave few threads
-// idle and long rows (few pairs, long completions) keep many loads in flight on their SM.
+// idle and long rows keep many loads in flight.
 int forward_threads(int64_t width, int vector_size) {
   const int64_t vectors = (width + vector_size - 1) / vector_size;
   int threads = kMinForwardThreads;
@@ -247,8 +307,26 @@ struct ForwardLaunch {
   struct For {
     static LaunchError run(ForwardParams p, uintptr_t stream) {
       const int threads = forward_threads(p.width, Vec<T>::kSize);
-      dpo_fwd_kernel<T, M><<<static_cast<unsigned>(p.pairs), threads, 0, as_stream(stream)>>>(p);
-      return last_launch_error();
+      int sms = 0;
+      if (const LaunchError error = multiprocessor_count(&sms)) return error;
+      // Few pairs of long rows: split each row so that every SM gets blocks, 4+ vector pairs per thread.
+      const int splits =
+          choose_splits(p.pairs, p.width / Vec<T>::kSize, threads, sms, kForwardBlocksPerSM, 8);
+      const dim3 grid(static_cast<unsigned>(p.pairs), static_cast<unsigned>(splits));
+      if (splits == 1) {
+        dpo_fwd_kernel<T, M><<<grid, threads, 0, as_stream(stream)>>>(p, nullptr);
+        return last_launch_error();
+      }
+      RowSum* partial = nullptr;
+      const size_t bytes = sizeof(RowSum) * 2 * static_cast<size_t>(p.pairs) * splits;
+      if (cudaMallocAsync(reinterpret_cast<void**>(&partial), bytes, as_stream(stream)) != cudaSuccess)
+        return last_launch_error();
+      dpo_fwd_kernel<T, M><<<grid, threads, 0, as_stream(stream)>>>(p, partial);
+      const unsigned finish_blocks = static_cast<unsigned>((p.pairs + kFinishThreads / 32 - 1) / (kFinishThreads / 32));
+      dpo_finish_kernel<<<finish_blocks, kFinishThreads, 0, as_stream(stream)>>>(p, partial, splits);
+      const LaunchError error = last_launch_error();
+      cudaFreeAsync(partial, as_stream(stream));
+      return error != nullptr ? error : last_launch_error();
     }
   };
 };

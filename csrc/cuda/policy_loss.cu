@@ -4,6 +4,9 @@
 // never diverges. The [rows, tokens] inputs are contiguous; advantages and importance weights come with element
 // strides (a token stride of 0 for one value per row). Masks of any torch dtype are read as raw bits.
 //
+// Few rows at token level are split across several blocks each (row_split.h), the forward's partial sums added
+// by a second pass in block order.
+//
 // Forward: per-row sums [8, rows] (the host reduces them over rows into the loss and the metrics). Backward:
 // d_logp (and d_entropy) from each row's weight in the aggregation. At sequence level (GSPO) a first pass
 // forms the row's mean log-ratio; the backward then sums d loss / d ratio over the row and spreads it back.
@@ -12,6 +15,7 @@
 #include "fastalign/mask.h"
 #include "fastalign/launch_policy.h"
 #include "fastalign/policy_math.h"
+#include "fastalign/row_split.h"
 
 namespace fastalign {
 namespace {
@@ -126,8 +130,11 @@ __device__ __forceinline__ float2 sequence_log_ratio(const PolicyProblem& p, int
   return make_float2(sums[0] / fmaxf(sums[1], 1.0f), sums[1]);
 }
 
+// Grid (rows, splits); splits > 1 only at token level (row_split.h). Block s of a row takes the tokens
+// first + k stride with first = s * kThreads + threadIdx.x, stride = splits * kThreads. One split: the row's sums go
+// to stats; more: to partial[(row * splits + s) * kNumStats + k], summed in block order by policy_finish_kernel.
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    policy_fwd_kernel(const PolicyProblem p, float* __restrict__ stats) {
+    policy_fwd_kernel(const PolicyProblem p, float* __restrict__ stats, float* __restrict__ partial) {
   const int64_t row = blockIdx.x;
   const policy::Options& o = p.options;
   const bool has_ref = p.ref_logp.data != nullptr;
@@ -135,8 +142,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       o.sequence_level ? policy::ratio_from_log_ratio(sequence_log_ratio(p, row).x, o.log_ratio_limit) : 1.0f;
   const Reads reads{!o.sequence_level, true, true, true};
   float sums[policy::kNumStats] = {};
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
 #pragma unroll 1
-  for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+  for (int64_t t = first; t < p.tokens; t += stride) {
     const int64_t i = row * p.tokens + t;
     const policy::Token x = load_token(p, row, t, i, reads);
     if (keeps(p.mask, i)) policy::add_token_stats(sums, x, seq_ratio, has_ref, o);
@@ -144,10 +153,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   block_sum(sums);
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int k = 0; k < policy::kNumStats; ++k) stats[k * p.rows + row] = sums[k];
+    for (int k = 0; k < policy::kNumStats; ++k) {
+      if (gridDim.y == 1) {
+        stats[k * p.rows + row] = sums[k];
+      } else {
+        partial[(row * gridDim.y + blockIdx.y) * policy::kNumStats + k] = sums[k];
+      }
+    }
   }
 }
 
+// One thread per (row, statistic): the splits' partial sums in block order (the same bits on every run).
+__global__ void policy_finish_kernel(int64_t rows, int splits, const float* __restrict__ partial,
+                                     float* __restrict__ stats) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= rows * policy::kNumStats) return;
+  const int64_t row = index / policy::kNumStats;
+  const int k = static_cast<int>(index % policy::kNumStats);
+  float total = 0.0f;
+  for (int s = 0; s < splits; ++s) total += partial[(row * splits + s) * policy::kNumStats + k];
+  stats[k * rows + row] = total;
+}
+
+// Grid (rows, splits); splits > 1 only at token level, where each token's gradient is its own (no reduction).
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     policy_bwd_kernel(const PolicyProblem p, const float* __restrict__ row_weights, void* __restrict__ grad_logp,
                       void* __restrict__ grad_entropy) {
@@ -171,8 +199,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     spread = policy::sequence_spread(ratio_grad[0], seq.x, seq.y, o.log_ratio_limit);
   }
   const Reads reads{!o.sequence_level, !o.sequence_level, true, false};
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
 #pragma unroll 1
-  for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+  for (int64_t t = first; t < p.tokens; t += stride) {
     const int64_t i = row * p.tokens + t;
     const policy::Token x = load_token(p, row, t, i, reads);
     const bool kept = keeps(p.mask, i);
@@ -180,6 +210,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     store(grad_logp, p.logp.dtype, i, grad);
     if (grad_entropy != nullptr) store(grad_entropy, p.entropy.dtype, i, kept ? -o.entropy_coef * weight : 0.0f);
   }
+}
+
+// Blocks per row: several when rows are few, at token level only (a sequence-level row needs its whole mean
+// log-ratio before its tokens), with 8+ tokens per thread.
+LaunchError row_splits(const PolicyProblem& p, int* splits) {
+  *splits = 1;
+  if (p.options.sequence_level) return nullptr;
+  int sms = 0;
+  if (const LaunchError error = multiprocessor_count(&sms)) return error;
+  *splits = choose_splits(p.rows, p.tokens, kThreads, sms, kMinBlocksPerSM, 8);
+  return nullptr;
 }
 
 // What the kernels cannot read; the Python side never passes it.
@@ -205,16 +246,34 @@ LaunchError check_problem(const PolicyProblem& p) {
 LaunchError policy_loss_forward(const PolicyProblem& problem, float* stats, uintptr_t stream) {
   if (problem.rows == 0 || problem.tokens == 0) return nullptr;
   if (const LaunchError error = check_problem(problem)) return error;
-  policy_fwd_kernel<<<static_cast<unsigned>(problem.rows), kThreads, 0, as_stream(stream)>>>(problem, stats);
-  return last_launch_error();
+  int splits = 1;
+  if (const LaunchError error = row_splits(problem, &splits)) return error;
+  const dim3 grid(static_cast<unsigned>(problem.rows), static_cast<unsigned>(splits));
+  if (splits == 1) {
+    policy_fwd_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(problem, stats, nullptr);
+    return last_launch_error();
+  }
+  float* partial = nullptr;
+  const size_t count = static_cast<size_t>(problem.rows) * splits * policy::kNumStats;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&partial), count * sizeof(float), as_stream(stream)) != cudaSuccess)
+    return last_launch_error();
+  policy_fwd_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(problem, stats, partial);
+  const int64_t finish = problem.rows * policy::kNumStats;
+  policy_finish_kernel<<<static_cast<unsigned>((finish + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+      problem.rows, splits, partial, stats);
+  const LaunchError error = last_launch_error();
+  cudaFreeAsync(partial, as_stream(stream));
+  return error != nullptr ? error : last_launch_error();
 }
 
 LaunchError policy_loss_backward(const PolicyProblem& problem, const float* row_weights, void* grad_logp,
                                  void* grad_entropy, uintptr_t stream) {
   if (problem.rows == 0 || problem.tokens == 0) return nullptr;
   if (const LaunchError error = check_problem(problem)) return error;
-  policy_bwd_kernel<<<static_cast<unsigned>(problem.rows), kThreads, 0, as_stream(stream)>>>(
-      problem, row_weights, grad_logp, grad_entropy);
+  int splits = 1;
+  if (const LaunchError error = row_splits(problem, &splits)) return error;
+  const dim3 grid(static_cast<unsigned>(problem.rows), static_cast<unsigned>(splits));
+  policy_bwd_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(problem, row_weights, grad_logp, grad_entropy);
   return last_launch_error();
 }
 

@@ -133,21 +133,25 @@ struct PairRows {
 // The weighted loss of the types in `types` and d loss / d (each token log-prob) of the chosen and rejected
 // rows (d_chosen, d_rejected): a row's tokens enter only through its sum, so one number per row. Types in
 // `averaged` take length-averaged log-ratios (sum − ref) / max(length, 1).
+// One type's weighted share of pair_terms (every type's, whether in `types` or not: the caller picks).
+FA_HD Terms pair_type_terms(PairRows rows, int kind, unsigned averaged, const Weights& weights, Options o) {
+  const bool average = ((averaged >> kind) & 1u) != 0;
+  const float scale_c = average ? 1.0f / fmaxf(rows.chosen_length, 1.0f) : 1.0f;
+  const float scale_r = average ? 1.0f / fmaxf(rows.rejected_length, 1.0f) : 1.0f;
+  const Terms t =
+      type_terms(kind, (rows.chosen_sum - rows.ref_chosen) * scale_c, (rows.rejected_sum - rows.ref_rejected) * scale_r, o);
+  const float weight = weights.w[kind];
+  return Terms{weight * t.loss, weight * t.d_chosen * scale_c, weight * t.d_rejected * scale_r};
+}
+
 FA_HD Terms pair_terms(PairRows rows, unsigned types, unsigned averaged, const Weights& weights, Options o) {
-  const float chosen_scale = 1.0f / fmaxf(rows.chosen_length, 1.0f);
-  const float rejected_scale = 1.0f / fmaxf(rows.rejected_length, 1.0f);
   Terms total{0.0f, 0.0f, 0.0f};
   for (int kind = 0; kind < kNumLossTypes; ++kind) {
     if (((types >> kind) & 1u) == 0) continue;
-    const bool average = ((averaged >> kind) & 1u) != 0;
-    const float scale_c = average ? chosen_scale : 1.0f;
-    const float scale_r = average ? rejected_scale : 1.0f;
-    const Terms t = type_terms(kind, (rows.chosen_sum - rows.ref_chosen) * scale_c,
-                               (rows.rejected_sum - rows.ref_rejected) * scale_r, o);
-    const float weight = weights.w[kind];
-    total.loss += weight * t.loss;
-    total.d_chosen += weight * t.d_chosen * scale_c;
-    total.d_rejected += weight * t.d_rejected * scale_r;
+    const Terms t = pair_type_terms(rows, kind, averaged, weights, o);
+    total.loss += t.loss;
+    total.d_chosen += t.d_chosen;
+    total.d_rejected += t.d_rejected;
   }
   return total;
 }
