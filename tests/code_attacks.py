@@ -216,6 +216,7 @@ def attacks(host: Host) -> list[Attack]:
             ("assert True",),
             trainer=True,
             escaped_on_host="trainer_memory",
+            reward_means_escape=False,
         ),
         Attack("plain socket to 127.0.0.1", _attempt(connect_py + "\nok = True"), escaped_on_host="connection"),
         Attack(
