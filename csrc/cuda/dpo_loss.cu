@@ -309,9 +309,9 @@ struct ForwardLaunch {
       const int threads = forward_threads(p.width, Vec<T>::kSize);
       int sms = 0;
       if (const LaunchError error = multiprocessor_count(&sms)) return error;
-      // Few pairs of long rows: split each row so that every SM gets blocks, 4+ vector pairs per thread.
-      const int splits =
-          choose_splits(p.pairs, p.width / Vec<T>::kSize, threads, sms, kForwardBlocksPerSM, 8);
+      // Few pairs of long rows: split each row so that every SM gets blocks, a vector of each row per thread
+      // at least (8 pairs of 32768 bf16 tokens: 8 blocks per pair).
+      const int splits = choose_splits(p.pairs, p.width / Vec<T>::kSize, threads, sms, kForwardBlocksPerSM, 1);
       const dim3 grid(static_cast<unsigned>(p.pairs), static_cast<unsigned>(splits));
       if (splits == 1) {
         dpo_fwd_kernel<T, M><<<grid, threads, 0, as_stream(stream)>>>(p, nullptr);
