@@ -115,3 +115,58 @@ def test_ptxas_lines_are_read_as_registers_and_spills():
     )
     assert aot._REGISTERS.search(log).group(1) == "255"
     assert [int(g) for g in aot._SPILLS.search(log).groups()] == [264, 268, 268]
+
+
+SASS = """
+        Function : _Z6kernelI13__nv_bfloat16Lj0EEvv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0030*/                   FADD R12, R4, R5 ;
+        /*0040*/               @P0 BRA 0x70 ;
+        /*0050*/                   MUFU.EX2 R12, R12 ;
+        /*0060*/                   FMUL R12, R12, R12 ;
+        /*0070*/                   FADD R13, R8, R12 ;
+        /*0080*/                   NOP ;
+        /*0090*/               @P1 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_sass_loops_are_counted_along_their_fewest_instruction_path():
+    """One iteration: 2 16-byte loads of bf16 (16 elements), the rare branch (0x50-0x60) skipped, NOP not counted."""
+    ((_, code),) = aot.parse_sass(SASS).items()
+    (path,) = aot.hot_paths(code, "kernel<__nv_bfloat16, 0u>")
+    assert (path.kind, path.instructions, path.elements, path.in_flight) == ("loop", 6, 16.0, 2)
+    assert code[2].written() == {8, 9, 10, 11} and code[3].read() == {4, 5}
+
+
+@pytest.mark.parametrize(
+    "kernel,per_element,in_flight,fails",
+    [
+        ("fastalign::logprobs_fwd_kernel<__nv_bfloat16, 2u>", 12.0, 2, False),
+        ("fastalign::logprobs_fwd_kernel<__nv_bfloat16, 2u>", 12.5, 2, True),  # no softcap: <= 12
+        ("fastalign::logprobs_fwd_kernel<__nv_bfloat16, 3u>", 19.0, 2, False),  # softcap: <= 20
+        ("fastalign::logprobs_fwd_kernel<__nv_bfloat16, 3u>", 21.0, 2, True),
+        ("fastalign::logprobs_bwd_kernel<__half, true>", 30.0, 4, False),
+        ("fastalign::logprobs_bwd_kernel<__half, true>", 15.0, 1, True),  # one load in flight
+    ],
+)
+def test_the_gate_holds_the_cuda_kernels_to_their_machine_code_targets(kernel, per_element, in_flight, fails):
+    cuda = row(kernel=kernel, config="-", dtype="-", hot=[aot.HotPath("loop", int(per_element * 16), 16.0, in_flight)])
+    assert bool(aot.cuda_failures([cuda])) == fails
+
+
+def test_the_committed_table_counts_the_cuda_kernels_before_and_after():
+    """Every CUDA kernel has its SASS count; the 'before' section is there; the logprobs targets hold."""
+    text = TABLE.read_text()
+    assert "### Before: the kernels of `a9823fd`" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `fastalign::")]
+    after = [cells for cells in rows if len(cells) == 13]
+    assert after and all(cells[10].strip() not in ("", "-") for cells in after)
+    for cells in after:
+        kernel, per_element, in_flight = cells[1].strip(" `"), float(cells[10]), int(cells[11])
+        if kernel.startswith("fastalign::logprobs_fwd_kernel<__nv_bfloat16,"):
+            assert per_element <= (20 if int(kernel.split(", ")[1][:-2]) & 1 else 12), cells
+        if kernel.startswith("fastalign::logprobs_bwd_kernel<"):
+            assert in_flight >= 4, cells
