@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from fake_cuda import FakeCudaDevices
+from test_policy_loss import ALL_MASK_DTYPES, unusual_mask
 
 import fastalign
 from fastalign.ops import _cuda_ext, _dpo_kernels
+from fastalign.ops._masks import kernel_mask
 from fastalign.ops.preference import DPO_LOSS_TYPES, LENGTH_AVERAGED_TYPES, dpo_loss_from_token_logps, dpo_loss_terms
 
 host_math = pytest.importorskip("fastalign._host_math", reason="built with the CUDA extension (nvcc at install)")
@@ -174,6 +176,19 @@ def test_host_mask_reading_matches_nonzero(dtype):
     raw = mask.view(torch.uint8).numpy()
     keeps = host_math.dpo_mask_keeps(raw, *_dpo_kernels.mask_layout(dtype))
     np.testing.assert_array_equal(keeps, (mask != 0).numpy())
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", ALL_MASK_DTYPES, ids=str)
+def test_cuda_reads_every_mask_dtype_like_torch(dtype):
+    """What the CUDA launchers hand the kernels (``kernel_mask``), read as the kernels read it, keeps exactly the
+    tokens where ``mask != 0``: float8 e8m0 (no zero) and the fnuz formats (0x80 is NaN) included."""
+    keep = torch.rand(4, 9, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask = unusual_mask(keep, dtype)
+    given = kernel_mask(mask, "cuda")
+    raw = given.contiguous().view(torch.uint8).numpy().reshape(-1)
+    keeps = host_math.dpo_mask_keeps(raw, *_dpo_kernels.mask_layout(given.dtype))
+    np.testing.assert_array_equal(keeps, (mask != 0).reshape(-1).numpy())
 
 
 class FakeDPOExtension:

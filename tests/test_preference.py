@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_policy_loss import ALL_MASK_DTYPES, unusual_mask
 
 import fastalign
 from fastalign.ops import reference_losses
@@ -189,3 +190,20 @@ def test_dpo_from_token_logps_matches_composition(backend, case):
     (grad,) = torch.autograd.grad((losses.double() * upstream).sum() + 0.3 * sums[:pairs].double().sum(), leaf)
     (ref_grad,) = torch.autograd.grad((ref_losses * upstream).sum() + 0.3 * ref_sums[:pairs].sum(), ref_leaf)
     torch.testing.assert_close(grad.double(), ref_grad, **tolerance)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", ALL_MASK_DTYPES, ids=str)
+def test_dpo_triton_takes_every_mask_dtype_like_torch(dtype):
+    """The DPO Triton path keeps exactly the tokens where ``mask != 0`` for a mask of any dtype (it used to fail
+    to run for bfloat16 and float8 masks): losses, sums, lengths and the gradient."""
+    token_logps, mask, ref = token_inputs()
+    keep = mask != 0
+    unusual = unusual_mask(keep, dtype)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaf = token_logps.float().requires_grad_()
+        outputs = dpo_loss_from_token_logps(leaf, unusual, ref.float(), beta=0.2, loss_type="sigmoid", backend=backend)
+        grad = torch.autograd.grad(outputs[0].sum() + outputs[1].sum(), leaf)[0]
+        results[backend] = (*[o.detach() for o in outputs], grad)
+    torch.testing.assert_close(results["triton"], results["torch"])

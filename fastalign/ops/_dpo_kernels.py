@@ -14,6 +14,7 @@ import torch
 
 from fastalign.ops import _cuda_ext
 from fastalign.ops._cuda_ext import ptr
+from fastalign.ops._masks import kernel_mask
 from fastalign.ops.preference import DPO_LOSS_TYPES
 
 
@@ -181,8 +182,7 @@ def dpo_from_token_logps_kernels(
     kernels' device, ``ref_logps [2B]``; ``plan`` from :func:`type_plan`. Returns float32
     ``(losses [B], sums [2B], lengths [2B])``.
     """
-    if mask.dtype.is_complex:
-        mask = mask != 0  # the kernels read masks as real numbers
+    mask = kernel_mask(mask, backend)  # torch's own != 0 where the kernels cannot read the dtype
     return _DPOFromTokens.apply(
         token_logps.contiguous(), mask.contiguous(), ref_logps.detach().to(torch.float32).contiguous(),
         LAUNCHES[backend], plan,

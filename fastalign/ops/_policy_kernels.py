@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from fastalign.ops import _cuda_ext
+from fastalign.ops._masks import kernel_mask
 from fastalign.ops.policy import LOG_RATIO_LIMIT, PolicyArgs, row_weights
 
 # Rows of the per-row sums stats[8, B]: the layout of the Triton kernels and of csrc's policy::Stat.
@@ -71,26 +72,13 @@ def kernel_options(module: ModuleType, a: PolicyArgs) -> object:
     )  # fmt: skip
 
 
-# Mask dtypes the Triton kernels load and test with ``!= 0`` exactly as torch does: in the interpreter, and in the
-# sm_80 / sm_90 code, where a float's bits are compared with the sign masked off (-0.0 drops a token, NaN and a
-# float64 1e-300 keep it; no flush to zero).
-TRITON_MASK_DTYPES = frozenset(
-    (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
-     torch.uint64, torch.float16, torch.float32, torch.float64)
-)  # fmt: skip
-
-
 class TritonLaunch:
     """``fastalign/kernels/triton/policy_loss.py``: any float dtypes, converted on load; masks of the dtypes in
-    :data:`TRITON_MASK_DTYPES` as they are, any other (complex, bfloat16, float8) as torch's ``mask != 0``."""
+    :data:`fastalign.ops._masks.TRITON_MASK_DTYPES` as they are, any other as torch's ``mask != 0``."""
 
     def prepare(self, a: PolicyArgs) -> Tensors:
         tensors = contiguous_inputs(a)
-        if a.mask.dtype not in TRITON_MASK_DTYPES:
-            # Triton has no complex dtype, the kernels do not compile for float8 masks (sm_80 or sm_90), and the
-            # interpreter misreads bfloat16 and float8 comparisons; a bool mask from torch's own test keeps exactly
-            # the tokens the torch backend keeps.
-            tensors["mask"] = a.mask != 0
+        tensors["mask"] = kernel_mask(a.mask, "triton")  # torch's own != 0 where the kernels cannot read it
         return tensors
 
     @staticmethod
@@ -149,8 +137,7 @@ class CudaLaunch:
             tensor = tensors[name]
             if tensor is not None and tensor.dtype not in _cuda_ext.DTYPE_CODES:
                 tensors[name] = tensor.to(torch.float32)
-        if tensors["mask"].is_complex():
-            tensors["mask"] = tensors["mask"] != 0
+        tensors["mask"] = kernel_mask(tensors["mask"], "cuda")
         return tensors
 
     @staticmethod
