@@ -239,3 +239,21 @@ def test_sandbox_module_stands_alone():
         source = f.read()
     assert "import fastalign" not in source and "from fastalign" not in source
     assert code_execution.PRELUDE is sandbox.PRELUDE
+
+
+def test_an_interpreter_under_tmp_is_not_hidden_by_the_private_tmp(tmp_path):
+    # a fresh clone's virtual environment lives under /tmp, where the sandbox mounts its own tmpfs
+    assert str(tmp_path).startswith("/tmp/")
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    python.symlink_to(os.path.realpath(sys.executable))
+    reward = CodeReward(**OPTIONS, python=str(python))
+    reward.check()
+    program = (
+        "import sys, os\ndef where():\n    return sys.executable\n"
+        "def writable():\n    open('x', 'w').write('1')\n    return os.getcwd()"
+    )
+    assert reward.test_results(program, [f"assert where() == {str(python)!r}", "assert writable() == '/tmp'"]) == [
+        True,
+        True,
+    ]

@@ -158,7 +158,13 @@ def bwrap_arguments(bwrap: str, python: str, disk_bytes: int | None, *, as_root:
     for path in ["/usr/lib", "/usr/lib64", "/usr/lib32", *interpreter_paths(python)]:
         if os.path.isdir(path) and not os.path.islink(path) and not any(_inside(path, b) for b in binds):
             binds = [b for b in binds if not _inside(b, path)] + [path]
-    made: set[str] = set()
+    # The writable tmpfs first: an interpreter under /tmp (a virtual environment in a temporary clone) is then
+    # bound on top of it instead of being hidden by it.
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "01777"]
+    if disk_bytes is not None:
+        args += ["--size", str(disk_bytes)]
+    args += ["--tmpfs", "/tmp"]
+    made: set[str] = {"/proc", "/dev", "/tmp"}
     for top in ("/lib", "/lib64", "/lib32", "/bin"):  # merged-/usr systems link these into /usr
         if os.path.islink(top):
             args += ["--symlink", os.readlink(top), top]
@@ -172,11 +178,7 @@ def bwrap_arguments(bwrap: str, python: str, disk_bytes: int | None, *, as_root:
                 made.add(parent)
         args += ["--ro-bind", path, path]
         made.add(path)
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "01777"]
-    if disk_bytes is not None:
-        args += ["--size", str(disk_bytes)]
-    args += ["--tmpfs", "/tmp", "--chdir", "/tmp"]
-    return args
+    return [*args, "--chdir", "/tmp"]
 
 
 def _inside(path: str, folder: str) -> bool:
