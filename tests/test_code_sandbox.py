@@ -195,12 +195,15 @@ def test_limits_inside_the_sandbox():
     reason="needs root (to become an unprivileged user), setpriv and /usr/bin/python3",
 )
 def test_unprivileged_user_namespace_path():
-    # the path every non-root trainer takes: bwrap with --unshare-user, RLIMIT_NPROC counted in the namespace
+    # the path every non-root trainer takes: bwrap with --unshare-user, RLIMIT_NPROC counted in the namespace.
+    # The module's source goes in on the command line: the checkout may sit in a folder only root can read.
+    with open(sandbox.__file__) as f:
+        source = f.read()
     script = textwrap.dedent(
         f"""
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("sb", {sandbox.__file__!r})
-        m = importlib.util.module_from_spec(spec); sys.modules["sb"] = m; spec.loader.exec_module(m)
+        import sys, types
+        m = types.ModuleType("sb"); sys.modules["sb"] = m
+        exec(compile({source!r}, "sandbox.py", "exec"), m.__dict__)
         harness = m.PRELUDE + '''
         import os
         n = 0
