@@ -16,16 +16,16 @@ import json
 import math
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 
 from fastalign.data import detect_format, is_conversational, require_format, tokenize_prompt
 from fastalign.data.formats import CONVERSATIONAL_LM, PROMPT_COMPLETION
-from fastalign.rewards import RewardModelFunction, score
+from fastalign.rewards import score
+from fastalign.rewards.resolve import resolve_reward_funcs
 from fastalign.rollout import HFGenerateEngine, SamplingParams
 
 __all__ = ["KEEP_MODES", "mix_datasets", "rejection_sample", "save_jsonl"]
@@ -71,20 +71,6 @@ def _completion_text(tokenizer: Any, prompt_ids: list[int], completion_ids: list
     return tokenizer.decode(completion_ids, skip_special_tokens=True)
 
 
-def _reward_functions(reward_funcs: Any, tokenizer: Any) -> list[Callable[..., list]]:
-    items = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    functions = []
-    for item in items:
-        if isinstance(item, torch.nn.Module) and not isinstance(item, RewardModelFunction):
-            item = RewardModelFunction(item, tokenizer)
-        if not callable(item):
-            raise TypeError(f"reward_funcs must hold reward functions or reward models, got {item!r}")
-        functions.append(item)
-    if not functions:
-        raise ValueError("reward_funcs is empty: rejection sampling needs at least one reward function")
-    return functions
-
-
 def _generate(engine: Any, prompt_ids: list[list[int]], params: SamplingParams, seed: int):
     if "seed" in inspect.signature(engine.generate).parameters:
         return engine.generate(prompt_ids, params, seed=seed)
@@ -96,7 +82,7 @@ def rejection_sample(
     tokenizer: Any,
     dataset: datasets.Dataset,
     reward_funcs: Any,
-    weights: Sequence[float] | None = None,
+    reward_weights: Sequence[float] | None = None,
     *,
     params: SamplingParams,
     keep: str = "best",
@@ -109,6 +95,7 @@ def rejection_sample(
     engine: Any = None,
     progress: bool = True,
     stats: dict[str, Any] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> datasets.Dataset:
     """Sample ``params.num_generations`` completions per prompt, score them, keep the best or those that pass.
 
@@ -120,9 +107,11 @@ def rejection_sample(
             every other column is handed to the reward functions and copied to the output.
         reward_funcs: TRL's reward-function contract (see :mod:`fastalign.rewards`), a reward model
             (``num_labels=1``, wrapped in :class:`~fastalign.rewards.RewardModelFunction` with ``tokenizer``),
-            or a list of them.
-        weights: one weight per reward function (default: 1 each); the reward is the weighted NaN-aware sum
-            (:func:`fastalign.rewards.score`). A completion that no function scores (all ``None``) is never kept.
+            a built-in name, ``module:function`` or a reward model's path, or a list of them
+            (:func:`fastalign.rewards.resolve.resolve_reward_funcs`).
+        reward_weights: one weight per reward function (default: 1 each); the reward is the weighted NaN-aware
+            sum (:func:`fastalign.rewards.score`). A completion that no function scores (all ``None``) is never
+            kept.
         params: sampling settings (``num_generations`` = k, ``max_completion_length``, ``temperature`` ...).
         keep: ``"best"``: one row per prompt, its highest-reward completion (the first one on ties), and only
             when it is ``>= threshold`` if a threshold is given; ``"threshold"``: every completion with reward
@@ -138,6 +127,7 @@ def rejection_sample(
         stats: a dict to fill with the counts behind the result: ``prompts``, ``sampled`` (completions),
             ``unscored`` (no function scored them), ``truncated`` (no EOS), ``kept`` and ``best_reward`` (the
             highest reward of any completion, ``None`` when none was scored), e.g. to explain an empty result.
+        weights: the former name of ``reward_weights`` (deprecated).
 
     Returns:
         a ``datasets.Dataset`` of prompt-completion rows in the input's style: a string completion (the text that
@@ -146,8 +136,14 @@ def rejection_sample(
 
     Raises:
         ValueError: an unknown ``keep``, ``keep="threshold"`` without a threshold, a non-finite threshold, a
-            dataset without a ``prompt`` column or without rows, or mismatched weights.
+            dataset without a ``prompt`` column or without rows; the reward mistakes of
+            :func:`~fastalign.rewards.resolve.resolve_reward_funcs`.
     """
+    if weights is not None:
+        warnings.warn("rejection_sample(weights=) is now reward_weights=", DeprecationWarning, stacklevel=2)
+        if reward_weights is not None:
+            raise TypeError("rejection_sample got both reward_weights and its former name weights")
+        reward_weights = weights
     _check_keep(keep, threshold)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -156,9 +152,9 @@ def rejection_sample(
     require_format(dataset, "rl")
     if len(dataset) == 0:
         raise ValueError("the dataset has no rows: nothing to sample")
-    functions = _reward_functions(reward_funcs, tokenizer)
-    if weights is not None and len(weights) != len(functions):
-        raise ValueError(f"{len(weights)} reward weights for {len(functions)} reward functions")
+    functions, reward_weights = resolve_reward_funcs(
+        reward_funcs, reward_weights, tokenizer=tokenizer, max_completion_length=params.max_completion_length
+    )
     if engine is None:
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
@@ -190,7 +186,7 @@ def rejection_sample(
             for text, conv in zip(texts, conversational, strict=True)
         ]
         columns = {key: [row[key] for row in repeated] for key in rows[0] if key != "prompt"}
-        _, rewards = score(functions, weights, [row["prompt"] for row in repeated], completions, ids, columns)
+        _, rewards = score(functions, reward_weights, [row["prompt"] for row in repeated], completions, ids, columns)
         rewards = rewards.tolist()
         scored = [r for r in rewards if not math.isnan(r)]
         counts["sampled"] += len(rewards)
@@ -256,8 +252,9 @@ def mix_datasets(dataset: datasets.Dataset, mix: datasets.Dataset, ratio: float,
         ValueError: ``ratio`` outside ``[0, 1)``, or ``mix`` in another format or style.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"the mix ratio is the fraction of output rows taken from the mix dataset, in [0, 1): "
-                         f"got {ratio!r}")  # fmt: skip
+        raise ValueError(
+            f"the mix ratio is the fraction of output rows taken from the mix dataset, in [0, 1): got {ratio!r}"
+        )
     if ratio == 0 or len(dataset) == 0:
         return dataset
     if len(mix) == 0:

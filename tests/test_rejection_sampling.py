@@ -207,11 +207,20 @@ def test_bad_datasets_and_weights_are_refused():
     tokenizer, params = word_tokenizer(), SamplingParams()
     with pytest.raises(ValueError, match="missing column 'prompt'"):
         rejection_sample(None, tokenizer, datasets.Dataset.from_list([{"text": "x"}]), favourite_words, params=params)
-    with pytest.raises(ValueError, match="2 reward weights for 1 reward functions"):
+    with pytest.raises(ValueError, match="reward_weights has 2 weights for 1 reward functions"):
         rejection_sample(None, tokenizer, datasets.Dataset.from_list(standard_rows(1)), favourite_words, [1.0, 2.0],
                          params=params)  # fmt: skip
     with pytest.raises(ValueError, match="reward_funcs is empty"):
         rejection_sample(None, tokenizer, datasets.Dataset.from_list(standard_rows(1)), [], params=params)
+    with pytest.warns(DeprecationWarning, match="reward_weights"), pytest.raises(ValueError, match="has 2 weights"):
+        rejection_sample(
+            None,
+            tokenizer,
+            datasets.Dataset.from_list(standard_rows(1)),
+            favourite_words,
+            weights=[1.0, 2.0],
+            params=params,
+        )
 
 
 def sampled_like(n, conversational=False):
@@ -221,8 +230,9 @@ def sampled_like(n, conversational=False):
     def completion(i):
         return [{"role": "assistant", "content": f"a{i}"}] if conversational else f" a{i}"
 
-    return datasets.Dataset.from_list([{"prompt": prompt(i), "completion": completion(i), "reward": 1.0}
-                                       for i in range(n)])  # fmt: skip
+    return datasets.Dataset.from_list(
+        [{"prompt": prompt(i), "completion": completion(i), "reward": 1.0} for i in range(n)]
+    )
 
 
 @pytest.mark.parametrize(("n", "ratio"), [(30, 0.25), (12, 0.5), (10, 0.1)])
@@ -241,8 +251,10 @@ def test_mixing_gives_the_requested_fraction(n, ratio):
 
 
 def test_mixing_messages_into_conversational_data_and_oversampling():
-    chat = [{"messages": [{"role": "user", "content": f"m{i}"}, {"role": "assistant", "content": f"b{i}"}]}
-            for i in range(3)]  # fmt: skip
+    chat = [
+        {"messages": [{"role": "user", "content": f"m{i}"}, {"role": "assistant", "content": f"b{i}"}]}
+        for i in range(3)
+    ]
     with pytest.warns(UserWarning, match="rows are repeated"):
         out = mix_datasets(sampled_like(6, conversational=True), datasets.Dataset.from_list(chat), 0.5)
     assert len(out) == 12 and set(out.column_names) == {"prompt", "completion", "reward"}

@@ -377,3 +377,154 @@ def test_score_logs_warning_once_for_all_none(caplog):
     with caplog.at_level(logging.WARNING):
         score([lambda **kwargs: [None]], None, ["p"], ["c"])
     assert caplog.text.count("every reward function returned None") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resolve_reward_funcs: names, module:function, reward models, callables and the weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def my_reward(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_resolve_names_specs_models_and_callables(tmp_path):
+    from fastalign.rewards import SoftOverlongPunishment
+    from fastalign.rewards.resolve import resolve_reward_funcs
+
+    tok, model = word_tokenizer(), tiny_reward_model()
+    functions, weights = resolve_reward_funcs(
+        [
+            "think_format_reward",
+            "soft_overlong_punishment",
+            "fastalign.rewards.accuracy:accuracy_reward",
+            "fastalign.rewards.accuracy.accuracy_reward",
+            model,
+            my_reward,
+        ],
+        tokenizer=tok,
+        max_completion_length=100,
+        soft_punish_cache=20,
+    )
+    assert functions[0] is think_format_reward and isinstance(functions[1], SoftOverlongPunishment)
+    assert (functions[1].max_completion_length, functions[1].soft_punish_cache) == (100, 20)
+    assert functions[2] is accuracy_reward and functions[3] is accuracy_reward and functions[5] is my_reward
+    assert isinstance(functions[4], RewardModelFunction) and functions[4].model is model
+    assert weights == [1.0] * 6
+    assert resolve_reward_funcs(my_reward, (2,)) == ([my_reward], [2.0])
+    assert resolve_reward_funcs(accuracy_reward, torch.tensor([0.5])) == ([accuracy_reward], [0.5])
+
+
+def test_resolve_loads_reward_models_from_a_path_with_their_own_tokenizer(tmp_path):
+    from fastalign.rewards.resolve import resolve_reward_funcs
+
+    tok = word_tokenizer()
+    tiny_reward_model().save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    functions, weights = resolve_reward_funcs(
+        [my_reward, str(tmp_path / "rm")], [0.5, 2.0, 1.0], reward_model=str(tmp_path / "rm")
+    )
+    assert isinstance(functions[0], RewardModelFunction) and functions[1] is my_reward
+    assert isinstance(functions[2], RewardModelFunction) and weights == [0.5, 2.0, 1.0]
+    for function in (functions[0], functions[2]):  # the reward model comes first, loaded for scoring only
+        assert not function.model.training and not any(p.requires_grad for p in function.model.parameters())
+        assert function.tokenizer is not tok and function.tokenizer.get_vocab() == tok.get_vocab()
+    # load_models=False: everything is checked, nothing is loaded (what fastalign's command line does first)
+    unloaded, weights = resolve_reward_funcs(
+        ["think_format_reward"], [1, 2], reward_model="owner/rm", load_models=False
+    )
+    assert unloaded == ["owner/rm", think_format_reward] and weights == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("reward_funcs", "options", "error", "message"),
+    [
+        ([], {}, ValueError, r"reward_funcs is empty"),
+        (None, {}, ValueError, r"reward_funcs is empty"),
+        ([my_reward, 3], {}, TypeError, r"reward_funcs\[1\] must be a reward function.*got int 3"),
+        (
+            "blue_reward",
+            {},
+            ValueError,
+            r"reward_funcs: unknown reward function 'blue_reward'; the built-ins are "
+            r"accuracy_reward, think_format_reward, code_reward",
+        ),
+        (
+            ["soft_overlong_punishment"],
+            {"max_completion_length": 10},
+            ValueError,
+            r"reward_funcs\[0\] soft_overlong_punishment needs soft_punish_cache",
+        ),
+        (
+            ["soft_overlong_punishment"],
+            {"max_completion_length": 10, "soft_punish_cache": 20},
+            ValueError,
+            r"reward_funcs\[0\] soft_overlong_punishment: soft_punish_cache must be in",
+        ),
+        (["no_such_module:f"], {}, ValueError, r"reward_funcs\[0\]: cannot import 'no_such_module'"),
+        (
+            ["fastalign.rewards.rules:missing"],
+            {},
+            ValueError,
+            r"reward_funcs\[0\]: 'missing' in module 'fastalign.rewards.rules' is not found",
+        ),
+        (
+            ["fastalign.rewards.rules:_THINK"],
+            {},
+            ValueError,
+            r"'_THINK' in module 'fastalign.rewards.rules' is not "
+            r"callable",
+        ),
+        (
+            [my_reward],
+            {"reward_weights": [1.0, 2.0]},
+            ValueError,
+            r"reward_weights has 2 weights for 1 reward "
+            r"functions$",
+        ),
+        (
+            [my_reward],
+            {"reward_weights": [1.0], "reward_model": "owner/rm", "load_models": False},
+            ValueError,
+            r"reward_weights has 1 weights for 2 reward functions \(the reward model first",
+        ),
+        ([my_reward], {"reward_weights": [math.nan]}, ValueError, r"reward_weights\[0\] must be a finite number"),
+        ([my_reward], {"reward_weights": [math.inf]}, ValueError, r"reward_weights\[0\] must be a finite number"),
+        ([my_reward], {"reward_weights": ["1"]}, TypeError, r"reward_weights\[0\] must be a real number"),
+        ([my_reward], {"reward_weights": [True]}, TypeError, r"reward_weights\[0\] must be a real number"),
+        ([my_reward], {"reward_weights": 1.0}, TypeError, r"reward_weights must be a list of numbers"),
+        ([my_reward], {"reward_model": 3}, TypeError, r"reward_model must be a path"),
+    ],
+)
+def test_resolve_names_each_mistake(reward_funcs, options, error, message):
+    from fastalign.rewards.resolve import resolve_reward_funcs
+
+    with pytest.raises(error, match=message):
+        resolve_reward_funcs(reward_funcs, **options)
+
+
+def test_resolve_a_reward_model_needs_a_tokenizer(tmp_path):
+    from fastalign.rewards.resolve import resolve_reward_funcs
+
+    with pytest.raises(
+        ValueError,
+        match=r"reward_funcs is a reward model \(LlamaForSequenceClassification\): a "
+        r"tokenizer is needed",
+    ):
+        resolve_reward_funcs(tiny_reward_model())
+    tiny_reward_model().save_pretrained(tmp_path / "rm")  # no tokenizer beside it
+    with pytest.raises(ValueError, match="has no tokenizer of its own and none was given"):
+        resolve_reward_funcs(str(tmp_path / "rm"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_reward_funcs(str(tmp_path / "missing"), tokenizer=word_tokenizer())
+
+
+def test_resolve_code_reward_checks_its_sandbox(monkeypatch):
+    from fastalign.rewards import SandboxUnavailableError, code_reward, sandbox, unsandboxed_code_reward
+    from fastalign.rewards.resolve import resolve_reward_funcs
+
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    with pytest.raises(SandboxUnavailableError, match=r"reward_funcs\[0\] code_reward: .*bubblewrap"):
+        resolve_reward_funcs(["code_reward"])
+    assert resolve_reward_funcs(["unsandboxed_code_reward"])[0] == [unsandboxed_code_reward]
+    assert resolve_reward_funcs([code_reward])[0] == [code_reward]  # a callable is not checked (as before)

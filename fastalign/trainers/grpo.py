@@ -27,7 +27,8 @@ from fastalign.models.causal_lm import _is_fsdp2
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import group_advantages
 from fastalign.ops.logprobs import linear_logprobs
-from fastalign.rewards import RewardModelFunction, reward_function_name, score
+from fastalign.rewards import reward_function_name, score
+from fastalign.rewards.resolve import resolve_reward_funcs
 from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams, truncated_importance_weights
 from fastalign.trainers._common import (
     BufferedMetricsMixin,
@@ -143,24 +144,6 @@ class RepeatSampler(Sampler[int]):
         return rounds * self.processes * self.prompts_per_generation * self.num_generations * self.repeat_count
 
 
-def _reward_functions(reward_funcs: RewardFuncs, tokenizer: Any) -> list[Callable[..., list]]:
-    items = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    functions = []
-    for item in items:
-        if isinstance(item, str):
-            from fastalign.models import load_reward_model
-
-            item = load_reward_model(item)
-        if isinstance(item, nn.Module):
-            item = RewardModelFunction(item, tokenizer)
-        if not callable(item):
-            raise ValueError(f"reward_funcs must hold callables, reward models or their paths, got {item!r}")
-        functions.append(item)
-    if not functions:
-        raise ValueError("reward_funcs is empty: GRPO needs at least one reward function")
-    return functions
-
-
 class GRPOTrainer(
     FiniteLossMixin, ResumeMixin, NumTokensLogMixin, BufferedMetricsMixin, FusedLossTrainerMixin, Trainer
 ):
@@ -204,11 +187,10 @@ class GRPOTrainer(
         for dataset in (train_dataset, eval_dataset):
             if dataset is not None:
                 require_format(dataset, "grpo")
-        self.reward_funcs = _reward_functions(reward_funcs, processing_class)
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward functions")
-        self.reward_weights = [float(w) for w in weights]
+        self.reward_funcs, self.reward_weights = resolve_reward_funcs(
+            reward_funcs, args.reward_weights or None, tokenizer=processing_class,
+            max_completion_length=args.max_completion_length,
+        )  # fmt: skip
         if args.disable_dropout:
             disable_dropout(model)
         self.ref_model = None

@@ -37,6 +37,7 @@ from fastalign.ops.advantages import gae
 from fastalign.ops.logprobs import linear_logprobs
 from fastalign.ops.policy import LOG_RATIO_LIMIT, kl_estimate, value_loss
 from fastalign.rewards import reward_function_name
+from fastalign.rewards.resolve import resolve_reward_funcs
 from fastalign.rollout import HFGenerateEngine, SamplingParams
 from fastalign.trainers._common import (
     BufferedMetricsMixin,
@@ -49,7 +50,7 @@ from fastalign.trainers._common import (
 )
 from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import PPOConfig
-from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, _reward_functions, rollout_groups, score_rollout
+from fastalign.trainers.grpo import RepeatSampler, RewardFuncs, rollout_groups, score_rollout
 
 __all__ = ["PPOTrainer", "PolicyAndValueModel", "adapt_kl_coef", "masked_whiten"]
 
@@ -188,15 +189,13 @@ class PPOTrainer(FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, FusedLossTr
         for dataset in (train_dataset, eval_dataset):
             if dataset is not None:
                 require_format(dataset, "ppo")
-        if reward_funcs is None:
-            if args.reward_model_path is None:
-                raise ValueError("PPOTrainer needs reward_funcs or args.reward_model_path")
-            reward_funcs = args.reward_model_path
-        self.reward_funcs = _reward_functions(reward_funcs, processing_class)
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward functions")
-        self.reward_weights = [float(w) for w in weights]
+        if reward_funcs is None and args.reward_model_path is None:
+            raise ValueError("PPOTrainer needs reward_funcs or args.reward_model_path")
+        self.reward_funcs, self.reward_weights = resolve_reward_funcs(
+            reward_funcs, args.reward_weights or None, tokenizer=processing_class,
+            reward_model=args.reward_model_path if reward_funcs is None else None,
+            max_completion_length=args.response_length,
+        )  # fmt: skip
         if peft_config is not None:
             from peft import get_peft_model
 
