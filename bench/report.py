@@ -6,6 +6,7 @@ import csv
 import datetime
 import importlib.metadata
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,13 +19,16 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def environment(device: str) -> dict[str, str]:
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or ``not installed``."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def environment(device: str) -> dict[str, str]:
+    """The header lines of a results file: the device, the date, the versions of the packages benchmarked."""
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         device_name = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
@@ -35,11 +39,11 @@ def environment(device: str) -> dict[str, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": version("triton"),
-        "fastalign": version("fastalign"),
-        "trl": version("trl"),
-        "liger-kernel": version("liger-kernel"),
-        "cut-cross-entropy": version("cut-cross-entropy"),
+        "triton": package_version("triton"),
+        "fastalign": package_version("fastalign"),
+        "trl": package_version("trl"),
+        "liger-kernel": package_version("liger-kernel"),
+        "cut-cross-entropy": package_version("cut-cross-entropy"),
     }
 
 
@@ -59,21 +63,34 @@ def device_slug(env: dict[str, str]) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
+def relative_to(
+    rows: list[dict], base_impl: str, key: Callable[[dict], object], time: str, speed: str, memory: str | None = None
+) -> None:
+    """Set ``row[speed]`` = the ``base_impl`` row's ``time`` / this row's and ``row[memory]`` = this row's
+    ``peak_extra_mib`` / the base row's, on every timed row with a timed base row of the same ``key(row)``."""
+    bases = {key(r): r for r in rows if r["impl"] == base_impl and time in r}
+    for row in rows:
+        base = bases.get(key(row))
+        if base is None or time not in row:
+            continue
+        row[speed] = base[time] / row[time]
+        if memory is not None:
+            row[memory] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+
+
 def add_derived(rows: list[dict], copy_gbps: float | None = None) -> None:
     """Speed-up and memory relative to eager on the same op and mode, achieved TFLOP/s or GB/s, and the share of
     the floors: the bare lm_head matmuls' time over this time (``vs_matmuls``, where measured) and this GB/s over
     the measured device-to-device copy rate (``vs_copy``, where given)."""
-    eager = {(r["op"], r["mode"]): r for r in rows if r["impl"] == "eager" and "time_ms" in r}
-    floor = {(r["op"], r["mode"]): r for r in rows if r["impl"] == FLOOR_IMPL and "time_ms" in r}
+
+    def op_and_mode(row: dict) -> tuple[str, str]:
+        return row["op"], row["mode"]
+
+    relative_to(rows, "eager", op_and_mode, "time_ms", "vs_eager", "mem_vs_eager")
+    relative_to(rows, FLOOR_IMPL, op_and_mode, "time_ms", "vs_matmuls")
     for row in rows:
-        base = eager.get((row["op"], row["mode"]))
         if "time_ms" not in row:
             continue
-        if base is not None:
-            row["vs_eager"] = base["time_ms"] / row["time_ms"]
-            row["mem_vs_eager"] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
-        if (row["op"], row["mode"]) in floor:
-            row["vs_matmuls"] = floor[(row["op"], row["mode"])]["time_ms"] / row["time_ms"]
         seconds = row["time_ms"] / 1e3
         if row["flops"]:
             row["tflops"] = row["flops"] / seconds / 1e12
@@ -83,24 +100,64 @@ def add_derived(rows: list[dict], copy_gbps: float | None = None) -> None:
                 row["vs_copy"] = row["gbps"] / copy_gbps
 
 
-def _format(value: object, column: str) -> str:
+# How a float reads in a table, by column (the columns of both benchmarks).
+SPEEDUPS = ("vs_eager", "vs_trl")  # that row's time / this time: 2.00x
+MEMORY_SHARES = ("mem_vs_eager", "mem_vs_trl")  # this peak / that row's: 12.5%
+FLOOR_SHARES = ("vs_matmuls", "vs_copy")  # this row's share of a floor: 80%
+PRECISE = ("loss",)  # 5 significant digits, where the implementations agree
+
+
+def format_value(value: object, column: str) -> str:
+    """One table cell: ``value`` of ``column``; empty when missing, 3 significant digits unless the column says."""
     if value is None or value == "":
         return ""
-    if isinstance(value, float):
-        if column in ("vs_eager", "mem_vs_eager"):
-            return f"{value:.2f}x" if column == "vs_eager" else f"{100 * value:.1f}%"
-        if column in ("vs_matmuls", "vs_copy"):
-            return f"{100 * value:.0f}%"
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if column in SPEEDUPS:
+        return f"{value:.2f}x"
+    if column in MEMORY_SHARES:
+        return f"{100 * value:.1f}%"
+    if column in FLOOR_SHARES:
+        return f"{100 * value:.0f}%"
+    if column in PRECISE:
+        return f"{value:.5g}"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    shown = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    """The ``columns`` that any of ``rows`` has a value in, in that order, as a markdown table."""
+    shown = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(c), c) for c in shown) + " |")
+    lines += ["| " + " | ".join(format_value(row.get(c), c) for c in shown) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def header(title: str, env: dict[str, str], command: str) -> list[str]:
+    """The top of a results file: ``# title``, the environment as a list, the command that wrote the file."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    return [*lines, f"- command: `{command}`", ""]
+
+
+def checklist(targets: list[tuple[bool | None, str]]) -> list[str]:
+    """``(met, text)`` targets as markdown: ``[x]`` met, ``[ ]`` missed, ``[-]`` not judged (``met`` None)."""
+    return [f"- [{'-' if met is None else 'x' if met else ' '}] {text}" for met, text in targets]
+
+
+def write_tables(
+    rows: list[dict], columns: list[str], markdown: str, stem: str, env: dict[str, str], device: str, out_dir: Path
+) -> Path:
+    """Write ``<stem>[-<gpu>].csv`` (``columns`` of ``rows``) and ``<stem>[-<gpu>].md`` (``markdown``) into
+    ``out_dir``; return the markdown path. On CUDA the device's slug ends the name: GPUs' tables sit side by side."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem += f"-{device_slug(env)}" if device == "cuda" else ""
+    with open(out_dir / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    path = out_dir / f"{stem}.md"
+    path.write_text(markdown)
+    return path
 
 
 def check_targets(rows: list[dict], preset_name: str, copy_gbps: float | None = None) -> list[tuple[bool, str]]:
@@ -218,21 +275,12 @@ def write(
     rows: list[dict], env: dict[str, str], preset_name: str, device: str, preset_text: str, command: str, out_dir: Path
 ) -> Path:
     """Write ``core_ops-<preset>[-<gpu>].{csv,md}`` and return the markdown path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"core_ops-{preset_name}" + (f"-{device_slug(env)}" if device == "cuda" else "")
-    with open(out_dir / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    markdown = out_dir / f"{stem}.md"
-    markdown.write_text(render(rows, env, preset_name, preset_text, command))
-    return markdown
+    markdown = render(rows, env, preset_name, preset_text, command)
+    return write_tables(rows, COLUMNS, markdown, f"core_ops-{preset_name}", env, device, out_dir)
 
 
 def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text: str, command: str) -> str:
-    lines = [f"# fastalign core-op benchmark: `{preset_name}` ({preset_text})", ""]
-    lines += [f"- {key}: {value}" for key, value in env.items()]
-    lines += [f"- command: `{command}`", ""]
+    lines = header(f"fastalign core-op benchmark: `{preset_name}` ({preset_text})", env, command)
     lines += [
         "time: median per step (time_p10_ms / time_p90_ms: the 10th and 90th percentiles of the repeats); fwd",
         "runs under no_grad (reference / old-policy log-probs), fwd+bwd is a training step. peak_extra_mib: peak",
@@ -269,5 +317,5 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, preset_text:
         if preset_name == "gpu-core":  # the gpu preset's shapes for a subset of its ops: the targets of those
             measured = {r["op"] for r in rows}
             targets = [(met, text) for met, text in targets if text.split()[0] in measured]
-        lines += [f"- [{'x' if met else ' '}] {text}" for met, text in targets]
+        lines += checklist(targets)
     return "\n".join(lines) + "\n"

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import ctypes
 import dataclasses
 import gc
-import importlib.metadata
+import importlib
 import importlib.util
 import json
 import os
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import _memory_status, _reset_peak_rss
-from bench.report import device_slug, environment
+from bench.report import checklist, environment, header, markdown_table, package_version, relative_to, write_tables
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("sft", "dpo", "grpo", "grpo-gen", "ppo")
@@ -105,6 +104,7 @@ COLUMNS = [
     "stage", "impl", "rows", "prompt_len", "seq_len", "tokens", "time_s", "tokens_per_s", "vs_eager", "vs_trl",
     "state_mib", "peak_extra_mib", "peak_mib", "mem_vs_eager", "mem_vs_trl", "loss", "timed_steps", "error",
 ]  # fmt: skip
+TABLE_COLUMNS = [c for c in COLUMNS if c != "stage"]  # the markdown's tables: a section per stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +250,7 @@ def trl_ppo_status() -> str:
             if hasattr(importlib.import_module(module), "PPOTrainer"):
                 return ("TRL's PPOTrainer does rollout and update inside its own train() loop, with no update "
                         "step that can be timed on a fixed rollout")  # fmt: skip
-    return f"TRL {_versions()['trl']} ships no PPOTrainer (neither trl nor trl.experimental)"
+    return f"TRL {package_version('trl')} ships no PPOTrainer (neither trl nor trl.experimental)"
 
 
 def _eager_sft_loss(model) -> Callable[[dict], torch.Tensor]:
@@ -669,14 +669,8 @@ def add_derived(rows: list[dict]) -> None:
     for row in rows:
         if "time_s" in row:
             row["tokens_per_s"] = row["tokens"] / row["time_s"]
-    for base_impl, speed, memory in (("eager", "vs_eager", "mem_vs_eager"), ("trl", "vs_trl", "mem_vs_trl")):
-        bases = {r["stage"]: r for r in rows if r["impl"] == base_impl and "time_s" in r}
-        for row in rows:
-            base = bases.get(row["stage"])
-            if base is None or "time_s" not in row:
-                continue
-            row[speed] = base["time_s"] / row["time_s"]
-            row[memory] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+    for base_impl in ("eager", "trl"):
+        relative_to(rows, base_impl, lambda row: row["stage"], "time_s", f"vs_{base_impl}", f"mem_vs_{base_impl}")
 
 
 def check_targets(rows: list[dict]) -> list[tuple[bool | None, str]]:
@@ -711,31 +705,8 @@ def check_targets(rows: list[dict]) -> list[tuple[bool | None, str]]:
     return results
 
 
-def _format(value: object, column: str) -> str:
-    if value is None or value == "":
-        return ""
-    if isinstance(value, float):
-        if column in ("vs_eager", "vs_trl"):
-            return f"{value:.2f}x"
-        if column in ("mem_vs_eager", "mem_vs_trl"):
-            return f"{100 * value:.1f}%"
-        if column == "loss":
-            return f"{value:.5g}"
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    shown = [c for c in COLUMNS if c != "stage" and any(r.get(c) not in (None, "") for r in rows)]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_format(row.get(c), c) for c in shown) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render(rows: list[dict], env: dict[str, str], preset_name: str, title: str, command: str, notes: list[str]) -> str:
-    lines = [f"# fastalign training-step benchmark: `{preset_name}` ({title})", ""]
-    lines += [f"- {key}: {value}" for key, value in env.items()]
-    lines += [f"- command: `{command}`", ""]
+    lines = header(f"fastalign training-step benchmark: `{preset_name}` ({title})", env, command)
     lines += [
         "One step: `zero_grad`, the loss forward, backward, `AdamW.step`. `fastalign`: the trainer's own",
         "`compute_loss` (fastalign.trainers SFTTrainer / DPOTrainer: fused cross-entropy / log-probs on the hidden",
@@ -772,12 +743,11 @@ def render(rows: list[dict], env: dict[str, str], preset_name: str, title: str, 
     lines += [f"- {note}" for note in notes]
     lines += [""] if notes else []
     for stage in dict.fromkeys(r["stage"] for r in rows):
-        lines += [f"## {stage}", "", markdown_table([r for r in rows if r["stage"] == stage]), ""]
+        lines += [f"## {stage}", "", markdown_table([r for r in rows if r["stage"] == stage], TABLE_COLUMNS), ""]
     lines += ["## targets", ""]
     if preset_name == "gpu":
         lines += ["fastalign vs TRL at the same batch (the issue's H100 targets), judged where both were measured:", ""]
-        for met, text in check_targets(rows):
-            lines.append(f"- [{'x' if met else ' '}] {text}" if met is not None else f"- [-] {text}")
+        lines += checklist(check_targets(rows))
     elif preset_name == "cpu":
         lines += ["No speed targets on CPU: the memory figures are the record (the targets are the `gpu` preset's)."]
     else:
@@ -789,18 +759,10 @@ def write(
     rows: list[dict], env: dict[str, str], preset_name: str, title: str, command: str, notes: list[str], out: Path
 ) -> Path:
     """Write ``train_step-<preset>[-<gpu>].{csv,md}``; return the markdown path."""
-    out.mkdir(parents=True, exist_ok=True)
     rl = bool(rows) and all(r["stage"] in RL_STAGES for r in rows)
-    stem = f"train_step-{'rl-' if rl else ''}{preset_name}" + (
-        f"-{device_slug(env)}" if rows and rows[0]["device"] == "cuda" else ""
-    )
-    with open(out / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    markdown = out / f"{stem}.md"
-    markdown.write_text(render(rows, env, preset_name, title, command, notes))
-    return markdown
+    device = rows[0]["device"] if rows else "cpu"
+    markdown = render(rows, env, preset_name, title, command, notes)
+    return write_tables(rows, COLUMNS, markdown, f"train_step-{'rl-' if rl else ''}{preset_name}", env, device, out)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -849,16 +811,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.steps is not None and args.steps < 0:
         parser.error("--steps must be >= 0")
     return args
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("transformers", "trl"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -916,7 +868,7 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)  # fmt: skip
             rows.append({**row, **result})
     add_derived(rows)
-    env = {**environment(preset.device), **_versions()}
+    env = {**environment(preset.device), "transformers": package_version("transformers")}
     shape = preset.model
     env["model"] = (f"{shape.name}-shaped Qwen2ForCausalLM, random init: hidden {shape.hidden_size}, "
                     f"{shape.num_hidden_layers} layers, {shape.num_attention_heads} heads / "
