@@ -16,6 +16,8 @@ memory figure.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -32,6 +34,7 @@ from bench.cases import Case, make_inputs, make_step, output_error, output_toler
 
 MIN_SAMPLE_SECONDS = 3.0
 MAX_REPEATS = 50
+REPO_ROOT = Path(__file__).resolve().parent.parent
 QUANTILES = (0.1, 0.5, 0.9)  # the spread reported beside each median: time_p10_ms, time_ms, time_p90_ms
 
 
@@ -49,6 +52,35 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
+def rss_baseline(release_free_heap: bool = True) -> int:
+    """Start watching a step's peak RSS: collect garbage, hand the allocator's free pages back to the OS
+    (``release_free_heap``: glibc's ``malloc_trim``, so that scratch the step allocates shows in its peak instead
+    of landing unseen in pages that freed tensors left resident), reset the peak mark; return the RSS, in bytes.
+    The step's peak is then :func:`peak_rss`."""
+    gc.collect()
+    if release_free_heap:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _reset_peak_rss()
+    return _memory_status("VmRSS")
+
+
+def peak_rss() -> int:
+    """The peak RSS since :func:`rss_baseline`, in bytes."""
+    return _memory_status("VmHWM")
+
+
+def run_in_fresh_process(module: str, *args: str) -> dict:
+    """``python -m module *args`` in a fresh interpreter at the repository root (so earlier cases cannot inflate
+    its peak RSS): the JSON its last stdout line holds, or ``{"error": its last stderr line}`` when it fails."""
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"error": (lines or [f"exit status {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _gradient_bytes(inputs: tuple[torch.Tensor, ...]) -> int:
     """Memory of the inputs' gradients: every implementation must produce them, so they are not counted."""
     return sum(x.grad.numel() * x.grad.element_size() for x in inputs if x.grad is not None)
@@ -62,14 +94,12 @@ def measure_here_cpu(case: Case, repeats: int) -> dict:
     make_step(tiny, make_inputs(tiny))()
     inputs = make_inputs(case)
     step = make_step(case, inputs)
-    gc.collect()
-    _reset_peak_rss()
-    before = _memory_status("VmRSS")
+    before = rss_baseline(release_free_heap=False)
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
     # Gradients may land in pages the allocator already held: clamp that page-level noise at 0.
-    extra = max(0, _memory_status("VmHWM") - before - _gradient_bytes(inputs))
+    extra = max(0, peak_rss() - before - _gradient_bytes(inputs))
     # Short steps repeat until about MIN_SAMPLE_SECONDS of samples: single runs on a shared CPU vary widely.
     times = []
     while len(times) < repeats or (sum(times) < MIN_SAMPLE_SECONDS and len(times) < MAX_REPEATS):
@@ -94,12 +124,7 @@ def _spread(times_ms: list[float]) -> dict:
 
 def measure_cpu(case: Case, repeats: int) -> dict:
     """Run one CPU case in a fresh interpreter, so earlier cases cannot inflate its peak RSS."""
-    command = [sys.executable, "-m", "bench.measure", json.dumps({**case.to_dict(), "repeats": repeats})]
-    repo_root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=repo_root)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("bench.measure", json.dumps({**case.to_dict(), "repeats": repeats}))
 
 
 def measure_gpu(case: Case, rehearsal_repeats: int = 3) -> dict:

@@ -31,10 +31,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime
-import gc
 import json
 import os
 import shlex
@@ -50,7 +47,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastalign
-from bench.measure import _memory_status, _reset_peak_rss
+from bench.measure import peak_rss, rss_baseline
 from bench.report import environment
 
 WEIGHT_BLOCK_ROWS = 8192
@@ -136,15 +133,6 @@ def ring_bytes_sent(calls: list[tuple[str, int]], world: int) -> float:
     return sum(factor[name] * size for name, size in calls)
 
 
-def _release_free_heap() -> None:
-    """Return the allocator's free memory to the OS (glibc ``malloc_trim``), so that scratch a step allocates shows
-    up in its peak RSS instead of landing in pages left resident by building the inputs."""
-    gc.collect()
-    # Without glibc the peak may miss scratch that fits in already-resident free memory.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _rank_main(rank: int, world: int, port: int, config: dict, work_dir: str) -> None:
     torch.set_num_threads(config["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -179,12 +167,10 @@ def _measure_rank(rank: int, world: int, config: dict, work_dir: Path) -> None:
     fastalign.linear_logprobs(tiny_hidden, tiny_weight, targets[:4] % (8 * world), backend="torch",
                               process_group=group, vocab_start=8 * rank).sum().backward()  # fmt: skip
     grad_bytes = sum(t.numel() * t.element_size() for t in (hidden, weight))
-    _release_free_heap()
-    _reset_peak_rss()
-    before = _memory_status("VmRSS")
+    before = rss_baseline()  # the free pages building the inputs left resident handed back first
     with CollectiveLog() as log:
         logp, _ = step()
-    peak_extra = max(0, _memory_status("VmHWM") - before - grad_bytes)
+    peak_extra = max(0, peak_rss() - before - grad_bytes)
     times = [step()[1] for _ in range(config["repeats"])]
     result = {
         "rank": rank,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import importlib
@@ -29,7 +28,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.measure import _memory_status, _reset_peak_rss
+from bench.measure import peak_rss, rss_baseline, run_in_fresh_process
 from bench.report import checklist, environment, header, markdown_table, package_version, relative_to, write_tables
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -554,20 +552,11 @@ def _memory_before(device: str) -> int:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    _malloc_trim()
-    _reset_peak_rss()
-    return _memory_status("VmRSS")
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap pages back to the OS (glibc), so the warm-up's freed gradients do not stay in the RSS the
-    measured step is compared with (the step would then reuse them unseen)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_baseline()  # the warm-up's freed gradients handed back: the step cannot reuse them unseen
 
 
 def _memory_peak(device: str) -> int:
-    return torch.cuda.max_memory_allocated() if device == "cuda" else _memory_status("VmHWM")
+    return torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
 
 
 def build_case(case: Case, workdir: str):
@@ -653,12 +642,7 @@ def measure(case: Case, isolate: bool) -> dict:
             return run_case(case)
         except Exception as error:  # an out-of-memory or a trainer refusing the setup is a result, not a crash
             return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
-    command = [sys.executable, "-m", "bench.train_step", "--case", json.dumps(dataclasses.asdict(case))]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=RESULTS.parent.parent)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines or [f"exit status {done.returncode}"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("bench.train_step", "--case", json.dumps(dataclasses.asdict(case)))
 
 
 # ------------------------------------------------------------------------------------------------------ reports
