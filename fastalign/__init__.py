@@ -15,15 +15,34 @@ import importlib
 __version__ = "0.1.0"
 
 _OPS_NAMES = (
-    "BackendStatus", "BackendUnavailableError", "backends", "dpo_loss", "dpo_loss_from_token_logps", "gae",
-    "group_advantages", "linear_cross_entropy", "linear_logprobs", "logprobs_from_logits", "policy_loss",
-    "reward_loss", "set_scratch_budget", "value_loss",
-)  # fmt: skip
+    "BackendStatus",
+    "BackendUnavailableError",
+    "backends",
+    "dpo_loss",
+    "dpo_loss_from_token_logps",
+    "gae",
+    "group_advantages",
+    "linear_cross_entropy",
+    "linear_logprobs",
+    "logprobs_from_logits",
+    "policy_loss",
+    "reward_loss",
+    "set_scratch_budget",
+    "value_loss",
+)
 # The trainers pull in transformers.Trainer, accelerate and datasets.
 _TRAINER_NAMES = (
-    "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
-    "RewardTrainer", "SFTConfig", "SFTTrainer",
-)  # fmt: skip
+    "DPOConfig",
+    "DPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
+    "PPOConfig",
+    "PPOTrainer",
+    "RewardConfig",
+    "RewardTrainer",
+    "SFTConfig",
+    "SFTTrainer",
+)
 _MODEL_NAMES = ("patch_model", "unpatch_model")
 _HOME = {
     **dict.fromkeys(_OPS_NAMES, "fastalign.ops"),

@@ -113,8 +113,9 @@ def _scan(path: Path) -> int:
     for line, row in _records(path):
         count += 1
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line}: expected a JSON object ({{\"column\": value, ...}}) per row, got "
-                             f"{type(row).__name__}")  # fmt: skip
+            raise ValueError(
+                f'{path}:{line}: expected a JSON object ({{"column": value, ...}}) per row, got {type(row).__name__}'
+            )
         for column, value in row.items():
             problem = value_problem(column, value, row)
             if problem is not None:

@@ -44,9 +44,12 @@ def evaluate_policy(
         prompts = [row["prompt"] for row in rows[start : start + batch_size]]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+        )
         completions += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = accuracy_reward(completions, solution=[row["solution"] for row in rows])
     formatted = think_format_reward(completions)

@@ -108,8 +108,9 @@ def add_fastalign_lm_head(
         if not fused_lm_head:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return previous(*args, **{k: v for k, v in extra.items() if v is not None}, **kwargs)
-        return _fused_head(self, args, kwargs, labels, shift_labels, num_items_in_batch,
-                           temperature, cast_lm_head_to_fp32, outputs)  # fmt: skip
+        return _fused_head(
+            self, args, kwargs, labels, shift_labels, num_items_in_batch, temperature, cast_lm_head_to_fp32, outputs
+        )
 
     forward._fastalign_previous_forward = previous  # type: ignore[attr-defined]
     model.forward = types.MethodType(forward, model)
@@ -150,10 +151,18 @@ def _fused_head(
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         stats, _ = linear_stats(
-            rows, weight, bias, targets, temperature=temperature * adapter.logit_temperature,
-            softcap=adapter.softcap, ignore_index=-100, need_entropy="entropy" in outputs,
-            need_sum="mean_logits" in outputs, need_top1="is_top1" in outputs, backend="auto",
-        )  # fmt: skip
+            rows,
+            weight,
+            bias,
+            targets,
+            temperature=temperature * adapter.logit_temperature,
+            softcap=adapter.softcap,
+            ignore_index=-100,
+            need_entropy="entropy" in outputs,
+            need_sum="mean_logits" in outputs,
+            need_top1="is_top1" in outputs,
+            backend="auto",
+        )
     logp, entropy, sum_logits = stats[1:4]
 
     def scatter(values: torch.Tensor) -> torch.Tensor:

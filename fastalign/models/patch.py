@@ -260,15 +260,25 @@ def _token_logprobs(
     adapter = CausalLMAdapter(model)
     if targets is not None:
         return adapter.token_logprobs(
-            input_ids, attention_mask, targets, position_ids=position_ids, temperature=temperature,
-            return_entropy=return_entropy, backend=backend,
-        )  # fmt: skip
+            input_ids,
+            attention_mask,
+            targets,
+            position_ids=position_ids,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            backend=backend,
+        )
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
     result = adapter.token_logprobs(
-        input_ids, attention_mask, shift_labels(labels), position_ids=position_ids, temperature=temperature,
-        return_entropy=return_entropy, backend=backend,
-    )  # fmt: skip
+        input_ids,
+        attention_mask,
+        shift_labels(labels),
+        position_ids=position_ids,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        backend=backend,
+    )
 
     def align(values: torch.Tensor) -> torch.Tensor:
         # values[:, t] belongs to labels[:, t + 1]: move it one position right, 0 in front.
