@@ -30,6 +30,7 @@ MODES = ("fwd", "fwd+bwd")
 TRAINING_ONLY = ("linear_dpo", "linear_grpo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DPO_BETA = 0.1
+IGNORE_INDEX = -100  # the label of a token without loss (a prompt's)
 # The vocabulary chunk TRL 1.16's trainers pass to trl.kernels.ChunkedLogProbFunction
 # (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE; importing that module pulls in TRL's whole trainer stack).
 TRL_CHUNK_SIZE = 32768
@@ -120,12 +121,13 @@ def _eager_cross_entropy(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.T).float(), targets)
 
 
-def _eager_logprobs_from_logits(logits, targets):
+def eager_logprobs_from_logits(logits, targets):
+    """``[...]`` log-probs of ``targets`` ``[...]`` (int64) under ``logits`` ``[..., V]``: float32 log_softmax."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def _eager_sequence_logps(hidden, weight, targets):
-    mask = targets != -100
+    mask = targets != IGNORE_INDEX
     logp = _eager_linear_logprobs(hidden, weight, targets.clamp_min(0))
     return (logp * mask).sum(-1)
 
@@ -140,15 +142,21 @@ def _eager_linear_dpo(hidden, weight, targets, ref_hidden):
     return -F.logsigmoid(DPO_BETA * margin).mean()
 
 
-def _eager_token_policy_loss(logp, old_logp, advantages, mask):
-    """TRL-style DAPO loss from per-token log-probs: ratio, clip, token mean."""
+def eager_clipped_surrogate(logp, old_logp, advantages, mask, clip: tuple[float, float] = (0.8, 1.28)):
+    """The clipped policy-gradient loss, token mean over ``mask``: ``logp``, ``old_logp``, ``mask`` ``[N, T]``,
+    ``advantages`` broadcast against them (``[N, 1]`` per sequence, ``[N, T]`` per token); the ratio clipped to
+    ``clip`` (DAPO's clip-higher by default)."""
     ratio = torch.exp(logp - old_logp)
-    advantages = advantages.unsqueeze(-1)
-    per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.28) * advantages)
+    per_token = -torch.min(ratio * advantages, torch.clamp(ratio, *clip) * advantages)
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _eager_dpo_loss(token_logps, mask, ref_logps):
+def _eager_token_policy_loss(logp, old_logp, advantages, mask):
+    """TRL-style DAPO loss from per-token log-probs ``[N, T]`` and per-sequence advantages ``[N]``."""
+    return eager_clipped_surrogate(logp, old_logp, advantages.unsqueeze(-1), mask)
+
+
+def eager_dpo_loss(token_logps, mask, ref_logps):
     """TRL-style sigmoid DPO from per-token log-probs: masked sums, then the loss."""
     sums = (token_logps * mask).sum(-1) - ref_logps
     pairs = sums.shape[0] // 2
@@ -265,11 +273,11 @@ def _fastalign(op: str, backend: str) -> Callable:
 _EAGER = {
     "linear_logprobs": _eager_linear_logprobs,
     "linear_cross_entropy": _eager_cross_entropy,
-    "logprobs_from_logits": _eager_logprobs_from_logits,
+    "logprobs_from_logits": eager_logprobs_from_logits,
     "linear_dpo": _eager_linear_dpo,
     "linear_grpo": _eager_linear_grpo,
     "policy_loss": _eager_token_policy_loss,
-    "dpo_loss": _eager_dpo_loss,
+    "dpo_loss": eager_dpo_loss,
 }
 
 
@@ -349,7 +357,7 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
     hidden = randn(rows, case.t, case.d).requires_grad_(needs_grad)
     targets = targets.view(rows, case.t)
     if case.op == "linear_dpo":
-        targets[:, : case.t // 4] = -100  # the prompt
+        targets[:, : case.t // 4] = IGNORE_INDEX  # the prompt
         return hidden, weight, targets, randn(rows, case.t, case.d)
     with torch.no_grad():
         old = fastalign.linear_logprobs(hidden, weight, targets) + randn(rows, case.t, scale=0.1, dtype=torch.float32)

@@ -37,6 +37,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.cases import (
+    DPO_BETA,
+    DTYPES,
+    IGNORE_INDEX,
+    eager_clipped_surrogate,
+    eager_dpo_loss,
+    eager_logprobs_from_logits,
+)
 from bench.measure import peak_rss, rss_baseline, run_in_fresh_process
 from bench.report import checklist, environment, header, markdown_table, package_version, relative_to, write_tables
 
@@ -47,10 +55,7 @@ DEFAULT_STAGES = ("sft", "dpo")  # the RL stages: --stages grpo grpo-gen ppo (th
 # (tokens/s vs TRL at least, step peak memory vs TRL at most): the H100 targets per stage
 TARGETS = {"sft": (1.3, 0.6), "dpo": (1.3, 0.6), "grpo": (1.5, 0.5), "grpo-gen": (1.5, 0.5), "ppo": (1.5, 0.5)}
 IMPLS = ("fastalign", "eager", "trl")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DPO_BETA = 0.1
 WARMUP_TOKENS = 16  # tokens per row of the warm-up step that allocates the optimizer state
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,13 +276,9 @@ def _eager_dpo_loss(model) -> Callable[[dict], torch.Tensor]:
     def loss(batch: dict) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = shift_labels(batch["labels"])
-        mask = targets != IGNORE_INDEX
-        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1))
-        logps = (token_logps.squeeze(-1) * mask).sum(-1)
-        pairs = logps.shape[0] // 2
-        chosen = logps[:pairs] - batch["ref_chosen_logps"]
-        rejected = logps[pairs:] - batch["ref_rejected_logps"]
-        return -F.logsigmoid(DPO_BETA * (chosen - rejected)).mean()
+        token_logps = eager_logprobs_from_logits(logits, targets.clamp_min(0))
+        ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        return eager_dpo_loss(token_logps, targets != IGNORE_INDEX, ref_logps)
 
     return loss
 
@@ -405,14 +406,7 @@ def _eager_policy_logps(model, batch: dict) -> torch.Tensor:
     completion = batch["completion_ids"].shape[1]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits[:, -completion - 1 : -1]  # fmt: skip
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    return logps * batch["completion_mask"]
-
-
-def _clipped_surrogate(logps, old, advantages, mask, eps: float) -> torch.Tensor:
-    ratio = torch.exp(logps - old)
-    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+    return eager_logprobs_from_logits(logits, batch["completion_ids"]) * batch["completion_mask"]
 
 
 def _eager_grpo_loss(model) -> Callable[[dict], torch.Tensor]:
@@ -421,7 +415,8 @@ def _eager_grpo_loss(model) -> Callable[[dict], torch.Tensor]:
     def loss(batch: dict) -> torch.Tensor:
         logps = _eager_policy_logps(model, batch)
         mask = batch["completion_mask"]
-        return _clipped_surrogate(logps, batch["old_logps"], batch["advantages"][:, None], mask, GRPO_EPSILON)
+        clip = (1 - GRPO_EPSILON, 1 + GRPO_EPSILON)
+        return eager_clipped_surrogate(logps, batch["old_logps"], batch["advantages"][:, None], mask, clip)
 
     return loss
 
@@ -455,7 +450,8 @@ def make_rl_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torc
             mask = batch["completion_mask"]
             completion = mask.shape[1]
             logps = _eager_policy_logps(trainer.policy, batch)
-            policy = _clipped_surrogate(logps, batch["old_logps"], batch["advantages"], mask, args.cliprange)
+            clip = (1 - args.cliprange, 1 + args.cliprange)
+            policy = eager_clipped_surrogate(logps, batch["old_logps"], batch["advantages"], mask, clip)
             values = trainer.value_model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
             values = values[:, -completion - 1 : -1].float()
             old, returns = batch["old_values"], batch["returns"]
