@@ -256,26 +256,17 @@ def trl_ppo_status() -> str:
     return f"TRL {package_version('trl')} ships no PPOTrainer (neither trl nor trl.experimental)"
 
 
-def _eager_sft_loss(model) -> Callable[[dict], torch.Tensor]:
-    """Full logits, float32 cross-entropy over the label tokens; the token mean of fastalign's SFTTrainer."""
+def _eager_loss(model, stage: str) -> Callable[[dict], torch.Tensor]:
+    """Full logits in float32. SFT: cross-entropy over the label tokens, the token mean of fastalign's SFTTrainer.
+    DPO: log_softmax gathered and summed over each completion; sigmoid DPO, mean over pairs."""
     from fastalign.models import shift_labels
 
     def loss(batch: dict) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = shift_labels(batch["labels"])
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
-
-    return loss
-
-
-def _eager_dpo_loss(model) -> Callable[[dict], torch.Tensor]:
-    """Full logits, float32 log_softmax, gathered and summed over the completion; sigmoid DPO, mean over pairs."""
-    from fastalign.models import shift_labels
-
-    def loss(batch: dict) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = shift_labels(batch["labels"])
+        if stage == "sft":
+            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
         token_logps = eager_logprobs_from_logits(logits, targets.clamp_min(0))
         ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
         return eager_dpo_loss(token_logps, targets != IGNORE_INDEX, ref_logps)
@@ -296,8 +287,8 @@ def make_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torch.T
     trainers patch the model's forward with their chunked LM head, so each case gets its own model).
     """
     if case.impl == "eager":
-        fn = _eager_sft_loss(model) if case.stage == "sft" else _eager_dpo_loss(model)
-        return fn, ("input_ids", "attention_mask", "labels", "ref_chosen_logps", "ref_rejected_logps")
+        keys = ("input_ids", "attention_mask", "labels", "ref_chosen_logps", "ref_rejected_logps")
+        return _eager_loss(model, case.stage), keys
     tokenizer = build_tokenizer()
     common = _common_args(case.device, workdir)
     if case.impl == "fastalign" and case.stage == "sft":
