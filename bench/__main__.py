@@ -44,21 +44,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets:\n" + "\n".join(f"  {k:10s} {p.description}: N,D,V={p.linear_shape}, rows,T={p.sequence_shape}"
-                                          f", policy B,T={p.policy_shape}, {p.dtype}, {p.device}"
-                                          for k, p in PRESETS.items()),
-    )  # fmt: skip
+        epilog="presets:\n"
+        + "\n".join(
+            f"  {k:10s} {p.description}: N,D,V={p.linear_shape}, rows,T={p.sequence_shape}"
+            f", policy B,T={p.policy_shape}, {p.dtype}, {p.device}"
+            for k, p in PRESETS.items()
+        ),
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
     parser.add_argument("--demo", action="store_true", help="the quick CPU preset; prints, saves to results/tmp")
     parser.add_argument("--ops", nargs="+", choices=OPS, help="only these ops, in this order (default: the preset's)")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="only these modes (default: the preset's)")
     parser.add_argument("--impls", nargs="+", help="only these implementations (e.g. eager fastalign-torch)")
     parser.add_argument(
-        "--rehearse", action="store_true",
+        "--rehearse",
+        action="store_true",
         help="run a GPU preset's cases on the CPU at toy shapes: the same implementations where they "
         "run there (Triton in its interpreter), the same in-process measurement with host timers; a dry run of the "
         "GPU code path (bench/gpu_check.sh)",
-    )  # fmt: skip
+    )
     parser.add_argument("--repeats", type=int, help="timed steps per CPU case (default: the preset's)")
     parser.add_argument("--shape", type=_shape, help="N,D,V for the core ops instead of the preset's (logits: N,V)")
     parser.add_argument("--out", type=Path, help=f"output folder (default: {RESULTS})")
@@ -133,8 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     for number, case in enumerate(cases, 1):
         print(f"[{number}/{len(cases)}] {case.op} {case.mode} {case.impl} ...", end=" ", file=sys.stderr, flush=True)
         result = measure_gpu(case, repeats or 2) if in_process else measure_cpu(case, repeats)
-        print(result.get("error") or f"{result['time_ms']:.1f} ms, {result['peak_extra_mib']:.0f} MiB",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            result.get("error") or f"{result['time_ms']:.1f} ms, {result['peak_extra_mib']:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append({**case.to_dict(), **result, "flops": matmul_flops(case), "bytes": min_bytes(case)})
         add_derived(rows, copy_gbps)
         path = write(rows, env, name, device, title, command, args.out)  # after every case: a cut run keeps it
@@ -143,8 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.rehearse:
         # A peer's Triton kernel that triton's interpreter cannot run (cut-cross-entropy's) got as far as its
         # kernel: the call itself is right. Every other error would recur on the GPU.
-        errors = [f"{r['op']} {r['mode']} {r['impl']}: {r['error']}" for r in rows if r.get("error")
-                  and not (r["impl"] in PEER_MODULES and r["error"].startswith("InterpreterError"))]  # fmt: skip
+        errors = [
+            f"{r['op']} {r['mode']} {r['impl']}: {r['error']}"
+            for r in rows
+            if r.get("error") and not (r["impl"] in PEER_MODULES and r["error"].startswith("InterpreterError"))
+        ]
         if errors:
             raise SystemExit("rehearsal: cases that failed (they would fail on the GPU too):\n  " + "\n  ".join(errors))
 

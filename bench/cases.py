@@ -9,7 +9,7 @@ import importlib.util
 import sys
 import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +17,17 @@ import torch.nn.functional as F
 import fastalign
 
 OPS = (
-    "linear_logprobs", "linear_cross_entropy", "logprobs_from_logits",  # the core ops (issue 2)
-    "linear_dpo", "linear_grpo", "policy_loss",  # the alignment losses (issue 3)
-    "dpo_loss",  # the DPO reduction + loss from per-token log-probs, for the CUDA kernels (issue 4)
-)  # fmt: skip
+    # the core ops (issue 2)
+    "linear_logprobs",
+    "linear_cross_entropy",
+    "logprobs_from_logits",
+    # the alignment losses (issue 3)
+    "linear_dpo",
+    "linear_grpo",
+    "policy_loss",
+    # the DPO reduction + loss from per-token log-probs, for the CUDA kernels (issue 4)
+    "dpo_loss",
+)
 # Ops with a CUDA C++ kernel: they get a fastalign-cuda row when fastalign._C is built and sees the GPU.
 CUDA_OPS = ("logprobs_from_logits", "policy_loss", "dpo_loss")
 # Ops on per-token log-probs (no matmul): their shape is (rows, T) from the preset's policy_shape.
@@ -85,29 +92,45 @@ class Preset:
         return (*self.linear_shape, 0)
 
 
+# A table, a preset a row (`fmt: skip` keeps it one): description, device, dtype; N,D,V of the linear ops, N,V of
+# logprobs_from_logits, rows,T of the sequence losses, B,T of the token losses; timed repeats per CPU case.
 PRESETS = {
-    "cpu": Preset("the CPU targets of issues 2 and 3", "cpu", "float32", (4096, 512, 32768), (4096, 32768),
-                  (8, 512), (64, 1024), 5),
-    "demo": Preset("a quick CPU run for `make demo`", "cpu", "float32", (1024, 512, 32768), (1024, 32768),
-                   (4, 256), (32, 512), 3),
-    "tiny": Preset("every op at toy sizes, for tests", "cpu", "float32", (64, 32, 512), (64, 512), (4, 16), (8, 32),
-                   1),
-    "gpu": Preset("the H100 targets of issues 2 and 3", "cuda", "bfloat16", (16384, 4096, 131072), (16384, 151936),
-                  (8, 2048), (256, 4096), 0),
-    "gpu-small": Preset("a quick GPU smoke run", "cuda", "bfloat16", (4096, 2048, 32768), (4096, 32768),
-                        (4, 1024), (64, 2048), 0),
-    # bench/gpu_check.sh's core benchmark: the gpu preset's core-op shapes, against eager, the floor and the peers.
-    "gpu-core": Preset("the GPU check's core benchmark", "cuda", "bfloat16", (16384, 4096, 131072),
-                       (16384, 151936), (8, 2048), (256, 4096), 0,
-                       cases=(("linear_logprobs", "fwd+bwd"), ("linear_cross_entropy", "fwd+bwd"),
-                              ("logprobs_from_logits", "fwd"), ("logprobs_from_logits", "fwd+bwd")),
-                       impls=("eager", "fastalign-triton", "fastalign-cuda", "lm-head-matmuls", "trl-chunked",
-                              "liger-kernel", "cut-cross-entropy")),
+    "cpu": Preset("the CPU targets of issues 2 and 3", "cpu", "float32",
+                  (4096, 512, 32768), (4096, 32768), (8, 512), (64, 1024), 5),
+    "demo": Preset("a quick CPU run for `make demo`", "cpu", "float32",
+                   (1024, 512, 32768), (1024, 32768), (4, 256), (32, 512), 3),
+    "tiny": Preset("every op at toy sizes, for tests", "cpu", "float32",
+                   (64, 32, 512), (64, 512), (4, 16), (8, 32), 1),
+    "gpu": Preset("the H100 targets of issues 2 and 3", "cuda", "bfloat16",
+                  (16384, 4096, 131072), (16384, 151936), (8, 2048), (256, 4096), 0),
+    "gpu-small": Preset("a quick GPU smoke run", "cuda", "bfloat16",
+                        (4096, 2048, 32768), (4096, 32768), (4, 1024), (64, 2048), 0),
 }  # fmt: skip
+# bench/gpu_check.sh's core benchmark: the gpu preset's core-op shapes, against eager, the floor and the peers.
+PRESETS["gpu-core"] = replace(
+    PRESETS["gpu"],
+    description="the GPU check's core benchmark",
+    cases=(
+        ("linear_logprobs", "fwd+bwd"),
+        ("linear_cross_entropy", "fwd+bwd"),
+        ("logprobs_from_logits", "fwd"),
+        ("logprobs_from_logits", "fwd+bwd"),
+    ),
+    impls=(
+        "eager",
+        "fastalign-triton",
+        "fastalign-cuda",
+        "lm-head-matmuls",
+        "trl-chunked",
+        "liger-kernel",
+        "cut-cross-entropy",
+    ),
+)
 # The shapes a rehearsal (``python -m bench --rehearse``) runs a GPU preset's cases at, on the CPU: small enough
 # for Triton's interpreter (a few seconds for the gpu-core preset), vocabularies not a multiple of any tile.
-REHEARSAL = Preset("a GPU preset's cases rehearsed on the CPU", "cpu", "float32", (32, 16, 100), (32, 100), (2, 8),
-                   (4, 16), 1)  # fmt: skip
+REHEARSAL = Preset(
+    "a GPU preset's cases rehearsed on the CPU", "cpu", "float32", (32, 16, 100), (32, 100), (2, 8), (4, 16), 1
+)
 
 
 def _eager_linear_logprobs(hidden, weight, targets):
@@ -223,8 +246,10 @@ def _trl_backward_without_datasets() -> None:
         stand_in = types.ModuleType("trl.trainer.utils")
         stand_in.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
         sys.modules["trl.trainer.utils"] = stand_in
-        print("trl.trainer.utils does not import here: TRL's backward gets its ZeRO-3 gather as a null context",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "trl.trainer.utils does not import here: TRL's backward gets its ZeRO-3 gather as a null context",
+            file=sys.stderr,
+        )
 
 
 class _LmHeadMatmuls(torch.autograd.Function):

@@ -14,9 +14,11 @@ import torch
 from bench.cases import FLOOR_IMPL
 
 COLUMNS = [
-    "op", "mode", "impl", "dtype", "n", "d", "v", "time_ms", "time_p10_ms", "time_p90_ms", "vs_eager",
-    "vs_matmuls", "peak_extra_mib", "mem_vs_eager", "tflops", "gbps", "vs_copy", "out_rel_err", "error",
-]  # fmt: skip
+    *("op", "mode", "impl", "dtype", "n", "d", "v"),  # the case
+    *("time_ms", "time_p10_ms", "time_p90_ms", "vs_eager", "vs_matmuls"),  # time
+    *("peak_extra_mib", "mem_vs_eager"),  # memory
+    *("tflops", "gbps", "vs_copy", "out_rel_err", "error"),  # work done, and the output against eager's
+]
 
 
 def package_version(package: str) -> str:
@@ -225,8 +227,12 @@ def _cuda_targets(index: dict, copy_gbps: float | None) -> list[tuple[bool, str]
     row = index.get(("logprobs_from_logits", "fwd+bwd", "fastalign-cuda"))
     text = "logprobs_from_logits cuda fwd+bwd >= 3x faster than eager"
     results.append((row is not None and row["vs_eager"] >= 3, _detail(text, row, "bandwidth")))
-    for op, mode in (("logprobs_from_logits", "fwd"), ("logprobs_from_logits", "fwd+bwd"),
-                     ("policy_loss", "fwd+bwd"), ("dpo_loss", "fwd+bwd")):  # fmt: skip
+    for op, mode in (
+        ("logprobs_from_logits", "fwd"),
+        ("logprobs_from_logits", "fwd+bwd"),
+        ("policy_loss", "fwd+bwd"),
+        ("dpo_loss", "fwd+bwd"),
+    ):
         row = index.get((op, mode, "fastalign-cuda"))
         text = f"{op} cuda {mode} >= 80% of DRAM bandwidth"
         if row is None or not copy_gbps:
@@ -250,8 +256,11 @@ def fastest_backends(rows: list[dict]) -> dict[str, tuple[str, str]]:
     """``{dispatch key: (backend, evidence)}``: the fastest fastalign backend on each op's fwd+bwd step."""
     choice = {}
     for op, key in DISPATCH_KEYS.items():
-        timed = [r for r in rows if r["op"] == op and r["mode"] == "fwd+bwd" and r["impl"].startswith("fastalign-")
-                 and r.get("time_ms")]  # fmt: skip
+        timed = [
+            r
+            for r in rows
+            if r["op"] == op and r["mode"] == "fwd+bwd" and r["impl"].startswith("fastalign-") and r.get("time_ms")
+        ]
         if timed:
             best = min(timed, key=lambda r: r["time_ms"])
             evidence = ", ".join(f"{r['impl'].removeprefix('fastalign-')} {r['time_ms']:.3g} ms" for r in timed)

@@ -135,8 +135,13 @@ def ring_bytes_sent(calls: list[tuple[str, int]], world: int) -> float:
 
 def _rank_main(rank: int, world: int, port: int, config: dict, work_dir: str) -> None:
     torch.set_num_threads(config["threads"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=20))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=20),
+    )
     try:
         _measure_rank(rank, world, config, Path(work_dir))
     finally:
@@ -155,8 +160,9 @@ def _measure_rank(rank: int, world: int, config: dict, work_dir: Path) -> None:
         hidden.grad, weight.grad = None, None
         dist.barrier(group)
         begin = time.perf_counter()
-        logp = fastalign.linear_logprobs(hidden, weight, targets, backend="torch", process_group=group,
-                                         vocab_start=start)  # fmt: skip
+        logp = fastalign.linear_logprobs(
+            hidden, weight, targets, backend="torch", process_group=group, vocab_start=start
+        )
         logp.sum().backward()
         return logp.detach(), time.perf_counter() - begin
 
@@ -164,8 +170,9 @@ def _measure_rank(rank: int, world: int, config: dict, work_dir: Path) -> None:
     # in the allocator and hide it from the measured step.
     tiny_hidden = hidden[:4, :8].detach().clone().requires_grad_()
     tiny_weight = weight[:8, :8].detach().clone().requires_grad_()
-    fastalign.linear_logprobs(tiny_hidden, tiny_weight, targets[:4] % (8 * world), backend="torch",
-                              process_group=group, vocab_start=8 * rank).sum().backward()  # fmt: skip
+    fastalign.linear_logprobs(
+        tiny_hidden, tiny_weight, targets[:4] % (8 * world), backend="torch", process_group=group, vocab_start=8 * rank
+    ).sum().backward()
     grad_bytes = sum(t.numel() * t.element_size() for t in (hidden, weight))
     before = rss_baseline()  # the free pages building the inputs left resident handed back first
     with CollectiveLog() as log:

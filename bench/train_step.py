@@ -60,7 +60,7 @@ WARMUP_TOKENS = 16  # tokens per row of the warm-up step that allocates the opti
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """A Qwen2 causal LM's shape (tied embeddings, random init)."""
+    """A Qwen2 causal LM's shape (tied embeddings, random init); the fields but ``name`` are Qwen2Config's."""
 
     name: str
     hidden_size: int
@@ -94,19 +94,26 @@ class Preset:
     prompt_len: int = 128
 
 
+# A table, a preset a row (`fmt: skip` keeps it one): description, device, dtype; model, T, batch, timed steps,
+# isolate; the RL stages' shapes.
 PRESETS = {
-    "cpu": Preset("Qwen2.5-0.5B shape at 2048 tokens on CPU", "cpu", "float32", QWEN2_5_0_5B, 2048, 1, 0, True,
+    "cpu": Preset("Qwen2.5-0.5B shape at 2048 tokens on CPU", "cpu", "float32",
+                  QWEN2_5_0_5B, 2048, 1, 0, True,
                   num_generations=4, completion_len=256, gen_completion_len=32, prompt_len=64),
-    "gpu": Preset("the H100 targets: Qwen2.5-0.5B shape at 2048 tokens", "cuda", "bfloat16", QWEN2_5_0_5B, 2048, 4,
-                  10, True, num_generations=8, completion_len=1024, gen_completion_len=1024, prompt_len=128),
-    "tiny": Preset("toy model and sequence, for tests", "cpu", "float32", TOY, 32, 1, 3, False,
+    "gpu": Preset("the H100 targets: Qwen2.5-0.5B shape at 2048 tokens", "cuda", "bfloat16",
+                  QWEN2_5_0_5B, 2048, 4, 10, True,
+                  num_generations=8, completion_len=1024, gen_completion_len=1024, prompt_len=128),
+    "tiny": Preset("toy model and sequence, for tests", "cpu", "float32",
+                   TOY, 32, 1, 3, False,
                    num_generations=4, completion_len=16, gen_completion_len=8, prompt_len=8),
 }  # fmt: skip
 
 COLUMNS = [
-    "stage", "impl", "rows", "prompt_len", "seq_len", "tokens", "time_s", "tokens_per_s", "vs_eager", "vs_trl",
-    "state_mib", "peak_extra_mib", "peak_mib", "mem_vs_eager", "mem_vs_trl", "loss", "timed_steps", "error",
-]  # fmt: skip
+    *("stage", "impl", "rows", "prompt_len", "seq_len", "tokens"),  # the case
+    *("time_s", "tokens_per_s", "vs_eager", "vs_trl"),  # time
+    *("state_mib", "peak_extra_mib", "peak_mib", "mem_vs_eager", "mem_vs_trl"),  # memory
+    *("loss", "timed_steps", "error"),
+]
 TABLE_COLUMNS = [c for c in COLUMNS if c != "stage"]  # the markdown's tables: a section per stage
 
 
@@ -142,12 +149,9 @@ def build_model(shape: ModelShape, dtype: str, device: str, gradient_checkpointi
 
     from fastalign.models import select_attention_implementation
 
-    config = Qwen2Config(
-        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
-        intermediate_size=shape.intermediate_size, rope_theta=shape.rope_theta, max_position_embeddings=32768,
-        tie_word_embeddings=True, use_cache=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
+    sizes = {key: value for key, value in dataclasses.asdict(shape).items() if key != "name"}
+    tokens = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # build_tokenizer's <pad>, <s>, </s>
+    config = Qwen2Config(**sizes, **tokens, max_position_embeddings=32768, tie_word_embeddings=True, use_cache=False)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
@@ -198,8 +202,12 @@ def make_batch(
         completion_mask = torch.zeros_like(ids)
         completion_mask[:, prompt:] = 1
         labels = ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask,
-                 "labels": labels}  # fmt: skip
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "completion_mask": completion_mask,
+            "labels": labels,
+        }
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -251,8 +259,10 @@ def trl_ppo_status() -> str:
     for module in ("trl", "trl.experimental.ppo"):
         with contextlib.suppress(Exception):
             if hasattr(importlib.import_module(module), "PPOTrainer"):
-                return ("TRL's PPOTrainer does rollout and update inside its own train() loop, with no update "
-                        "step that can be timed on a fixed rollout")  # fmt: skip
+                return (
+                    "TRL's PPOTrainer does rollout and update inside its own train() loop, with no update "
+                    "step that can be timed on a fixed rollout"
+                )
     return f"TRL {package_version('trl')} ships no PPOTrainer (neither trl nor trl.experimental)"
 
 
@@ -276,8 +286,14 @@ def _eager_loss(model, stage: str) -> Callable[[dict], torch.Tensor]:
 
 def _common_args(device: str, workdir: str) -> dict:
     # Checkpointing is set on the model (the same for every implementation): the configs' flag only acts in train().
-    return {"output_dir": workdir, "report_to": "none", "use_cpu": device == "cpu", "bf16": False,
-            "save_strategy": "no", "disable_tqdm": True}  # fmt: skip
+    return {
+        "output_dir": workdir,
+        "report_to": "none",
+        "use_cpu": device == "cpu",
+        "bf16": False,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
 
 
 def make_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torch.Tensor], tuple[str, ...]]:
@@ -365,10 +381,14 @@ def make_rollout(case: Case, vocab_size: int, completion_len: int, model, seed: 
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([torch.ones_like(prompt_ids), completion_mask], dim=1)
     batch = {
-        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
-        "completion_mask": completion_mask, "input_ids": input_ids, "attention_mask": attention_mask,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp_min(0),
-    }  # fmt: skip
+    }
     noise = RL_NOISE * torch.randn(rows, completion_len, generator=gen)
     if case.stage == "ppo":
         advantages = torch.randn(rows, completion_len, generator=gen)
@@ -382,8 +402,9 @@ def make_rollout(case: Case, vocab_size: int, completion_len: int, model, seed: 
     targets = torch.full_like(input_ids, IGNORE_INDEX).to(case.device)
     targets[:, prompt - 1 : -1] = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX).to(case.device)
     with torch.no_grad():
-        logps = CausalLMAdapter(model).token_logprobs(input_ids.to(case.device), attention_mask.to(case.device),
-                                                      targets, position_ids=batch["position_ids"])  # fmt: skip
+        logps = CausalLMAdapter(model).token_logprobs(
+            input_ids.to(case.device), attention_mask.to(case.device), targets, position_ids=batch["position_ids"]
+        )
     old = (logps[:, prompt - 1 : -1].float() + noise.to(case.device)) * batch["completion_mask"]
     batch["old_logps"] = batch["old_per_token_logps"] = old
     tokens = batch["completion_mask"].sum()
@@ -395,8 +416,9 @@ def make_rollout(case: Case, vocab_size: int, completion_len: int, model, seed: 
 def _eager_policy_logps(model, batch: dict) -> torch.Tensor:
     """``[N, C]`` completion log-probs from full float32 logits (0 off the mask)."""
     completion = batch["completion_ids"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[:, -completion - 1 : -1]  # fmt: skip
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits[:, -completion - 1 : -1]
     return eager_logprobs_from_logits(logits, batch["completion_ids"]) * batch["completion_mask"]
 
 
@@ -412,10 +434,30 @@ def _eager_grpo_loss(model) -> Callable[[dict], torch.Tensor]:
     return loss
 
 
-def _grpo_args(case: Case, workdir: str, completion_len: int, **extra):
-    return dict(**_common_args(case.device, workdir), num_generations=case.num_generations,
-                max_completion_length=completion_len, per_device_train_batch_size=case.rows, beta=0.0,
-                temperature=1.0, epsilon=GRPO_EPSILON, loss_type="dapo", **extra)  # fmt: skip
+def _grpo_trainer(case: Case, model, workdir: str, train, tokenizer, **extra):
+    """fastalign's or TRL's GRPOTrainer (``case.impl``) around ``model``, both set to the same GRPO step."""
+    if case.impl == "fastalign":
+        from fastalign.trainers.configs import GRPOConfig
+        from fastalign.trainers.grpo import GRPOTrainer
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+    args = GRPOConfig(
+        **_common_args(case.device, workdir),
+        num_generations=case.num_generations,
+        max_completion_length=case.seq_len,
+        per_device_train_batch_size=case.rows,
+        beta=0.0,
+        temperature=1.0,
+        epsilon=GRPO_EPSILON,
+        loss_type="dapo",
+        **extra,
+    )
+    trainer = GRPOTrainer(
+        model, reward_funcs=[completion_reward], args=args, train_dataset=train, processing_class=tokenizer
+    )
+    # Trainer sets it in its training loop; TRL's loss reads it.
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return trainer
 
 
 def make_rl_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torch.Tensor], object]:
@@ -428,9 +470,14 @@ def make_rl_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torc
         from fastalign.trainers.configs import PPOConfig
         from fastalign.trainers.ppo import PPOTrainer
 
-        args = PPOConfig(**_common_args(case.device, workdir), kl_coef=0.0, temperature=1.0,
-                         num_generations=case.num_generations, per_device_train_batch_size=case.rows,
-                         response_length=case.seq_len)  # fmt: skip
+        args = PPOConfig(
+            **_common_args(case.device, workdir),
+            kl_coef=0.0,
+            temperature=1.0,
+            num_generations=case.num_generations,
+            per_device_train_batch_size=case.rows,
+            response_length=case.seq_len,
+        )
         torch.manual_seed(1)  # the value head's init: the same for fastalign and eager
         trainer = PPOTrainer(model, reward_funcs=[completion_reward], args=args, processing_class=tokenizer)
         wrapper = trainer.model
@@ -453,19 +500,7 @@ def make_rl_loss(case: Case, model, workdir: str) -> tuple[Callable[[dict], torc
         return ppo_loss, wrapper
     if case.impl == "eager":
         return _eager_grpo_loss(model), model
-    if case.impl == "fastalign":
-        from fastalign.trainers.configs import GRPOConfig
-        from fastalign.trainers.grpo import GRPOTrainer
-
-        trainer = GRPOTrainer(model, reward_funcs=[completion_reward], args=GRPOConfig(**_grpo_args(
-            case, workdir, case.seq_len)), train_dataset=train, processing_class=tokenizer)  # fmt: skip
-    else:
-        from trl import GRPOConfig, GRPOTrainer
-
-        trainer = GRPOTrainer(model, reward_funcs=[completion_reward], args=GRPOConfig(**_grpo_args(
-            case, workdir, case.seq_len)), train_dataset=train, processing_class=tokenizer)  # fmt: skip
-    # Trainer sets it in its training loop; TRL's loss reads it.
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    trainer = _grpo_trainer(case, model, workdir, train, tokenizer)
     model.train()
     return (lambda batch: trainer.compute_loss(model, dict(batch))), model
 
@@ -478,15 +513,7 @@ def build_generation_step(case: Case, model, workdir: str) -> Callable[[], torch
     tokenizer = build_tokenizer()
     train = datasets.Dataset.from_dict({"prompt": [prompt_text(case.prompt_len)] * case.batch_size})
     model.config.use_cache = True  # generation with a KV cache (training forwards turn it off)
-    if case.impl == "fastalign":
-        from fastalign.trainers.configs import GRPOConfig
-        from fastalign.trainers.grpo import GRPOTrainer
-    else:
-        from trl import GRPOConfig, GRPOTrainer
-    args = GRPOConfig(**_grpo_args(case, workdir, case.seq_len, max_steps=1))
-    trainer = GRPOTrainer(model, reward_funcs=[completion_reward], args=args, train_dataset=train,
-                          processing_class=tokenizer)  # fmt: skip
-    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by Trainer's loop
+    trainer = _grpo_trainer(case, model, workdir, train, tokenizer, max_steps=1)
     generation_batch = next(iter(trainer.get_train_dataloader()))
 
     def step_loss() -> torch.Tensor:
@@ -744,13 +771,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench.train_step",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1] + "\npresets:\n" + "\n".join(
+        epilog=__doc__.split("\n\n", 1)[1]
+        + "\npresets:\n"
+        + "\n".join(
             f"  {k:5s} {p.description}: {p.model.name}, T={p.seq_len}, batch {p.batch_size}, {p.dtype}, {p.device}, "
-            f"{p.steps} timed steps" for k, p in PRESETS.items()),
-    )  # fmt: skip
+            f"{p.steps} timed steps"
+            for k, p in PRESETS.items()
+        ),
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES),
-                        help="default: sft dpo; the RL stages: grpo grpo-gen ppo")  # fmt: skip
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=list(DEFAULT_STAGES),
+        help="default: sft dpo; the RL stages: grpo grpo-gen ppo",
+    )
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--batch-size", type=int, help="SFT rows / DPO pairs per step (default: the preset's)")
     parser.add_argument("--seq-len", type=int, help="tokens per row (default: the preset's)")
@@ -759,8 +795,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--completion-len", type=int, help="grpo, ppo: completion tokens (default: the preset's)")
     parser.add_argument("--gen-completion-len", type=int, help="grpo-gen: generated tokens (default: the preset's)")
     parser.add_argument("--prompt-len", type=int, help="RL: prompt tokens (default: the preset's)")
-    parser.add_argument("--no-gradient-checkpointing", action="store_true",
-                        help="keep all activations (default: checkpointing, as the trainers' configs)")  # fmt: skip
+    parser.add_argument(
+        "--no-gradient-checkpointing",
+        action="store_true",
+        help="keep all activations (default: checkpointing, as the trainers' configs)",
+    )
     parser.add_argument("--out", type=Path, help=f"output folder (default: {RESULTS})")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args(argv)
@@ -826,8 +865,15 @@ def main(argv: list[str] | None = None) -> None:
             if stage == "grpo-gen" and impl == "eager":
                 continue  # generation is the same HF generate; the eager loss is the grpo row's
             case = dataclasses.replace(case, impl=impl)
-            row = {"stage": stage, "impl": impl, "device": preset.device, "rows": case.rows, "seq_len": stage_len,
-                   "tokens": case.rows * stage_len, "prompt_len": case.prompt_len or ""}  # fmt: skip
+            row = {
+                "stage": stage,
+                "impl": impl,
+                "device": preset.device,
+                "rows": case.rows,
+                "seq_len": stage_len,
+                "tokens": case.rows * stage_len,
+                "prompt_len": case.prompt_len or "",
+            }
             print(f"{stage} {impl} ...", end=" ", file=sys.stderr, flush=True)
             if impl == "trl" and trl_missing:
                 result = {"error": f"skipped: {trl_missing}"}
@@ -835,16 +881,19 @@ def main(argv: list[str] | None = None) -> None:
                 result = {"error": f"skipped: {trl_ppo_status()}"}
             else:
                 result = measure(case, preset.isolate)
-            print(result.get("error") or f"{result['time_s']:.3g} s, {result['peak_extra_mib']:.0f} MiB",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                result.get("error") or f"{result['time_s']:.3g} s, {result['peak_extra_mib']:.0f} MiB", file=sys.stderr
+            )
             rows.append({**row, **result})
     add_derived(rows)
     env = {**environment(preset.device), "transformers": package_version("transformers")}
     shape = preset.model
-    env["model"] = (f"{shape.name}-shaped Qwen2ForCausalLM, random init: hidden {shape.hidden_size}, "
-                    f"{shape.num_hidden_layers} layers, {shape.num_attention_heads} heads / "
-                    f"{shape.num_key_value_heads} KV heads, intermediate {shape.intermediate_size}, vocabulary "
-                    f"{shape.vocab_size}, tied embeddings, {preset.dtype}")  # fmt: skip
+    env["model"] = (
+        f"{shape.name}-shaped Qwen2ForCausalLM, random init: hidden {shape.hidden_size}, "
+        f"{shape.num_hidden_layers} layers, {shape.num_attention_heads} heads / "
+        f"{shape.num_key_value_heads} KV heads, intermediate {shape.intermediate_size}, vocabulary "
+        f"{shape.vocab_size}, tied embeddings, {preset.dtype}"
+    )
     if load_at_start is not None:  # other work on the machine slows the steps, most on CPU
         env["load average (1 min) at start / end"] = f"{load_at_start:.2f} / {os.getloadavg()[0]:.2f}"
     env["gradient checkpointing"] = "on (the trainers' default)" if checkpointing else "off"
@@ -867,8 +916,10 @@ def main(argv: list[str] | None = None) -> None:
     if (batch_size, seq_len, steps) != (preset.batch_size, preset.seq_len, preset.steps):
         notes.append(f"overridden from the preset: batch {batch_size}, sequence length {seq_len}, {steps} timed steps")
     if preset.device == "cpu" and steps == 0 and preset.model is QWEN2_5_0_5B:
-        notes.append("CPU: one full-size step per case (after the 16-token warm-up): at this shape a step takes "
-                     "minutes on a few cores, so its time is a single measurement, not a median.")  # fmt: skip
+        notes.append(
+            "CPU: one full-size step per case (after the 16-token warm-up): at this shape a step takes "
+            "minutes on a few cores, so its time is a single measurement, not a median."
+        )
     command = "python -m bench.train_step " + shlex.join(argv)
     overridden = any(note.startswith("overridden") or note.endswith("(overridden from the preset)") for note in notes)
     title = preset.description + (", overridden" if overridden else "")

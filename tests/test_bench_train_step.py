@@ -58,8 +58,7 @@ def test_fastalign_and_eager_steps_compute_the_same_loss(stage):
 
 def test_gpu_targets_are_judged_only_when_measured():
     def row(stage, impl, time_s, extra):
-        return {"stage": stage, "impl": impl, "time_s": time_s, "tokens_per_s": 1000 / time_s,
-                "peak_extra_mib": extra}  # fmt: skip
+        return {"stage": stage, "impl": impl, "time_s": time_s, "tokens_per_s": 1000 / time_s, "peak_extra_mib": extra}
 
     rows = [row("sft", "fastalign", 1.0, 500.0), row("sft", "trl", 1.5, 1000.0), row("dpo", "fastalign", 1.0, 10.0)]
     for r in rows:
@@ -85,9 +84,15 @@ def test_tiny_preset_runs_the_rl_stages_end_to_end(tmp_path, monkeypatch):
     main(["--preset", "tiny", "--stages", "grpo", "grpo-gen", "ppo", "--out", str(tmp_path)])
     rows = read_rows(tmp_path / "train_step-rl-tiny.csv")
     assert [(r["stage"], r["impl"]) for r in rows] == [
-        ("grpo", "fastalign"), ("grpo", "eager"), ("grpo", "trl"), ("grpo-gen", "fastalign"), ("grpo-gen", "trl"),
-        ("ppo", "fastalign"), ("ppo", "eager"), ("ppo", "trl"),
-    ]  # fmt: skip
+        ("grpo", "fastalign"),
+        ("grpo", "eager"),
+        ("grpo", "trl"),
+        ("grpo-gen", "fastalign"),
+        ("grpo-gen", "trl"),
+        ("ppo", "fastalign"),
+        ("ppo", "eager"),
+        ("ppo", "trl"),
+    ]
     for row in rows:
         if row["impl"] == "trl":
             assert row["error"].startswith("skipped:") and not row["time_s"]
@@ -122,9 +127,11 @@ def test_fastalign_and_eager_rl_steps_compute_the_same_loss(stage):
 
 
 def test_rl_targets_are_the_issue_s():
-    rows = [{"stage": "grpo", "impl": "fastalign", "time_s": 1.0, "peak_extra_mib": 40.0, "tokens": 100},
-            {"stage": "grpo", "impl": "trl", "time_s": 1.6, "peak_extra_mib": 100.0, "tokens": 100},
-            {"stage": "ppo", "impl": "fastalign", "time_s": 1.0, "peak_extra_mib": 1.0, "tokens": 100}]  # fmt: skip
+    rows = [
+        {"stage": "grpo", "impl": "fastalign", "time_s": 1.0, "peak_extra_mib": 40.0, "tokens": 100},
+        {"stage": "grpo", "impl": "trl", "time_s": 1.6, "peak_extra_mib": 100.0, "tokens": 100},
+        {"stage": "ppo", "impl": "fastalign", "time_s": 1.0, "peak_extra_mib": 1.0, "tokens": 100},
+    ]
     add_derived(rows)
     results = {text.split(":")[0] + ":" + text.split(":")[1]: met for met, text in check_targets(rows)}
     assert results["grpo: tokens/s >= 1.5x TRL's"] is True  # 1.6x

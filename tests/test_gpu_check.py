@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 GRACE = 5  # the script's grace after a step's timeout
 LIMITS = {"core": 480, "rest": 600}  # seconds: 8 minutes, and the device tool's 10 minutes a command
-STEPS = {"core": ["env", "peers", "build", "tests", "bench"],
-         "rest": ["env", "peers", "build", "suite", "sanitize", "bench"]}  # fmt: skip
+STEPS = {
+    "core": ["env", "peers", "build", "tests", "bench"],
+    "rest": ["env", "peers", "build", "suite", "sanitize", "bench"],
+}
 
 
 def test_script_parses_and_is_shellcheck_clean():
@@ -33,8 +35,10 @@ def budgets(text: str) -> dict[str, dict[str, int]]:
     """Each mode's step budgets, read from the script's ``declare -A budget=(...)`` and its rest-mode change."""
     table = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", re.search(r"declare -A budget=\((.*)\)", text)[1])}
     rest_bench = int(re.search(r"\$mode == rest \]\] && budget\[bench\]=(\d+)", text)[1])
-    return {mode: {step: rest_bench if (mode, step) == ("rest", "bench") else table[step] for step in STEPS[mode]}
-            for mode in STEPS}  # fmt: skip
+    return {
+        mode: {step: rest_bench if (mode, step) == ("rest", "bench") else table[step] for step in STEPS[mode]}
+        for mode in STEPS
+    }
 
 
 @pytest.mark.parametrize("mode", ["core", "rest"])
@@ -48,8 +52,9 @@ def test_budgets_fit_the_mode_limit(mode):
 
 def test_bad_arguments_are_refused_with_the_usage():
     for args, env in ((["/tmp/x", "everything"], {}), ([], {}), (["/tmp/x"], {"FASTALIGN_CHECK_DEVICE": "gpu"})):
-        done = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env={**os.environ, **env},
-                              check=False)  # fmt: skip
+        done = subprocess.run(
+            ["bash", str(SCRIPT), *args], capture_output=True, text=True, env={**os.environ, **env}, check=False
+        )
         assert done.returncode == 2 and ("usage" in done.stderr or "FASTALIGN_CHECK_DEVICE" in done.stderr)
 
 
@@ -58,8 +63,15 @@ def test_core_mode_rehearses_on_the_cpu(tmp_path):
     """FASTALIGN_CHECK_DEVICE=cpu: environment, core tests (Triton interpreting, toy shapes) and the core benchmark
     (`--rehearse`) run, and each writes its log, the summary its line, the benchmark its tables; at most 8 files."""
     env = {**os.environ, "FASTALIGN_CHECK_DEVICE": "cpu", "GPU_CHECK_SKIP": "build", "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "core"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=400, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(tmp_path), "core"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=400,
+        check=False,
+    )
     summary = (tmp_path / "summary.txt").read_text()
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     status = {line.split()[0]: line.split()[1] for line in summary.splitlines()[2:]}
