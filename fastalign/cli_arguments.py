@@ -95,7 +95,8 @@ class RejectionSamplingArguments(RewardArguments):
 
         _check_keep(self.keep, self.threshold)
         if not 0 <= self.mix_ratio < 1:
-            raise ValueError(f"mix_ratio is the fraction of output rows from --mix_dataset, in [0, 1): got "
-                             f"{self.mix_ratio}")  # fmt: skip
+            raise ValueError(
+                f"mix_ratio is the fraction of output rows from --mix_dataset, in [0, 1): got {self.mix_ratio}"
+            )
         if (self.mix_dataset is None) != (self.mix_ratio == 0):
             raise ValueError("--mix_dataset and --mix_ratio go together: give both (a ratio > 0) or neither")

@@ -28,7 +28,7 @@ from typing import Any
 SPEC_PATH = Path(__file__).with_name("cli_spec.json")
 _PACKAGE = Path(__file__).parent
 # The files whose dataclasses define the commands' flags.
-_SOURCES = ("cli.py", "cli_arguments.py", "trainers/configs.py")
+_SOURCES = ("commands.py", "cli_arguments.py", "trainers/configs.py")
 _VERSIONED = ("transformers", "accelerate", "torch")
 # Types the snapshot can rebuild; any other type (an enum, a config class) is checked by the real parser only.
 _TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
@@ -94,30 +94,55 @@ def describe(parser: argparse.ArgumentParser) -> dict[str, Any]:
         kind = type(action).__name__
         if kind not in ("_StoreAction", "_StoreTrueAction", "_StoreFalseAction", "_StoreConstAction"):
             raise ValueError(f"cli_spec cannot describe {kind} (flag {action.option_strings})")
-        actions.append({
-            "action": kind, "option_strings": action.option_strings, "dest": action.dest, "nargs": action.nargs,
-            "const": _jsonable(action.const), "default": _jsonable(action.default), "type": _type_name(action.type),
-            "choices": None if action.choices is None else [str(getattr(c, "value", c)) for c in action.choices],
-            "required": action.required, "help": action.help, "metavar": action.metavar,
-        })  # fmt: skip
-    return {"prog": parser.prog, "description": parser.description, "epilog": parser.epilog,
-            "formatter": parser.formatter_class.__name__, "actions": actions}  # fmt: skip
+        actions.append(
+            {
+                "action": kind,
+                "option_strings": action.option_strings,
+                "dest": action.dest,
+                "nargs": action.nargs,
+                "const": _jsonable(action.const),
+                "default": _jsonable(action.default),
+                "type": _type_name(action.type),
+                "choices": None if action.choices is None else [str(getattr(c, "value", c)) for c in action.choices],
+                "required": action.required,
+                "help": action.help,
+                "metavar": action.metavar,
+            }
+        )
+    return {
+        "prog": parser.prog,
+        "description": parser.description,
+        "epilog": parser.epilog,
+        "formatter": parser.formatter_class.__name__,
+        "actions": actions,
+    }
 
 
 _FORMATTERS = {cls.__name__: cls for cls in (argparse.HelpFormatter, argparse.ArgumentDefaultsHelpFormatter)}
-_ACTIONS = {"_StoreAction": "store", "_StoreTrueAction": "store_true", "_StoreFalseAction": "store_false",
-            "_StoreConstAction": "store_const"}  # fmt: skip
+_ACTIONS = {
+    "_StoreAction": "store",
+    "_StoreTrueAction": "store_true",
+    "_StoreFalseAction": "store_false",
+    "_StoreConstAction": "store_const",
+}
 
 
 def build(description: dict[str, Any]) -> argparse.ArgumentParser:
     """The ``argparse`` parser a :func:`describe` description stands for."""
     parser = argparse.ArgumentParser(
-        prog=description["prog"], description=description["description"], epilog=description["epilog"],
+        prog=description["prog"],
+        description=description["description"],
+        epilog=description["epilog"],
         formatter_class=_FORMATTERS[description["formatter"]],
-    )  # fmt: skip
+    )
     for spec in description["actions"]:
-        options: dict[str, Any] = {"dest": spec["dest"], "default": spec["default"], "required": spec["required"],
-                                   "help": spec["help"], "action": _ACTIONS[spec["action"]]}  # fmt: skip
+        options: dict[str, Any] = {
+            "dest": spec["dest"],
+            "default": spec["default"],
+            "required": spec["required"],
+            "help": spec["help"],
+            "action": _ACTIONS[spec["action"]],
+        }
         if spec["action"] in ("_StoreAction", "_StoreConstAction") and spec["const"] is not None:
             options["const"] = spec["const"]
         if spec["action"] == "_StoreAction":
@@ -162,8 +187,10 @@ def load() -> dict[str, Any] | None:
     if snapshot.get("fingerprint") != fingerprint():
         return None
     table = snapshot["actions"]
-    return {name: {**command, "actions": [table[i] for i in command["actions"]]}
-            for name, command in snapshot["commands"].items()}  # fmt: skip
+    return {
+        name: {**command, "actions": [table[i] for i in command["actions"]]}
+        for name, command in snapshot["commands"].items()
+    }
 
 
 def fast_parser(name: str) -> argparse.ArgumentParser | None:

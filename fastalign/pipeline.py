@@ -47,16 +47,34 @@ from typing import Any
 
 import yaml
 
+from fastalign import commands
+
 MARKER = "fastalign_stage_done.json"
 """The file a stage's folder gets once the stage has finished: its name, command and resolved args."""
 
 SMOKE: dict[str, Any] = {
-    "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
-    "gradient_accumulation_steps": 1, "num_generations": 2, "max_completion_length": 4, "response_length": 4,
-    "max_prompt_length": 32, "max_length": 64, "num_ppo_epochs": 1, "num_mini_batches": 1,
-    "local_rollout_forward_batch_size": 4, "batch_size": 2, "keep": "best", "threshold": None, "skip_truncated": False,
-    "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "report_to": "none", "disable_tqdm": True,
-}  # fmt: skip
+    "max_steps": 2,
+    "per_device_train_batch_size": 2,
+    "per_device_eval_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "num_generations": 2,
+    "max_completion_length": 4,
+    "response_length": 4,
+    "max_prompt_length": 32,
+    "max_length": 64,
+    "num_ppo_epochs": 1,
+    "num_mini_batches": 1,
+    "local_rollout_forward_batch_size": 4,
+    "batch_size": 2,
+    "keep": "best",
+    "threshold": None,
+    "skip_truncated": False,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "report_to": "none",
+    "disable_tqdm": True,
+}
 """What ``--smoke`` sets in every stage (the fields its command knows): 2 steps, tiny batches, short lengths;
 rejection sampling keeps each prompt's best completion whatever its reward (an untrained model's completions would
 all fail a threshold, leaving the next stage no data)."""
@@ -87,8 +105,10 @@ def load_recipe(recipe: str) -> tuple[dict[str, Any], str]:
         raise SystemExit(f"fastalign pipeline: recipe {recipe!r} must be a mapping with a non-empty `stages:` list")
     unknown = sorted(set(values) - {"variables", "defaults", "stages", "output_dir", "description"})
     if unknown:
-        raise SystemExit(f"fastalign pipeline: recipe {recipe!r} has unknown top-level keys {unknown} (known: "
-                         "variables, defaults, stages, output_dir, description)")  # fmt: skip
+        raise SystemExit(
+            f"fastalign pipeline: recipe {recipe!r} has unknown top-level keys {unknown} (known: "
+            "variables, defaults, stages, output_dir, description)"
+        )
     return values, name
 
 
@@ -105,6 +125,10 @@ class Stage:
 
     def record(self) -> dict[str, Any]:
         return {"stage": self.name, "command": self.command, "args": self.args}
+
+    def configs(self) -> tuple[Any, Any, Any]:
+        """The command's dataclasses (script arguments, ``ModelConfig``, config) made from :attr:`args`."""
+        return commands.configs(self.command, self.args, f"stage {self.name!r}")
 
 
 def _parse_sets(sets: Sequence[str]) -> list[tuple[str, Any]]:
@@ -144,8 +168,6 @@ def plan(
     smoke: bool = False,
 ) -> list[Stage]:
     """The recipe's stages with every arg resolved; raises ``SystemExit`` on the first problem."""
-    from fastalign.cli import COMMANDS, command_parser, field_names
-
     root = Path(output_dir or recipe.get("output_dir") or f"fastalign-{recipe_name}")
     variables = dict(recipe.get("variables") or {})
     defaults = dict(recipe.get("defaults") or {})
@@ -160,9 +182,11 @@ def plan(
         unknown = sorted(set(spec) - {"name", "command", "args"})
         if unknown:
             raise SystemExit(f"fastalign pipeline: stage {name!r} has unknown keys {unknown} (name, command, args)")
-        if spec.get("command") not in COMMANDS:
-            raise SystemExit(f"fastalign pipeline: stage {name!r} has unknown command {spec.get('command')!r}; "
-                             f"the commands are {', '.join(COMMANDS)}")  # fmt: skip
+        if spec.get("command") not in commands.COMMANDS:
+            raise SystemExit(
+                f"fastalign pipeline: stage {name!r} has unknown command {spec.get('command')!r}; "
+                f"the commands are {', '.join(commands.COMMANDS)}"
+            )
     for key, value in _parse_sets(sets):
         scope, dot, field_name = key.partition(".")
         if not dot:
@@ -180,8 +204,8 @@ def plan(
         else:
             raise SystemExit(f"fastalign pipeline: --set {key}: no stage named {scope!r} (stages: {', '.join(names)})")
     variables.setdefault("output_dir", str(root))
-    parsers = {spec["command"]: command_parser(spec["command"]) for spec in specs}
-    known_anywhere = set().union(*(field_names(parser) for parser in parsers.values()))
+    fields = {spec["command"]: commands.field_names(spec["command"]) for spec in specs}
+    known_anywhere = set().union(*fields.values())
     stray = sorted(set(defaults) - known_anywhere)
     if stray:
         raise SystemExit(f"fastalign pipeline: defaults {stray} are fields of none of the recipe's commands")
@@ -189,7 +213,7 @@ def plan(
     stages: list[Stage] = []
     for spec in specs:
         name, command = spec["name"], spec["command"]
-        known = field_names(parsers[command])
+        known = fields[command]
         args = {key: value for key, value in defaults.items() if key in known}
         args.update(spec.get("args") or {})
         if smoke:
@@ -197,8 +221,10 @@ def plan(
         args.update(stage_sets.get(name, {}))
         unknown = sorted(set(args) - known)
         if unknown:
-            raise SystemExit(f"fastalign pipeline: stage {name!r} ({command}) has unknown fields {unknown}; see "
-                             f"`fastalign {command} --help`")  # fmt: skip
+            raise SystemExit(
+                f"fastalign pipeline: stage {name!r} ({command}) has unknown fields {unknown}; see "
+                f"`fastalign {command} --help`"
+            )
         done = {stage.name: stage for stage in stages}
 
         def lookup(head: str, field_name: str | None, where: str, done=done, name=name) -> Any:
@@ -209,17 +235,22 @@ def plan(
                         f"{', '.join(variables)}; an earlier stage's field is {{STAGE.FIELD}})"
                     )
                 if variables[head] is None:
-                    raise SystemExit(f"fastalign pipeline: {where}: variable {head!r} is not set; give it with "
-                                     f"--set {head}=VALUE")  # fmt: skip
+                    raise SystemExit(
+                        f"fastalign pipeline: {where}: variable {head!r} is not set; give it with --set {head}=VALUE"
+                    )
                 return variables[head]
             if head not in done:
                 later = head in names
                 reason = "runs at or after this stage" if later else "is not a stage of this recipe"
-                raise SystemExit(f"fastalign pipeline: {where}: placeholder {{{head}.{field_name}}}: stage {head!r} "
-                                 f"{reason}; a placeholder can refer to earlier stages only")  # fmt: skip
+                raise SystemExit(
+                    f"fastalign pipeline: {where}: placeholder {{{head}.{field_name}}}: stage {head!r} "
+                    f"{reason}; a placeholder can refer to earlier stages only"
+                )
             if field_name not in done[head].args:
-                raise SystemExit(f"fastalign pipeline: {where}: unknown placeholder {{{head}.{field_name}}}: stage "
-                                 f"{head!r} has fields {sorted(done[head].args)}")  # fmt: skip
+                raise SystemExit(
+                    f"fastalign pipeline: {where}: unknown placeholder {{{head}.{field_name}}}: stage "
+                    f"{head!r} has fields {sorted(done[head].args)}"
+                )
             return done[head].args[field_name]
 
         args = {key: _substitute(value, lookup, f"stage {name!r}, field {key!r}") for key, value in args.items()}
@@ -262,8 +293,10 @@ def _written_by(path: str, stages: list[Stage]) -> bool:
     """Whether ``path`` is (inside) the output of one of ``stages``."""
     target = Path(str(path)).expanduser().resolve()
     for stage in stages:
-        outputs = {stage.folder, *(Path(str(stage.args[key])) for key in ("output_dir", "output_path") if key in
-                                   stage.args)}  # fmt: skip
+        outputs = {
+            stage.folder,
+            *(Path(str(stage.args[key])) for key in ("output_dir", "output_path") if key in stage.args),
+        }
         for output in outputs:
             output = output.expanduser().resolve()
             if target == output or output in target.parents:
@@ -272,19 +305,19 @@ def _written_by(path: str, stages: list[Stage]) -> bool:
 
 
 def check_stage_inputs(stages: list[Stage], runs: Sequence[bool]) -> None:
-    """Before the first stage runs, check the inputs of every stage that will run (:func:`fastalign.cli.
-    check_inputs`: model folders, datasets and their formats, held-out splits, the mix dataset), except those an
-    earlier stage writes: a missing or malformed dataset of the last stage fails now, not hours later."""
-    from fastalign.cli import build_parser, check_inputs, parse, values_to_argv
-
+    """Before the first stage runs, check the inputs of every stage that will run
+    (:func:`fastalign.commands.check_inputs`: model folders, datasets and their formats, held-out splits, the mix
+    dataset), except those an earlier stage writes: a missing or malformed dataset of the last stage fails now,
+    not hours later."""
     for index, (stage, run) in enumerate(zip(stages, runs, strict=True)):
         if not run:
             continue
-        argv = values_to_argv(stage.args, build_parser(stage.command), f"stage {stage.name!r}")
-        script, model_args, config = parse(stage.command, argv)
+        script, model_args, config = stage.configs()
         try:
             written = stages[:index]
-            check_inputs(stage.command, script, model_args, config, lambda path, w=written: _written_by(path, w))
+            commands.check_inputs(
+                stage.command, script, model_args, config, lambda path, w=written: _written_by(path, w)
+            )
         except SystemExit as error:
             raise SystemExit(f"fastalign pipeline: stage {stage.name!r} ({stage.command}): {error}") from None
 
@@ -298,8 +331,6 @@ def run_pipeline(
 
     ``on_stage_done(stage, ran)``, when given, is called after each stage, finished now (``ran``) or before.
     """
-    from fastalign.cli import COMMANDS, build_parser, parse, values_to_argv
-
     names = [stage.name for stage in stages]
     if from_stage is not None and from_stage not in names:
         raise SystemExit(f"fastalign pipeline: --from_stage {from_stage!r}: no such stage (stages: {', '.join(names)})")
@@ -318,9 +349,8 @@ def run_pipeline(
         stage.marker.unlink(missing_ok=True)
         _progress(f"{label}: running -> {stage.folder}")
         start = time.perf_counter()
-        argv = values_to_argv(stage.args, build_parser(stage.command), f"stage {stage.name!r}")
-        script, model_args, config = parse(stage.command, argv)
-        COMMANDS[stage.command].run(script, model_args, config)
+        script, model_args, config = stage.configs()
+        commands.run(stage.command, script, model_args, config)
         del script, model_args, config
         _free_memory()
         stage.folder.mkdir(parents=True, exist_ok=True)
@@ -333,7 +363,7 @@ def run_pipeline(
     return ran
 
 
-def build_parser() -> argparse.ArgumentParser:
+def pipeline_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastalign pipeline",
         description="Run a recipe of fastalign commands stage by stage; finished stages are skipped on a re-run.",
@@ -344,17 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="the pipeline's folder; stage NAME writes to OUTPUT_DIR/NAME")
     parser.add_argument("--from_stage", help="re-run this stage and every later one, even if finished")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a variable (NAME=VALUE), a default of every stage (defaults.FIELD=VALUE) or one stage's field "
         "(STAGE.FIELD=VALUE); VALUE is YAML (1e-5, true, [a, b]); repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument("--smoke", action="store_true", help="every stage: max_steps 2, tiny batches, short lengths")
     parser.add_argument("--dry_run", action="store_true", help="print the resolved stages and run nothing")
     return parser
 
 
 def main(argv: Sequence[str]) -> list[str]:
-    options = build_parser().parse_args(list(argv))
+    options = pipeline_parser().parse_args(list(argv))
     recipe, name = load_recipe(options.recipe)
     stages = plan(recipe, name, options.output_dir, options.set, options.smoke)
     if options.dry_run:

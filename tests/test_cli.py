@@ -9,7 +9,8 @@ import pytest
 import yaml
 from tiny import addition_rows, tiny_causal_lm, word_tokenizer
 
-from fastalign.cli import main, parse
+from fastalign.cli import main
+from fastalign.commands import parse
 
 
 @pytest.fixture
@@ -177,7 +178,7 @@ def test_grpo_with_a_reward_model_from_the_command_line(rl_workspace):
 
 
 def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace):
-    from fastalign.cli import reward_functions_from_names
+    from fastalign.commands import reward_functions_from_names
     from fastalign.rewards import SoftOverlongPunishment, think_format_reward
 
     _, _, grpo = rl_workspace
@@ -200,7 +201,7 @@ def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace
 
 
 def test_code_reward_without_a_sandbox_fails_before_any_model_loads(monkeypatch):
-    from fastalign.cli import reward_functions_from_names
+    from fastalign.commands import reward_functions_from_names
     from fastalign.rewards import code_reward, sandbox, unsandboxed_code_reward
 
     assert reward_functions_from_names(["code_reward"], 100) == [code_reward]  # bwrap works here
@@ -313,7 +314,7 @@ def test_the_snapshot_answers_as_the_real_parsers():
     from importlib import metadata
 
     from fastalign import cli_spec
-    from fastalign.cli import COMMANDS, build_parser
+    from fastalign.commands import COMMANDS, build_parser
 
     installed = {name: metadata.version(name) for name in PINNED}
     commands = cli_spec.load()

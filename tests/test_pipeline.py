@@ -8,6 +8,7 @@ import yaml
 from tiny import addition_rows, tiny_causal_lm, word_tokenizer
 
 from fastalign.cli import main
+from fastalign.commands import build_parser, configs, parse, values_to_argv
 from fastalign.pipeline import MARKER, builtin_recipes, load_recipe, plan
 from fastalign.pipeline import main as pipeline_main
 
@@ -114,6 +115,22 @@ def test_r1_smoke(data):
     sft = json.loads((out / "reasoning_sft" / MARKER).read_text())["args"]
     assert sft["dataset_name"] == str(samples) and sft["model_name_or_path"] == values["model_name_or_path"]
     assert (out / "final_rl" / "model.safetensors").exists()
+
+
+def test_a_stages_dataclasses_are_those_its_flags_parse_to(data):
+    """A stage's args become its command's dataclasses directly (no command line in between); they equal what
+    ``fastalign COMMAND`` makes of the same values as flags, text values (YAML 1.1 reads 1e-5 as a string)
+    included, for every stage of the built-in recipes."""
+    tmp_path, values = data
+    for recipe in builtin_recipes():
+        sets = [*CPU, *_sets(values, recipe), "--set", "defaults.learning_rate=1e-5"][1::2]
+        for stage in plan(*load_recipe(recipe), str(tmp_path / recipe), sets, smoke=True):
+            flags = values_to_argv(stage.args, build_parser(stage.command), stage.name)
+            assert stage.configs() == parse(stage.command, flags), (recipe, stage.name)
+    text = {"model_name_or_path": "m", "learning_rate": "1e-5", "bf16": "false", "report_to": "none", "seed": "3"}
+    made = configs("sft", text, "stage 'a'")
+    assert made == parse("sft", values_to_argv(text, build_parser("sft"), "x"))
+    assert made[2].learning_rate == 1e-5 and made[2].seed == 3 and made[2].bf16 is False
 
 
 # ------------------------------------------------------------------------------------ resolution and errors

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fastalign.demo.task import TaskSizes, build_tokenizer, write_task
+from fastalign.pipeline import Stage, load_recipe, plan, run_pipeline
 
 REPORT_FIELDS = ("heldout_accuracy", "format_rate", "mean_reward", "tokens_per_second", "train_seconds")
 """The numbers of each stage's row in ``report.json`` (``None`` where a stage has no such number)."""
@@ -37,39 +38,61 @@ REPORT_FIELDS = ("heldout_accuracy", "format_rate", "mean_reward", "tokens_per_s
 MAX_COMPLETION_TOKENS = 64
 """Generation budget of every stage and of the evaluation (a worked answer takes 48-50 tokens)."""
 
+# The two GRPO stages' common settings (the final one adds its reward weights and KL).
+_GRPO_ARGS = {
+    "per_device_train_batch_size": 64,
+    "num_generations": 8,
+    "max_completion_length": MAX_COMPLETION_TOKENS,
+    "max_prompt_length": 16,
+    "learning_rate": 1.0e-4,
+    "max_steps": 250,
+    "logging_steps": 10,
+    "temperature": 0.5,
+}
+
 # The recipe's stages, scaled to a ~1M-parameter model on 2 CPU cores. Everything not set here is the recipe's.
 STAGE_ARGS: dict[str, dict[str, Any]] = {
     "pretrain": {
-        "max_length": 256, "per_device_train_batch_size": 8, "learning_rate": 3.0e-3, "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.03, "weight_decay": 0.0, "max_steps": 2400, "logging_steps": 100,
+        "max_length": 256,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3.0e-3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,
+        "weight_decay": 0.0,
+        "max_steps": 2400,
+        "logging_steps": 100,
     },
     "cold_start": {
-        "per_device_train_batch_size": 16, "learning_rate": 1.0e-4, "num_train_epochs": 2, "logging_steps": 10,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 1.0e-4,
+        "num_train_epochs": 2,
+        "logging_steps": 10,
     },
-    "reasoning_rl": {
-        "per_device_train_batch_size": 64, "num_generations": 8, "max_completion_length": MAX_COMPLETION_TOKENS,
-        "max_prompt_length": 16, "learning_rate": 1.0e-4, "max_steps": 250, "logging_steps": 10,
-        "temperature": 0.5,
-    },
+    "reasoning_rl": {**_GRPO_ARGS},
     "rejection": {
-        "num_generations": 4, "max_completion_length": MAX_COMPLETION_TOKENS, "batch_size": 64,
+        "num_generations": 4,
+        "max_completion_length": MAX_COMPLETION_TOKENS,
+        "batch_size": 64,
         "max_prompt_length": 16,
     },
     "reasoning_sft": {
-        "per_device_train_batch_size": 16, "learning_rate": 5.0e-4, "num_train_epochs": 2, "logging_steps": 10,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 5.0e-4,
+        "num_train_epochs": 2,
+        "logging_steps": 10,
     },
     "rm": {"per_device_train_batch_size": 16, "learning_rate": 1.0e-3, "num_train_epochs": 2, "logging_steps": 10},
     "final_rl": {
-        "per_device_train_batch_size": 64, "num_generations": 8, "max_completion_length": MAX_COMPLETION_TOKENS,
-        "max_prompt_length": 16, "learning_rate": 1.0e-4, "max_steps": 250, "logging_steps": 10,
-        "temperature": 0.5,
+        **_GRPO_ARGS,
         # A tiny reward model is a weak judge. At the recipe's weight 0.5 the policy learned to please it with wrong
         # answers (held-out accuracy 0.85 -> 0.00 in one run), and even at weight 0.1 when rewards were scaled by
         # the group's std: in a group where every answer is wrong only the reward model's score varies, and the
         # scaling blows it up. Unscaled rewards (Dr. GRPO), a small weight and a stronger KL keep it a tie-breaker.
-        "reward_weights": [0.1, 1.0, 0.5], "beta": 0.02, "scale_rewards": "none",
+        "reward_weights": [0.1, 1.0, 0.5],
+        "beta": 0.02,
+        "scale_rewards": "none",
     },
-}  # fmt: skip
+}
 
 DEFAULTS = {"disable_tqdm": True, "seed": 0}
 
@@ -108,12 +131,18 @@ def write_base_model(folder: Path, shape: ModelShape) -> Path:
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads, max_position_embeddings=256, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -122,8 +151,6 @@ def write_base_model(folder: Path, shape: ModelShape) -> Path:
 
 def demo_recipe(root: Path, files: dict[str, Path], base: Path) -> tuple[dict[str, Any], list[str]]:
     """The built-in r1 recipe with a pre-training stage in front and the demo's sizes; and its --set values."""
-    from fastalign.pipeline import load_recipe
-
     recipe, _ = load_recipe("r1")
     recipe = copy.deepcopy(recipe)
     pretrain = {
@@ -160,7 +187,7 @@ def training_speed(history: list[dict[str, Any]]) -> tuple[float | None, float |
     return float(tokens) / float(runtime), float(runtime)
 
 
-def evaluate_stage(stage, files: dict[str, Path]) -> StageRow:
+def evaluate_stage(stage: Stage, files: dict[str, Path]) -> StageRow:
     """The report row of a finished stage (see the module docstring for what is measured)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,8 +283,6 @@ def plot_report(rows: Sequence[StageRow], histories: dict[str, list[dict]], path
 
 def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shape: ModelShape = ModelShape()) -> dict:
     """Runs the demo into ``output_dir`` (finished stages of an earlier run are reused); returns the report."""
-    from fastalign.pipeline import plan, run_pipeline
-
     if importlib.util.find_spec("matplotlib") is None:  # checked before minutes of training, not after
         raise SystemExit("fastalign demo: the report's plot needs matplotlib: pip install 'fastalign[demo]'")
     start = time.perf_counter()
@@ -269,7 +294,7 @@ def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shap
     stages = plan(recipe, "r1", str(root), sets, smoke=smoke)
     rows: list[StageRow] = []
 
-    def report_stage(stage, ran: bool) -> None:
+    def report_stage(stage: Stage, ran: bool) -> None:
         row = evaluate_stage(stage, files)
         rows.append(row)
         print(f"\n{format_table([row])}\n", file=sys.stderr, flush=True)
@@ -294,7 +319,7 @@ def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shap
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
+def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastalign demo",
         description="DeepSeek-R1's recipe (pretrain -> cold-start SFT -> GRPO -> rejection sampling + SFT -> reward "
@@ -308,5 +333,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> dict:
-    options = build_parser().parse_args(list(argv))
+    options = demo_parser().parse_args(list(argv))
     return run_demo(options.output_dir, smoke=options.smoke, seed=options.seed)
