@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import datetime
 import heapq
-import importlib.metadata
 import io
 import multiprocessing
 import os
@@ -45,6 +44,8 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+
+from bench.report import package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "aot-sm80-sm90.md"
@@ -161,14 +162,19 @@ class _Recorder:
         saved = [(kernel, kernel.run) for kernel in self.kernels.values()]
         saved += [(kernel.fn, kernel.fn.run) for kernel in self.kernels.values()]
         patches = [
-            (dispatch, "resolve_backend", resolve), (logprobs, "resolve_backend", resolve),
+            (dispatch, "resolve_backend", resolve),
+            (logprobs, "resolve_backend", resolve),
             (policy, "resolve_backend", resolve),
-            (torch.cuda, "get_device_properties",
-             lambda device=None: types.SimpleNamespace(multi_processor_count=TARGETS[capability][2],
-                                                       shared_memory_per_block_optin=TARGETS[capability][1])),
+            (
+                torch.cuda,
+                "get_device_properties",
+                lambda device=None: types.SimpleNamespace(
+                    multi_processor_count=TARGETS[capability][2], shared_memory_per_block_optin=TARGETS[capability][1]
+                ),
+            ),
             (torch.cuda, "get_device_capability", lambda device=None: (capability // 10, capability % 10)),
             (_triton_backend, "_IN_PLACE_CONFIGS", {}),  # each target tunes its in-place launches afresh
-        ]  # fmt: skip
+        ]
         originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
         try:
             for name, kernel in self.kernels.items():
@@ -210,9 +216,15 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                     else:
                         bias = _meta((v,), dtype, True)
                         logp, entropy = fastalign.linear_logprobs(
-                            hidden, weight, targets, bias=bias, softcap=30.0, temperature=0.7, return_entropy=True,
+                            hidden,
+                            weight,
+                            targets,
+                            bias=bias,
+                            softcap=30.0,
+                            temperature=0.7,
+                            return_entropy=True,
                             backend="triton",
-                        )  # fmt: skip
+                        )
                         (logp.sum() + entropy.sum()).backward()
 
                 cases.append((label, f"linear N={n} D={d} V={v} {variant}", linear))
@@ -225,9 +237,12 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                     logits = _meta((n, v), dtype, True)
                     source = logits.clone() if inplace else logits  # in place needs a non-leaf
                     logp, entropy = fastalign.logprobs_from_logits(
-                        source, _meta((n,), torch.long), return_entropy=True, inplace_backward=inplace,
+                        source,
+                        _meta((n,), torch.long),
+                        return_entropy=True,
+                        inplace_backward=inplace,
                         backend="triton",
-                    )  # fmt: skip
+                    )
                     (logp.sum() + entropy.sum()).backward()
 
                 cases.append((label, f"logits N={n} V={v}{' in-place' if inplace else ''}", from_logits))
@@ -237,10 +252,17 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                 def policy(b=b, t=t, dtype=dtype, level=level):
                     logp, entropy = _meta((b, t), dtype, True), _meta((b, t), dtype, True)
                     loss, _ = fastalign.policy_loss(
-                        logp, _meta((b, t), torch.float32), _meta((b,), torch.float32), _meta((b, t), torch.bool),
-                        ref_logp=_meta((b, t), torch.float32), entropy=entropy, kl_coef=0.04, entropy_coef=0.01,
-                        importance_sampling_level=level, backend="triton",
-                    )  # fmt: skip
+                        logp,
+                        _meta((b, t), torch.float32),
+                        _meta((b,), torch.float32),
+                        _meta((b, t), torch.bool),
+                        ref_logp=_meta((b, t), torch.float32),
+                        entropy=entropy,
+                        kl_coef=0.04,
+                        entropy_coef=0.01,
+                        importance_sampling_level=level,
+                        backend="triton",
+                    )
                     loss.backward()
 
                 cases.append((label, f"policy B={b} T={t} {level} kl+entropy", policy))
@@ -249,9 +271,12 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
             def dpo(pairs=pairs, t=t, dtype=dtype):
                 token_logps = _meta((2 * pairs, t), dtype, True)
                 losses, _, _ = fastalign.dpo_loss_from_token_logps(
-                    token_logps, _meta((2 * pairs, t), torch.bool), _meta((2 * pairs,), torch.float32),
-                    loss_type=["sigmoid", "ipo"], backend="triton",
-                )  # fmt: skip
+                    token_logps,
+                    _meta((2 * pairs, t), torch.bool),
+                    _meta((2 * pairs,), torch.float32),
+                    loss_type=["sigmoid", "ipo"],
+                    backend="triton",
+                )
                 losses.sum().backward()
 
             cases.append((label, f"dpo pairs={pairs} T={t} sigmoid+ipo", dpo))
@@ -302,8 +327,13 @@ def _prepare(kernel, args, kwargs, config, capability):
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     args = [_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args]
-    kwargs = {**kwargs, **config.all_kwargs(), "debug": False, "instrumentation_mode": "",
-              "fpsan_homomorphic_casts": False}  # fmt: skip
+    kwargs = {
+        **kwargs,
+        **config.all_kwargs(),
+        "debug": False,
+        "instrumentation_mode": "",
+        "fpsan_homomorphic_casts": False,
+    }
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(fn, signature, constexprs, attrs), target, options
@@ -428,8 +458,15 @@ _SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z
 _SASS_REGISTER = re.compile(r"(?<![\w.])R(\d+)(\.64)?")
 _NOT_WRITING = ("ST", "BRA", "EXIT", "CALL", "RET", "BAR", "BSSY", "BSYNC", "RED", "WARPSYNC")
 # Bytes of the element types that appear as template arguments of the kernels.
-_TYPE_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2, "unsigned char": 1, "unsigned short": 2,
-               "unsigned int": 4, "unsigned long long": 8}  # fmt: skip
+_TYPE_BYTES = {
+    "float": 4,
+    "__half": 2,
+    "__nv_bfloat16": 2,
+    "unsigned char": 1,
+    "unsigned short": 2,
+    "unsigned int": 4,
+    "unsigned long long": 8,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,16 +529,18 @@ def parse_sass(text: str) -> dict[str, list[Sass]]:
         if match := _SASS_FUNCTION.match(line):
             current = functions.setdefault(match.group(1), [])
         elif current is not None and (match := _SASS_INSTRUCTION.match(line)) and match.group(3) != "NOP":
-            current.append(Sass(int(match.group(1), 16), (match.group(2) or "").strip(), match.group(3),
-                                match.group(4).strip()))  # fmt: skip
+            current.append(
+                Sass(int(match.group(1), 16), (match.group(2) or "").strip(), match.group(3), match.group(4).strip())
+            )
     return functions
 
 
 def _successors(code: list[Sass], index: int, lo: int, hi: int, where: dict[int, int]) -> list[int]:
     """Instructions code[index] can pass control to, kept inside code[lo..hi] (a branch out leaves the region)."""
     ins = code[index]
-    unconditional = not ins.pred and (ins.op.startswith(("EXIT", "RET")) or
-                                      (ins.op.startswith("BRA") and "," not in ins.operands))  # fmt: skip
+    unconditional = not ins.pred and (
+        ins.op.startswith(("EXIT", "RET")) or (ins.op.startswith("BRA") and "," not in ins.operands)
+    )
     nexts = []
     if ins.op.startswith("BRA") and ins.target in where and lo <= where[ins.target] <= hi:
         nexts.append(where[ins.target])
@@ -571,8 +610,9 @@ class HotPath:
 
 def _template_types(name: str) -> list[int]:
     match = re.search(r"<(.*?)>", name)
-    return [_TYPE_BYTES[arg.strip()] for arg in (match.group(1).split(",") if match else []) if arg.strip() in
-            _TYPE_BYTES]  # fmt: skip
+    return [
+        _TYPE_BYTES[arg.strip()] for arg in (match.group(1).split(",") if match else []) if arg.strip() in _TYPE_BYTES
+    ]
 
 
 def hot_paths(code: list[Sass], name: str) -> list[HotPath]:
@@ -609,8 +649,9 @@ def hot_paths(code: list[Sass], name: str) -> list[HotPath]:
         at = reach[0] if reach else 0
         path = shortest_path(code, 0, at, 0, len(code) - 1)
         while path:
-            step = next((p for p in (shortest_path(code, at, end, 0, len(code) - 1) for end in stores if end > at)
-                         if p), None)  # fmt: skip
+            step = next(
+                (p for p in (shortest_path(code, at, end, 0, len(code) - 1) for end in stores if end > at) if p), None
+            )
             if step is None:
                 break
             path, at = path[:-1] + step, code.index(step[-1])
@@ -663,19 +704,40 @@ def cuda_rows(capabilities, log=print, source_root: Path = ROOT) -> list[Row]:
     for source in sorted((source_root / "csrc" / "cuda").glob("*.cu")):
         for capability in capabilities:
             with tempfile.TemporaryDirectory() as tmp:
-                command = [nvcc, "-O3", "-std=c++17", "-lineinfo", f"-I{source_root / 'csrc' / 'include'}",
-                           f"-gencode=arch=compute_{capability},code=sm_{capability}", "-Xptxas", "-v", "-c",
-                           str(source), "-o", str(Path(tmp) / "out.o")]  # fmt: skip
+                command = [
+                    nvcc,
+                    "-O3",
+                    "-std=c++17",
+                    "-lineinfo",
+                    f"-I{source_root / 'csrc' / 'include'}",
+                    f"-gencode=arch=compute_{capability},code=sm_{capability}",
+                    "-Xptxas",
+                    "-v",
+                    "-c",
+                    str(source),
+                    "-o",
+                    str(Path(tmp) / "out.o"),
+                ]
                 done = subprocess.run(command, capture_output=True, text=True)
                 sass = {}
                 if done.returncode == 0 and cuobjdump:
-                    dump = subprocess.run([cuobjdump, "--dump-sass", str(Path(tmp) / "out.o")], capture_output=True,
-                                          text=True)  # fmt: skip
+                    dump = subprocess.run(
+                        [cuobjdump, "--dump-sass", str(Path(tmp) / "out.o")], capture_output=True, text=True
+                    )
                     sass = parse_sass(dump.stdout)
             case = f"csrc/cuda/{source.name}"
             if done.returncode != 0:
-                rows.append(Row(source.stem, capability, "-", "-", case, status="error",
-                                error=(done.stderr.strip().splitlines() or ["nvcc failed"])[-1][:160]))  # fmt: skip
+                rows.append(
+                    Row(
+                        source.stem,
+                        capability,
+                        "-",
+                        "-",
+                        case,
+                        status="error",
+                        error=(done.stderr.strip().splitlines() or ["nvcc failed"])[-1][:160],
+                    )
+                )
                 continue
             current = None
             for line in done.stderr.splitlines():
@@ -710,29 +772,35 @@ def sass_target_failures(row: Row) -> list[str]:
 
 
 def cuda_failures(rows: list[Row]) -> list[str]:
-    return [f"{row.kernel} sm_{row.target}: {reason}" for row in rows for reason in
-            ([f"does not compile: {row.error}"] if row.status != "ok" else
-             [f"spills {row.spill_bytes} B"] if row.spill_bytes else sass_target_failures(row))]  # fmt: skip
+    return [
+        f"{row.kernel} sm_{row.target}: {reason}"
+        for row in rows
+        for reason in (
+            [f"does not compile: {row.error}"]
+            if row.status != "ok"
+            else [f"spills {row.spill_bytes} B"]
+            if row.spill_bytes
+            else sass_target_failures(row)
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 
 def _environment() -> dict[str, str]:
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
     nvcc = shutil.which("nvcc")
     nvcc_version = ""
     if nvcc:
         nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         nvcc_version = nvcc_version[-1] if nvcc_version else ""
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "triton": version("triton"), "torch": version("torch"), "nvcc": nvcc_version,
-            "machine": "compiled without a GPU (triton.compile with a GPUTarget; nvcc -Xptxas -v)"}  # fmt: skip
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "triton": package_version("triton"),
+        "torch": package_version("torch"),
+        "nvcc": nvcc_version,
+        "machine": "compiled without a GPU (triton.compile with a GPUTarget; nvcc -Xptxas -v)",
+    }
 
 
 def _kib(nbytes: int) -> str:
@@ -744,25 +812,38 @@ def markdown(
 ) -> str:
     failures = gate(triton, cuda, with_case=False)
     lines = [
-        "# Ahead-of-time compile gate: every GPU kernel for sm_80 and sm_90", "",
+        "# Ahead-of-time compile gate: every GPU kernel for sm_80 and sm_90",
+        "",
         f"`python -m bench.aot` ({env['date']}; triton {env['triton']}, torch {env['torch']}, {env['nvcc']}; "
-        f"{env['machine']}; {seconds:.0f} s).", "",
+        f"{env['machine']}; {seconds:.0f} s).",
+        "",
         "Each Triton launch the ops make at the sizes below was recorded on meta tensors and compiled with every "
         "autotune config, through triton's own argument binder. *pickable*: the kernel's pruning keeps the config "
         "for this dtype and target (the others are listed to show why they are pruned). Shared memory in KiB "
-        "against the per-block limit (A100 163, H100 227); spills = ptxas spill stores + loads per thread.", "",
-        "Shapes: linear N, D, V = " + "; ".join(f"{n}, {d}, {v}" for n, d, v in LINEAR_SHAPES)
-        + "; logits N, V = " + "; ".join(f"{n}, {v}" for n, v in LOGITS_SHAPES)
-        + "; policy B, T = " + "; ".join(f"{b}, {t}" for b, t in POLICY_SHAPES)
-        + "; DPO pairs, T = " + "; ".join(f"{b}, {t}" for b, t in DPO_SHAPES) + ".", "",
+        "against the per-block limit (A100 163, H100 227); spills = ptxas spill stores + loads per thread.",
+        "",
+        "Shapes: linear N, D, V = "
+        + "; ".join(f"{n}, {d}, {v}" for n, d, v in LINEAR_SHAPES)
+        + "; logits N, V = "
+        + "; ".join(f"{n}, {v}" for n, v in LOGITS_SHAPES)
+        + "; policy B, T = "
+        + "; ".join(f"{b}, {t}" for b, t in POLICY_SHAPES)
+        + "; DPO pairs, T = "
+        + "; ".join(f"{b}, {t}" for b, t in DPO_SHAPES)
+        + ".",
+        "",
         f"**Gate: {'PASSED' if not failures else 'FAILED'}** ({len(triton)} Triton compiles, {len(cuda)} CUDA "
         "kernels).",
-    ]  # fmt: skip
+    ]
     if failures:
         lines += ["", *[f"- {failure}" for failure in failures]]
-    lines += ["", "## Triton", "",
-              "| kernel | target | config | dtype | pickable | status | smem KiB | regs | spill B | tensor cores |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Triton",
+        "",
+        "| kernel | target | config | dtype | pickable | status | smem KiB | regs | spill B | tensor cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     merged: dict[tuple, list[Row]] = {}
     for row in triton:  # one line per kernel x target x config x dtype; the cases it covers are the same code
         merged.setdefault((row.kernel, row.target, row.config, row.dtype), []).append(row)
@@ -774,19 +855,33 @@ def markdown(
             f"| {kernel} | sm_{target} | {config} | {dtype} | {pickable} | {status} | {_kib(worst.shared)} | "
             f"{worst.registers} | {worst.spill_bytes} | {worst.tensor_cores or '-'} |"
         )
-    lines += ["", "## CUDA C++ (`csrc/cuda`, nvcc -O3 -Xptxas -v, cuobjdump --dump-sass)", "", SASS_LEGEND, "",
-              "| kernel | source | target | status | regs | spill B | stack B | smem B | SASS path | instr/elem | "
-              "16-B loads in flight |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## CUDA C++ (`csrc/cuda`, nvcc -O3 -Xptxas -v, cuobjdump --dump-sass)",
+        "",
+        SASS_LEGEND,
+        "",
+        "| kernel | source | target | status | regs | spill B | stack B | smem B | SASS path | instr/elem | "
+        "16-B loads in flight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in cuda:
         status = "ok" if row.status == "ok" else f"error: {row.error}"
-        lines.append(f"| `{row.kernel}` | {row.case} | sm_{row.target} | {status} | {row.registers} | "
-                     f"{row.spill_bytes} | {row.stack_bytes} | {row.shared} | {_sass_cells(row.hot)} |")  # fmt: skip
+        lines.append(
+            f"| `{row.kernel}` | {row.case} | sm_{row.target} | {status} | {row.registers} | "
+            f"{row.spill_bytes} | {row.stack_bytes} | {row.shared} | {_sass_cells(row.hot)} |"
+        )
     if baseline:
         ref, rows = baseline
-        lines += ["", f"### Before: the kernels of `{ref}`", "", BASELINE_LEGEND, "",
-                  "| kernel | target | variant | SASS path | instr/elem | 16-B loads in flight |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"### Before: the kernels of `{ref}`",
+            "",
+            BASELINE_LEGEND,
+            "",
+            "| kernel | target | variant | SASS path | instr/elem | 16-B loads in flight |",
+            "|---|---|---|---|---|---|",
+        ]
         for variant, row in rows:
             lines.append(f"| `{row.kernel}` | sm_{row.target} | {variant} | {_sass_cells(row.hot)} |")
     return "\n".join(lines) + "\n"
@@ -811,10 +906,12 @@ BASELINE_LEGEND = (
 # Applied to a baseline's sources only (each where found): see BASELINE_LEGEND.
 BASELINE_PATCHES = {
     "plain": [("if (zero) return 0.0f;", "if (false) return 0.0f;")],
-    "softcap": [("if (zero) return 0.0f;", "if (false) return 0.0f;"),
-                ("if (has_softcap) z = softcap", "if (true) z = softcap"),
-                ("if (!has_softcap) return inv_temperature;", "if (false) return inv_temperature;")],
-}  # fmt: skip
+    "softcap": [
+        ("if (zero) return 0.0f;", "if (false) return 0.0f;"),
+        ("if (has_softcap) z = softcap", "if (true) z = softcap"),
+        ("if (!has_softcap) return inv_temperature;", "if (false) return inv_temperature;"),
+    ],
+}
 
 
 def _sass_cells(hot: list) -> str:
@@ -838,8 +935,11 @@ def baseline_rows(ref: str, capability: int = 90, log=print) -> list[tuple[str, 
                     for old, new in patches:
                         text = text.replace(old, new)
                     path.write_text(text)
-            rows += [(variant, row) for row in cuda_rows([capability], log, source_root=Path(tmp))
-                     if "logprobs" in row.case or variant == "plain"]  # fmt: skip
+            rows += [
+                (variant, row)
+                for row in cuda_rows([capability], log, source_root=Path(tmp))
+                if "logprobs" in row.case or variant == "plain"
+            ]
     return rows
 
 
@@ -856,9 +956,12 @@ def gate(triton: list[Row], cuda: list[Row], with_case: bool = True) -> list[str
 
 def pickable_configs(recorded: dict) -> set[tuple[str, str, str, str]]:
     """``(kernel, target, config, dtype)`` of every config the launchers can pick, as the table writes them."""
-    return {(launch.kernel, f"sm_{capability}", _config_text(config), launch.dtype)
-            for capability, (_, launches) in recorded.items() for launch in launches
-            for config in launch.pickable}  # fmt: skip
+    return {
+        (launch.kernel, f"sm_{capability}", _config_text(config), launch.dtype)
+        for capability, (_, launches) in recorded.items()
+        for launch in launches
+        for config in launch.pickable
+    }
 
 
 def table_configs(path: Path) -> set[tuple[str, str, str, str]]:
@@ -888,11 +991,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     parser.add_argument("--output", type=Path, help=f"the markdown table (default without --fast: {DEFAULT_OUTPUT})")
     parser.add_argument("--no-cuda", action="store_true", help="leave out the csrc/ kernels")
-    parser.add_argument("--baseline", metavar="GIT_REF",
-                        help="also count the SASS of csrc/ at GIT_REF (sm_90): the table's before section")  # fmt: skip
-    parser.add_argument("--check-table", type=Path, metavar="PATH",
-                        help="also fail when the table at PATH does not list exactly the configs the launchers can "
-                             "pick now (a config change without a new full run)")  # fmt: skip
+    parser.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also count the SASS of csrc/ at GIT_REF (sm_90): the table's before section",
+    )
+    parser.add_argument(
+        "--check-table",
+        type=Path,
+        metavar="PATH",
+        help="also fail when the table at PATH does not list exactly the configs the launchers can "
+        "pick now (a config change without a new full run)",
+    )
     options = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it (the interpreter cannot compile for a GPU target)")
@@ -915,8 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
     failures = gate(triton, cuda) + stale
     for failure in failures:
         print(f"bench.aot: FAIL {failure}", file=sys.stderr)
-    print(f"bench.aot: {len(triton)} Triton compiles, {len(cuda)} CUDA kernels, {len(failures)} failures, "
-          f"{seconds:.0f} s")  # fmt: skip
+    print(
+        f"bench.aot: {len(triton)} Triton compiles, {len(cuda)} CUDA kernels, {len(failures)} failures, {seconds:.0f} s"
+    )
     return 1 if failures else 0
 
 
