@@ -18,6 +18,7 @@ the runner, the parsers) are in :mod:`fastalign.commands`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import warnings
@@ -79,22 +80,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.run(name, *commands.parse(name, rest))
 
 
-_MOVED = (
-    "BUILTIN_REWARDS",
-    "COMMANDS",
-    "build_parser",
-    "check_fast",
-    "check_inputs",
-    "command_parser",
-    "parse",
-    "reward_functions_from_names",
-    "values_to_argv",
-)
+# The names that moved out of this module, for one release: where each lives now.
+_MOVED = {
+    "BUILTIN_REWARDS": "fastalign.rewards.resolve",
+    "COMMANDS": "fastalign.commands",
+    "build_parser": "fastalign.commands",
+    "check_fast": "fastalign.commands",
+    "check_inputs": "fastalign.commands",
+    "command_parser": "fastalign.commands",
+    "parse": "fastalign.commands",
+    "reward_functions_from_names": "fastalign.commands",
+    "values_to_argv": "fastalign.commands",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """The names that moved to :mod:`fastalign.commands`, for one release."""
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"fastalign.cli.{name} moved to fastalign.commands.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(commands, name)
+    warnings.warn(f"fastalign.cli.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
-import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,107 +393,77 @@ def _check_output_path(output_path: str, inputs: dict[str, str | None]) -> None:
 
 # ------------------------------------------------------------------------------------------------------ rewards
 
-BUILTIN_REWARDS = (
-    "accuracy_reward",
-    "think_format_reward",
-    "code_reward",
-    "unsandboxed_code_reward",
-    "soft_overlong_punishment",
-)
-"""The names ``--reward_funcs`` accepts besides ``module.path:function`` (TRL's ``get_soft_overlong_punishment``
-is accepted as an alias of ``soft_overlong_punishment``)."""
+# The argument names in fastalign.rewards.resolve's messages, and a list item's index after them.
+_ARGUMENT = re.compile(r"\b(reward_funcs|reward_weights|soft_punish_cache)\b(\[\d+\])?")
 
 
-def _import_reward(spec: str) -> Callable[..., list]:
-    """``module.path:function`` or ``module.path.function`` (TRL's form), with the current folder importable."""
-    module_name, _, attribute = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    if not module_name or not attribute:
-        raise SystemExit(f"--reward_funcs: {spec!r} is not module.path:function")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise SystemExit(f"--reward_funcs: cannot import {module_name!r} for {spec!r}: {error}") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        found = "not callable" if function is not None else "not found"
-        raise SystemExit(f"--reward_funcs: {attribute!r} in module {module_name!r} is {found}")
-    return function
+def _flag_error(error: Exception) -> SystemExit:
+    """A resolve_reward_funcs error as one line naming the flags as the command line spells them
+    (``--reward_funcs``, not ``reward_funcs[0]``; a weight keeps its index)."""
+
+    def flag(match: re.Match) -> str:
+        index = match[2] if match[1] == "reward_weights" and match[2] else ""
+        return f"--{match[1]}{index}"
+
+    return SystemExit(_ARGUMENT.sub(flag, str(error)))
 
 
 def reward_functions_from_names(
     names: Sequence[str] | None, max_completion_length: int, soft_punish_cache: int | None = None
-) -> list[Callable[..., list]]:
-    """The ``--reward_funcs`` names as reward functions: :data:`BUILTIN_REWARDS` or ``module.path:function``."""
-    from fastalign import rewards
+) -> list[Callable[..., list] | str]:
+    """The ``--reward_funcs`` names as reward functions (:func:`fastalign.rewards.resolve.resolve_reward_funcs`:
+    the built-ins, ``module.path:function``), checked before any model loads: a sandboxed ``code_reward`` checks
+    its sandbox now. A reward model's path stays a path (loaded with ``--reward_model_name_or_path``)."""
+    from fastalign.rewards import SandboxUnavailableError
+    from fastalign.rewards.resolve import resolve_reward_funcs
 
-    functions = []
-    for name in names or []:
-        if name in ("soft_overlong_punishment", "get_soft_overlong_punishment"):
-            if soft_punish_cache is None:
-                raise SystemExit("--reward_funcs soft_overlong_punishment needs --soft_punish_cache (DAPO's L_cache)")
-            try:
-                functions.append(rewards.soft_overlong_punishment(max_completion_length, soft_punish_cache))
-            except ValueError as error:
-                raise SystemExit(f"--soft_punish_cache: {error}") from None
-        elif name in BUILTIN_REWARDS:
-            function = getattr(rewards, name)
-            if isinstance(function, rewards.CodeReward):
-                try:  # a missing or broken sandbox fails here, before any model is loaded
-                    function.check()
-                except rewards.SandboxUnavailableError as error:
-                    raise SystemExit(f"--reward_funcs {name}: {error}") from None
-            functions.append(function)
-        elif ":" in name or "." in name:
-            functions.append(_import_reward(name))
-        else:
-            raise SystemExit(
-                f"--reward_funcs: unknown reward function {name!r}; the built-ins are {', '.join(BUILTIN_REWARDS)}, "
-                "or give your own as module.path:function"
-            )
+    if not names:
+        return []
+    try:
+        functions, _ = resolve_reward_funcs(
+            list(names),
+            max_completion_length=max_completion_length,
+            soft_punish_cache=soft_punish_cache,
+            load_models=False,
+        )
+    except (TypeError, ValueError, SandboxUnavailableError) as error:
+        raise _flag_error(error) from None
     return functions
 
 
-def _reward_setup(args: RewardArguments, weights: Sequence[float] | None, max_completion_length: int):
-    """The named reward functions, checked (with the weights' count) before any model is loaded."""
+def _reward_setup(args: RewardArguments, weights: Sequence[float] | None, max_completion_length: int) -> list:
+    """The named reward functions, checked (with the weights) before any model is loaded."""
+    from fastalign.models.paths import missing_model_folder
+    from fastalign.rewards.resolve import resolve_reward_weights
+
     named = reward_functions_from_names(args.reward_funcs, max_completion_length, args.soft_punish_cache)
+    for problem in (missing_model_folder(item) for item in named if isinstance(item, str)):
+        if problem is not None:
+            raise SystemExit(f"--reward_funcs: {problem}")
     count = len(named) + (args.reward_model_name_or_path is not None)
     if count == 0:
         raise SystemExit("no reward: give --reward_funcs and/or --reward_model_name_or_path")
-    if weights is not None and len(weights) != count:
-        raise SystemExit(
-            f"--reward_weights has {len(weights)} weights for {count} reward functions (the reward model first, "
-            "then --reward_funcs in order)"
-        )
+    try:  # the message gives the order whether or not there is a reward model
+        resolve_reward_weights(weights, count, reward_model_first=True)
+    except (TypeError, ValueError) as error:
+        raise _flag_error(error) from None
     return named
 
 
 def _with_reward_model(args: RewardArguments, named: list, model_args: ModelConfig, tokenizer: Any, device: Any):
-    """The reward model (first, as in TRL's script) as a :class:`~fastalign.rewards.RewardModelFunction` on
-    ``device`` with its own tokenizer (the policy's when its folder has none), then the named functions."""
-    if args.reward_model_name_or_path is None:
-        return named
-    from transformers import AutoTokenizer
+    """The reward model (first, as in TRL's script), then the named functions; each reward model on ``device``
+    in ``--dtype``, with its own tokenizer (the policy's when its folder has none)."""
+    from fastalign.rewards.resolve import resolve_reward_funcs
 
-    from fastalign.models import load_reward_model
-    from fastalign.rewards import RewardModelFunction
-
-    path = args.reward_model_name_or_path
-    try:
-        reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError):
-        reward_tokenizer = tokenizer
-    if reward_tokenizer.pad_token is None:
-        reward_tokenizer.pad_token = reward_tokenizer.eos_token
-    model = load_reward_model(
-        path,
+    functions, _ = resolve_reward_funcs(
+        named,
+        reward_model=args.reward_model_name_or_path,
+        tokenizer=tokenizer,
+        device=device,
         dtype=_torch_dtype(model_args.dtype),
         trust_remote_code=model_args.trust_remote_code,
-        pad_token_id=reward_tokenizer.pad_token_id,
     )
-    model = model.to(device).eval().requires_grad_(False)
-    return [RewardModelFunction(model, reward_tokenizer), *named]
+    return functions
 
 
 # ------------------------------------------------------------------------------------------------------- models

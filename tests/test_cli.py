@@ -190,6 +190,7 @@ def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace
         (["--reward_funcs", "no_such_module:f"], "cannot import 'no_such_module'"),
         (["--reward_funcs", "cli_rewards:missing"], "'missing' in module 'cli_rewards' is not found"),
         (["--reward_weights", "1.0"], "1 weights for 2 reward functions"),
+        (["--reward_funcs", "./no-rm"], r"^--reward_funcs: the model folder '\./no-rm' does not exist"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             main(["grpo", "--config", str(grpo), "--model_name_or_path", "/nonexistent", *flags])
@@ -198,6 +199,18 @@ def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace
     assert (functions[1].max_completion_length, functions[1].soft_punish_cache) == (100, 20)
     with pytest.raises(SystemExit, match="no reward"):
         main(["rejection-sample", "--model_name_or_path", "/nonexistent", "--output_path", "x.jsonl"])
+
+
+def test_the_names_that_moved_out_of_cli_still_resolve_with_a_warning():
+    from fastalign import cli, commands
+    from fastalign.rewards.resolve import BUILTIN_REWARDS
+
+    with pytest.warns(DeprecationWarning, match=r"fastalign.cli.parse moved to fastalign.commands.parse"):
+        assert cli.parse is commands.parse
+    with pytest.warns(DeprecationWarning, match=r"moved to fastalign.rewards.resolve.BUILTIN_REWARDS"):
+        assert cli.BUILTIN_REWARDS is BUILTIN_REWARDS
+    with pytest.raises(AttributeError):
+        cli.run_sft  # noqa: B018
 
 
 def test_code_reward_without_a_sandbox_fails_before_any_model_loads(monkeypatch):
