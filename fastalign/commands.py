@@ -59,48 +59,54 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "pre-train a causal LM on `text` data with packing (from a config-only folder: from scratch)",
-        "SFTConfig",
-        "sft",
-        "SFTTrainer",
+        config="SFTConfig",
+        dataset_format="sft",
+        trainer="SFTTrainer",
         defaults={"packing": True, "completion_only_loss": False},
         from_scratch=True,
     ),
     "sft": Command(
-        "supervised fine-tuning on text, messages or prompt-completion data", "SFTConfig", "sft", "SFTTrainer"
+        "supervised fine-tuning on text, messages or prompt-completion data",
+        config="SFTConfig",
+        dataset_format="sft",
+        trainer="SFTTrainer",
     ),
     "reward": Command(
         "a Bradley-Terry reward model on preference pairs (prompt, chosen, rejected)",
-        "RewardConfig",
-        "reward",
-        "RewardTrainer",
+        config="RewardConfig",
+        dataset_format="reward",
+        trainer="RewardTrainer",
         model="reward_model",
     ),
     # No ref_model: DPOTrainer uses the LoRA base with adapters disabled (--use_peft), precomputed reference
     # log-probs (--precompute_ref_log_probs), or a frozen copy of the starting policy.
     "dpo": Command(
-        "direct preference optimisation (every DPO loss_type) on preference pairs", "DPOConfig", "dpo", "DPOTrainer"
+        "direct preference optimisation (every DPO loss_type) on preference pairs",
+        config="DPOConfig",
+        dataset_format="dpo",
+        trainer="DPOTrainer",
     ),
     "grpo": Command(
         "GRPO / DAPO / Dr. GRPO on prompts, with --reward_funcs and/or --reward_model_name_or_path",
-        "GRPOConfig",
-        "grpo",
-        "GRPOTrainer",
+        config="GRPOConfig",
+        dataset_format="grpo",
+        trainer="GRPOTrainer",
         script="GRPOScriptArguments",
         completion_length="max_completion_length",
     ),
     # The value model starts from a copy of the policy's backbone with a fresh value head (PPOTrainer's default).
     "ppo": Command(
         "PPO with a value model (RLHF), with --reward_model_name_or_path and/or --reward_funcs",
-        "PPOConfig",
-        "ppo",
-        "PPOTrainer",
+        config="PPOConfig",
+        dataset_format="ppo",
+        trainer="PPOTrainer",
         script="GRPOScriptArguments",
         completion_length="response_length",
     ),
     "rejection-sample": Command(
         "sample k completions per prompt, keep the best by reward, write prompt-completion JSONL for sft",
-        "RejectionSamplingArguments",
-        "rl",
+        config="RejectionSamplingArguments",
+        dataset_format="rl",
     ),
 }
 
