@@ -36,8 +36,11 @@ def workspace(tmp_path, monkeypatch):
 def test_a_missing_local_model_folder_says_it_does_not_exist(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     for load in (load_causal_lm, load_reward_model):
-        with pytest.raises(FileNotFoundError, match=rf"^the model folder '{name}' does not exist \(.*; the nearest "
-                                                    "folder that exists is "):  # fmt: skip
+        with pytest.raises(
+            FileNotFoundError,
+            match=rf"^the model folder '{name}' does not exist \(.*; the nearest "
+            "folder that exists is ",
+        ):
             load(name)
 
 
@@ -53,26 +56,76 @@ def test_the_command_names_the_missing_model_folder_before_loading_data(workspac
     with pytest.raises(SystemExit, match=r"^--model_name_or_path: the model folder '\./sft-out' does not exist"):
         main(["sft", "--model_name_or_path", "./sft-out", "--dataset_name", str(tmp_path / "missing.jsonl")])
     with pytest.raises(SystemExit, match=r"^--reward_model_name_or_path: the model folder '\./rm' does not exist"):
-        main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data),
-              "--reward_model_name_or_path", "./rm", "--output_dir", "out"])  # fmt: skip
+        main(
+            [
+                "grpo",
+                "--model_name_or_path",
+                str(tmp_path / "model"),
+                "--dataset_name",
+                str(data),
+                "--reward_model_name_or_path",
+                "./rm",
+                "--output_dir",
+                "out",
+            ]
+        )
 
 
 def test_evaluation_needs_a_held_out_split(workspace):
     _, model, data = workspace
-    common = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", "out", "--use_cpu",
-              "true", "--eval_strategy", "steps", "--eval_steps", "1"]  # fmt: skip
-    with pytest.raises(SystemExit, match=r"^--dataset_test_split 'test' \(--eval_strategy steps evaluates on it\): "
-                                         r"the file .* has no 'test' split"):  # fmt: skip
+    common = [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        "out",
+        "--use_cpu",
+        "true",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+    ]
+    with pytest.raises(
+        SystemExit,
+        match=r"^--dataset_test_split 'test' \(--eval_strategy steps evaluates on it\): "
+        r"the file .* has no 'test' split",
+    ):
         main(["sft", *common])
-    with pytest.raises(SystemExit, match=r"^--eval_strategy steps evaluates on --dataset_test_split, which is the "
-                                         r"training split 'train'"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"^--eval_strategy steps evaluates on --dataset_test_split, which is the "
+        r"training split 'train'",
+    ):
         main(["dpo", *common, "--dataset_test_split", "train"])
 
 
 def _sample(model, data, output, *flags):
-    main(["rejection-sample", "--model_name_or_path", str(model), "--dataset_name", str(data), "--reward_funcs",
-          "zero_rewards:zero", "--num_generations", "2", "--max_completion_length", "4", "--batch_size", "4",
-          "--device", "cpu", "--disable_tqdm", "true", "--output_path", str(output), *flags])  # fmt: skip
+    main(
+        [
+            "rejection-sample",
+            "--model_name_or_path",
+            str(model),
+            "--dataset_name",
+            str(data),
+            "--reward_funcs",
+            "zero_rewards:zero",
+            "--num_generations",
+            "2",
+            "--max_completion_length",
+            "4",
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+            "--disable_tqdm",
+            "true",
+            "--output_path",
+            str(output),
+            *flags,
+        ]
+    )
 
 
 def test_rejection_sampling_refuses_to_overwrite_its_input(workspace):
@@ -112,15 +165,21 @@ def test_a_later_stages_bad_dataset_fails_before_the_first_stage_runs(workspace)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b",\n')
     stages = plan(_recipe(model, data, pairs), "bad", str(tmp_path / "run"), smoke=True)
-    with pytest.raises(SystemExit, match=rf"^fastalign pipeline: stage 'dpo' \(dpo\): --dataset_name: {pairs}:2: not "
-                                         "valid JSON"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=rf"^fastalign pipeline: stage 'dpo' \(dpo\): --dataset_name: {pairs}:2: not "
+        "valid JSON",
+    ):
         run_pipeline(stages)
     assert not (tmp_path / "run").exists()  # the sft stage never started
     for dataset, message in [
         (tmp_path / "missing.jsonl", r"--dataset_name: dataset '.*missing.jsonl' not found"),
-        (data, r"--dataset_name .*train.jsonl: the dpo trainer cannot read this dataset: missing columns 'chosen', "
-               "'rejected'"),
-    ]:  # fmt: skip
+        (
+            data,
+            r"--dataset_name .*train.jsonl: the dpo trainer cannot read this dataset: missing columns 'chosen', "
+            "'rejected'",
+        ),
+    ]:
         stages = plan(_recipe(model, data, dataset), "bad", str(tmp_path / "run"), smoke=True)
         with pytest.raises(SystemExit, match=rf"^fastalign pipeline: stage 'dpo' \(dpo\): {message}"):
             check_stage_inputs(stages, [True, True])

@@ -21,11 +21,21 @@ def workspace(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in addition_rows()))
     settings = {
-        "model_name_or_path": str(model_dir), "dataset_name": str(data), "output_dir": str(tmp_path / "out"),
-        "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none",
-        "use_cpu": True, "bf16": False, "gradient_checkpointing": False, "max_length": 32, "save_strategy": "steps",
-        "save_steps": 3, "disable_tqdm": True,
-    }  # fmt: skip
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "max_length": 32,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "disable_tqdm": True,
+    }
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(settings))
     return tmp_path, config
@@ -56,8 +66,19 @@ def test_pretrain_from_a_config_only_folder(workspace):
     word_tokenizer().save_pretrained(scratch)
     text = tmp_path / "text.jsonl"
     text.write_text("\n".join(json.dumps({"text": " ".join(row.values())}) for row in addition_rows()))
-    main(["pretrain", "--config", str(config), "--model_name_or_path", str(scratch), "--dataset_name", str(text),
-          "--output_dir", str(tmp_path / "pretrained")])  # fmt: skip
+    main(
+        [
+            "pretrain",
+            "--config",
+            str(config),
+            "--model_name_or_path",
+            str(scratch),
+            "--dataset_name",
+            str(text),
+            "--output_dir",
+            str(tmp_path / "pretrained"),
+        ]
+    )
     assert (tmp_path / "pretrained" / "model.safetensors").exists()
 
 
@@ -76,8 +97,9 @@ def test_help_lists_the_commands_and_the_fields():
     top = subprocess.run([sys.executable, "-m", "fastalign", "--help"], capture_output=True, text=True, check=True)
     for command in ("pretrain", "sft", "reward", "dpo", "--model_name_or_path"):
         assert command in top.stdout
-    sub = subprocess.run([sys.executable, "-m", "fastalign", "sft", "--help"], capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    sub = subprocess.run(
+        [sys.executable, "-m", "fastalign", "sft", "--help"], capture_output=True, text=True, check=True
+    )
     for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--max_steps", "--packing", "--config"):
         assert flag in sub.stdout
 
@@ -95,8 +117,19 @@ def test_reward_model_from_the_command_line(workspace):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
     pairs.write_text("\n".join(json.dumps(row) for row in rows))
-    main(["reward", "--config", str(config), "--model_name_or_path", str(model_dir), "--dataset_name", str(pairs),
-          "--output_dir", str(tmp_path / "rm")])  # fmt: skip
+    main(
+        [
+            "reward",
+            "--config",
+            str(config),
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_name",
+            str(pairs),
+            "--output_dir",
+            str(tmp_path / "rm"),
+        ]
+    )
     assert (tmp_path / "rm" / "model.safetensors").exists()
 
 
@@ -105,8 +138,25 @@ def test_dpo_from_the_command_line(workspace):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
     pairs.write_text("\n".join(json.dumps(row) for row in rows))
-    main(["dpo", "--config", str(config), "--dataset_name", str(pairs), "--output_dir", str(tmp_path / "dpo"),
-          "--loss_type", "sigmoid", "hinge", "--loss_weights", "1.0", "0.5", "--beta", "0.2"])  # fmt: skip
+    main(
+        [
+            "dpo",
+            "--config",
+            str(config),
+            "--dataset_name",
+            str(pairs),
+            "--output_dir",
+            str(tmp_path / "dpo"),
+            "--loss_type",
+            "sigmoid",
+            "hinge",
+            "--loss_weights",
+            "1.0",
+            "0.5",
+            "--beta",
+            "0.2",
+        ]
+    )
     assert (tmp_path / "dpo" / "model.safetensors").exists()
     _, _, dpo = parse("dpo", ["--config", str(config), "--loss_type", "ipo"])
     assert dpo.loss_type == ["ipo"] and dpo.beta == 0.1
@@ -171,9 +221,24 @@ def test_grpo_from_yaml_with_builtin_and_custom_rewards(rl_workspace):
 def test_grpo_with_a_reward_model_from_the_command_line(rl_workspace):
     tmp_path, _, grpo = rl_workspace
     reward_model = _reward_model(tmp_path)
-    main(["grpo", "--config", str(grpo), "--output_dir", str(tmp_path / "grpo-rm"), "--reward_model_name_or_path",
-          str(reward_model), "--reward_funcs", "cli_rewards.blue", "--reward_weights", "1.0", "0.1",
-          "--max_steps", "1"])  # fmt: skip
+    main(
+        [
+            "grpo",
+            "--config",
+            str(grpo),
+            "--output_dir",
+            str(tmp_path / "grpo-rm"),
+            "--reward_model_name_or_path",
+            str(reward_model),
+            "--reward_funcs",
+            "cli_rewards.blue",
+            "--reward_weights",
+            "1.0",
+            "0.1",
+            "--max_steps",
+            "1",
+        ]
+    )
     assert (tmp_path / "grpo-rm" / "model.safetensors").exists()
 
 
@@ -183,15 +248,18 @@ def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace
 
     _, _, grpo = rl_workspace
     for flags, message in [
-        (["--reward_funcs", "blue_reward"], "unknown reward function 'blue_reward'; the built-ins are accuracy_reward, "
-                                            "think_format_reward, code_reward, unsandboxed_code_reward, "
-                                            "soft_overlong_punishment"),
+        (
+            ["--reward_funcs", "blue_reward"],
+            "unknown reward function 'blue_reward'; the built-ins are accuracy_reward, "
+            "think_format_reward, code_reward, unsandboxed_code_reward, "
+            "soft_overlong_punishment",
+        ),
         (["--reward_funcs", "soft_overlong_punishment"], "needs --soft_punish_cache"),
         (["--reward_funcs", "no_such_module:f"], "cannot import 'no_such_module'"),
         (["--reward_funcs", "cli_rewards:missing"], "'missing' in module 'cli_rewards' is not found"),
         (["--reward_weights", "1.0"], "1 weights for 2 reward functions"),
         (["--reward_funcs", "./no-rm"], r"^--reward_funcs: the model folder '\./no-rm' does not exist"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(SystemExit, match=message):
             main(["grpo", "--config", str(grpo), "--model_name_or_path", "/nonexistent", *flags])
     functions = reward_functions_from_names(["think_format_reward", "soft_overlong_punishment"], 100, 20)
@@ -228,11 +296,38 @@ def test_rejection_sample_writes_jsonl_that_sft_trains_on(rl_workspace, capsys):
     tmp_path, config, _ = rl_workspace
     data = tmp_path / "train.jsonl"
     output = tmp_path / "sampled" / "r1-sft.jsonl"
-    main(["rejection-sample", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data),
-          "--reward_model_name_or_path", str(_reward_model(tmp_path)), "--reward_funcs", "cli_rewards:blue",
-          "think_format_reward", "--reward_weights", "0.1", "1.0", "0.5", "--num_generations", "3",
-          "--max_completion_length", "6", "--batch_size", "4", "--output_path", str(output), "--mix_dataset",
-          str(data), "--mix_ratio", "0.25", "--disable_tqdm", "true"])  # fmt: skip
+    main(
+        [
+            "rejection-sample",
+            "--model_name_or_path",
+            str(tmp_path / "model"),
+            "--dataset_name",
+            str(data),
+            "--reward_model_name_or_path",
+            str(_reward_model(tmp_path)),
+            "--reward_funcs",
+            "cli_rewards:blue",
+            "think_format_reward",
+            "--reward_weights",
+            "0.1",
+            "1.0",
+            "0.5",
+            "--num_generations",
+            "3",
+            "--max_completion_length",
+            "6",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(output),
+            "--mix_dataset",
+            str(data),
+            "--mix_ratio",
+            "0.25",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     sampled = [row for row in rows if row["reward"] is not None]
     assert len(sampled) == 10 and len(rows) == 13  # best-of-3 per prompt, then round(10 * 0.25 / 0.75) mixed in
@@ -249,8 +344,21 @@ def test_rejection_sample_flags_are_checked():
         parse("rejection-sample", ["--model_name_or_path", "m", "--keep", "threshold"])
     with pytest.raises(ValueError, match="go together"):
         parse("rejection-sample", ["--model_name_or_path", "m", "--mix_dataset", "chat.jsonl"])
-    _, _, args = parse("rejection-sample", ["--model_name_or_path", "m", "--keep", "threshold", "--threshold", "0.5",
-                                            "--reward_funcs", "accuracy_reward", "--num_generations", "4"])  # fmt: skip
+    _, _, args = parse(
+        "rejection-sample",
+        [
+            "--model_name_or_path",
+            "m",
+            "--keep",
+            "threshold",
+            "--threshold",
+            "0.5",
+            "--reward_funcs",
+            "accuracy_reward",
+            "--num_generations",
+            "4",
+        ],
+    )
     assert (args.keep, args.threshold, args.reward_funcs) == ("threshold", 0.5, ["accuracy_reward"])
     assert args.num_generations == 4
 
@@ -258,12 +366,22 @@ def test_rejection_sample_flags_are_checked():
 def test_help_lists_grpo_and_rejection_sample():
     top = subprocess.run([sys.executable, "-m", "fastalign", "--help"], capture_output=True, text=True, check=True)
     assert "grpo" in top.stdout and "rejection-sample" in top.stdout
-    for command, flags in [("grpo", ("--reward_funcs", "--reward_model_name_or_path", "--reward_weights",
-                                     "--num_generations", "--soft_punish_cache")),
-                           ("rejection-sample", ("--keep", "--threshold", "--mix_dataset", "--mix_ratio",
-                                                 "--output_path", "--top_p"))]:  # fmt: skip
-        sub = subprocess.run([sys.executable, "-m", "fastalign", command, "--help"], capture_output=True, text=True,
-                             check=True)  # fmt: skip
+    for command, flags in [
+        (
+            "grpo",
+            (
+                "--reward_funcs",
+                "--reward_model_name_or_path",
+                "--reward_weights",
+                "--num_generations",
+                "--soft_punish_cache",
+            ),
+        ),
+        ("rejection-sample", ("--keep", "--threshold", "--mix_dataset", "--mix_ratio", "--output_path", "--top_p")),
+    ]:
+        sub = subprocess.run(
+            [sys.executable, "-m", "fastalign", command, "--help"], capture_output=True, text=True, check=True
+        )
         for flag in flags:
             assert flag in sub.stdout
 
@@ -275,17 +393,36 @@ def test_ppo_from_yaml_with_a_reward_model_and_a_rule(rl_workspace):
     tmp_path, _, grpo = rl_workspace
     settings = yaml.safe_load(grpo.read_text())
     del settings["max_completion_length"]
-    settings.update({"reward_model_name_or_path": str(_reward_model(tmp_path)), "response_length": 4,
-                     "num_ppo_epochs": 1, "per_device_train_batch_size": 2,
-                     "output_dir": str(tmp_path / "ppo")})  # fmt: skip
+    settings.update(
+        {
+            "reward_model_name_or_path": str(_reward_model(tmp_path)),
+            "response_length": 4,
+            "num_ppo_epochs": 1,
+            "per_device_train_batch_size": 2,
+            "output_dir": str(tmp_path / "ppo"),
+        }
+    )
     ppo = tmp_path / "ppo.yaml"
     ppo.write_text(yaml.safe_dump(settings))
     script, _, config = parse("ppo", ["--config", str(ppo)])
     assert script.reward_funcs == ["think_format_reward", "cli_rewards:blue"] and config.response_length == 4
     with pytest.raises(SystemExit, match="2 weights for 3 reward functions"):
         main(["ppo", "--config", str(ppo), "--model_name_or_path", "/nonexistent"])
-    main(["ppo", "--config", str(ppo), "--reward_weights", "1.0", "0.5", "0.1", "--save_strategy", "steps",
-          "--save_steps", "2"])  # fmt: skip
+    main(
+        [
+            "ppo",
+            "--config",
+            str(ppo),
+            "--reward_weights",
+            "1.0",
+            "0.5",
+            "0.1",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+        ]
+    )
     out = tmp_path / "ppo"
     assert (out / "model.safetensors").exists() and (out / "value_model.safetensors").exists()
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
@@ -294,13 +431,21 @@ def test_ppo_from_yaml_with_a_reward_model_and_a_rule(rl_workspace):
 def test_help_lists_ppo_and_pipeline():
     top = subprocess.run([sys.executable, "-m", "fastalign", "--help"], capture_output=True, text=True, check=True)
     assert "ppo" in top.stdout and "pipeline" in top.stdout
-    sub = subprocess.run([sys.executable, "-m", "fastalign", "ppo", "--help"], capture_output=True, text=True,
-                         check=True)  # fmt: skip
-    for flag in ("--reward_funcs", "--reward_model_name_or_path", "--soft_punish_cache", "--response_length",
-                 "--kl_coef", "--num_ppo_epochs"):  # fmt: skip
+    sub = subprocess.run(
+        [sys.executable, "-m", "fastalign", "ppo", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in (
+        "--reward_funcs",
+        "--reward_model_name_or_path",
+        "--soft_punish_cache",
+        "--response_length",
+        "--kl_coef",
+        "--num_ppo_epochs",
+    ):
         assert flag in sub.stdout
-    pipe = subprocess.run([sys.executable, "-m", "fastalign", "pipeline", "--help"], capture_output=True, text=True,
-                          check=True)  # fmt: skip
+    pipe = subprocess.run(
+        [sys.executable, "-m", "fastalign", "pipeline", "--help"], capture_output=True, text=True, check=True
+    )
     for text in ("--from_stage", "--smoke", "--set", "rlhf", "r1"):
         assert text in pipe.stdout
 

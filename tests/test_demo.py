@@ -140,19 +140,28 @@ def test_evaluate_policy_scores_answers_and_format():
 
 
 def test_training_speed_reads_the_trainer_log():
-    history = [{"loss": 1.0, "num_tokens": 100.0, "step": 1}, {"num_tokens": 300.0, "step": 2},
-               {"train_runtime": 1.5, "num_tokens": 300.0, "step": 2}]  # fmt: skip
+    history = [
+        {"loss": 1.0, "num_tokens": 100.0, "step": 1},
+        {"num_tokens": 300.0, "step": 2},
+        {"train_runtime": 1.5, "num_tokens": 300.0, "step": 2},
+    ]
     assert training_speed(history) == (200.0, 1.5)
     assert training_speed([{"train_runtime": 2.0}]) == (None, 2.0)
     assert training_speed([]) == (None, None)
 
 
 def test_rl_gains_compare_each_rl_stage_with_its_sft_stage():
-    rows = [StageRow("cold_start", "sft", 0.5), StageRow("reasoning_rl", "grpo", 0.6),
-            StageRow("reasoning_sft", "sft", 0.7), StageRow("final_rl", "grpo", 0.65)]  # fmt: skip
+    rows = [
+        StageRow("cold_start", "sft", 0.5),
+        StageRow("reasoning_rl", "grpo", 0.6),
+        StageRow("reasoning_sft", "sft", 0.7),
+        StageRow("final_rl", "grpo", 0.65),
+    ]
     gains = rl_gains(rows)
     assert [(g["from"], g["to"], g["raised"]) for g in gains] == [
-        ("cold_start", "reasoning_rl", True), ("reasoning_sft", "final_rl", False)]  # fmt: skip
+        ("cold_start", "reasoning_rl", True),
+        ("reasoning_sft", "final_rl", False),
+    ]
     assert "0.650" in format_table(rows)
 
 
@@ -177,7 +186,9 @@ def test_demo_smoke_runs_the_pipeline_end_to_end_and_writes_the_report(tmp_path,
     assert 0.0 <= by_name["rm"]["heldout_accuracy"] <= 1.0
     assert by_name["rejection"]["notes"]["rows_written"] > 0
     assert [(g["from"], g["to"]) for g in written["rl_gains"]] == [
-        ("cold_start", "reasoning_rl"), ("reasoning_sft", "final_rl")]  # fmt: skip
+        ("cold_start", "reasoning_rl"),
+        ("reasoning_sft", "final_rl"),
+    ]
     assert (tmp_path / "demo" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert all(name in printed for name in names) and "held-out acc" in printed

@@ -35,8 +35,10 @@ def data(tmp_path):
     word_tokenizer().save_pretrained(model_dir)
     rows = addition_rows()[:6]
     answers = [row["completion"].split()[0] for row in rows]
-    cot = [{"prompt": row["prompt"], "completion": f"<think> one plus {answer} </think> {answer} ."}
-           for row, answer in zip(rows, answers, strict=True)]  # fmt: skip
+    cot = [
+        {"prompt": row["prompt"], "completion": f"<think> one plus {answer} </think> {answer} ."}
+        for row, answer in zip(rows, answers, strict=True)
+    ]
     reasoning = [{"prompt": row["prompt"], "solution": str(n + 2)} for n, row in enumerate(rows)]
     pairs = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in rows]
     values = {
@@ -93,8 +95,7 @@ def test_rlhf_smoke_resumes_and_reruns_from_a_stage(data, capsys):
 def test_dpo_smoke_from_the_fastalign_command(data, capsys):
     tmp_path, values = data
     out = tmp_path / "dpo-run"
-    main(["pipeline", "dpo", "--output_dir", str(out), "--smoke", *CPU, *_sets(values, "dpo"),
-          "--set", "dpo.beta=0.2"])  # fmt: skip
+    main(["pipeline", "dpo", "--output_dir", str(out), "--smoke", *CPU, *_sets(values, "dpo"), "--set", "dpo.beta=0.2"])
     marker = json.loads((out / "dpo" / MARKER).read_text())
     assert marker["args"]["beta"] == 0.2 and marker["args"]["model_name_or_path"] == str(out / "sft")
     assert (out / "dpo" / "model.safetensors").exists()
