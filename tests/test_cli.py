@@ -104,6 +104,14 @@ def test_help_lists_the_commands_and_the_fields():
         assert flag in sub.stdout
 
 
+def _pairs(tmp_path):
+    """Preference pairs: each prompt's answer chosen over " zero ."."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
+    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    return pairs
+
+
 def test_reward_model_from_the_command_line(workspace):
     from transformers import LlamaForSequenceClassification
 
@@ -114,9 +122,7 @@ def test_reward_model_from_the_command_line(workspace):
         model_dir
     )
     word_tokenizer().save_pretrained(model_dir)
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
-    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    pairs = _pairs(tmp_path)
     main(
         [
             "reward",
@@ -135,9 +141,7 @@ def test_reward_model_from_the_command_line(workspace):
 
 def test_dpo_from_the_command_line(workspace):
     tmp_path, config = workspace
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": " zero ."} for row in addition_rows()]
-    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    pairs = _pairs(tmp_path)
     main(
         [
             "dpo",
