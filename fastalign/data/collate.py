@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fastalign._padding import pad_rows as _pad
+
 IGNORE_INDEX = -100
 
 
@@ -29,14 +31,6 @@ def _doc_labels(input_ids: Sequence[int], completion_mask: Sequence[int] | None)
     if len(completion_mask) != len(input_ids):
         raise ValueError(f"completion_mask has {len(completion_mask)} entries for {len(input_ids)} input_ids")
     return [t if m else IGNORE_INDEX for t, m in zip(input_ids, completion_mask, strict=True)]
-
-
-def _pad(rows: Sequence[Sequence[int]], value: int, width: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
 
 
 def pack_sequences(

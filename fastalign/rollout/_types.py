@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from fastalign._padding import pad_rows
 
 __all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams"]
 
@@ -114,6 +116,31 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
+    def select(self, rows: slice | torch.Tensor) -> RolloutBatch:
+        """The rows ``rows`` (a slice or an index tensor) of every field."""
+        return RolloutBatch(**{f.name: _rows_of(getattr(self, f.name), rows) for f in fields(self)})
+
+    @staticmethod
+    def concat(batches: Sequence[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+        """``batches`` (e.g. from several generate calls: other prompt and completion widths) as one batch, in
+        order: prompts left-padded and completions right-padded with ``pad_token_id`` to the widest, masks with
+        0; ``sampler_logps`` padded with 0, or ``None`` unless every batch has them."""
+        prompt = max(b.prompt_ids.shape[1] for b in batches)
+        completion = max(b.completion_ids.shape[1] for b in batches)
+
+        def joined(name: str, value: float, width: int, left: bool = False) -> torch.Tensor:
+            return torch.cat([pad_rows(getattr(b, name), value, width, left=left) for b in batches])
+
+        has_logps = all(b.sampler_logps is not None for b in batches)
+        return RolloutBatch(
+            prompt_ids=joined("prompt_ids", pad_token_id, prompt, left=True),
+            prompt_mask=joined("prompt_mask", 0, prompt, left=True),
+            completion_ids=joined("completion_ids", pad_token_id, completion),
+            completion_mask=joined("completion_mask", 0, completion),
+            truncated=torch.cat([b.truncated for b in batches]),
+            sampler_logps=joined("sampler_logps", 0.0, completion) if has_logps else None,
+        )
+
     def input_ids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids [N, P + C], attention_mask [N, P + C], position_ids [N, P + C])``, all int64: prompt and
         completion joined, ready for a training forward (the logits of columns ``P - 1 ... P + C - 2`` predict
@@ -122,6 +149,12 @@ class RolloutBatch:
         mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         return ids, mask, positions
+
+
+def _rows_of(value: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    if value is None:
+        return None
+    return value[rows.to(value.device) if isinstance(rows, torch.Tensor) else rows]
 
 
 @runtime_checkable
@@ -156,13 +189,8 @@ def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, P], mask [B, P])`` int64, LEFT-padded to the longest prompt."""
     length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, length - len(prompt) :] = 1
-    return ids, mask
+    mask = pad_rows([[1] * len(p) for p in prompts], 0, length, left=True)
+    return pad_rows(prompts, pad_token_id, length, left=True), mask
 
 
 def completion_mask_after_eos(

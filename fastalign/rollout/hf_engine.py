@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from fastalign._padding import pad_rows
 from fastalign.models.causal_lm import unwrap_peft
 from fastalign.rollout._types import (
     RolloutBatch,
@@ -165,11 +166,11 @@ class HFGenerateEngine:
                 chunks.append((completion, logps))
 
         width = max(c.shape[1] for c, _ in chunks)
-        completion_ids = torch.cat([_pad_right(c, width, self.pad_token_id) for c, _ in chunks])
+        completion_ids = torch.cat([pad_rows(c, self.pad_token_id, width) for c, _ in chunks])
         completion_mask, truncated = completion_mask_after_eos(completion_ids, self.eos_token_ids)
         sampler_logps = None
         if want_logps:
-            sampler_logps = torch.cat([_pad_right(lp, width, 0.0) for _, lp in chunks])
+            sampler_logps = torch.cat([pad_rows(lp, 0.0, width) for _, lp in chunks])
             sampler_logps = torch.where(completion_mask.bool(), sampler_logps, 0.0)
         return RolloutBatch(
             prompt_ids=prompt_ids,
@@ -190,9 +191,3 @@ def _sampled_logps(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, te
         for t, logits in enumerate(step_logits)
     ]
     return torch.cat(columns, dim=1).to(tokens.device)
-
-
-def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    if x.shape[1] == width:
-        return x
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
