@@ -27,17 +27,60 @@ def _check_float_dtype(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
 
 
+def _bound(value: float) -> str:
+    return f"{value:g}"
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    finite: bool = True,
+    integer: bool = False,
+    optional: bool = False,
+    why: str | None = None,
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a real number inside the bounds given.
+
+    A number is an ``int`` or ``float`` (never a ``bool``, never NaN); ``integer=True`` asks for an ``int``,
+    ``finite=False`` lets ±inf through, ``optional=True`` lets ``None`` through. ``above`` / ``at_least`` and
+    ``below`` / ``at_most`` are the open / closed bounds. The message says what was expected, in these words:
+    ``"{name} must be [None or ]a [finite ]number|an int[ > a| >= a| in [a, b)...][ (why)], got {value!r}"``.
+    """
+    if optional and value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if ok and not integer:
+        ok = math.isfinite(value) if finite else not math.isnan(value)
+    lower = above if above is not None else at_least
+    upper = below if below is not None else at_most
+    if ok:
+        ok = (above is None or value > above) and (at_least is None or value >= at_least)
+        ok = ok and (below is None or value < below) and (at_most is None or value <= at_most)
+    if ok:
+        return
+    if lower is not None and upper is not None:
+        opening, closing = "(" if above is not None else "[", ")" if below is not None else "]"
+        bounds = f" in {opening}{_bound(lower)}, {_bound(upper)}{closing}"
+    elif lower is not None:
+        bounds = f" {'>' if above is not None else '>='} {_bound(lower)}"
+    elif upper is not None:
+        bounds = f" {'<' if below is not None else '<='} {_bound(upper)}"
+    else:
+        bounds = ""
+    kind = "an int" if integer else "a finite number" if finite else "a number"
+    reason = f" ({why})" if why else ""
+    raise ValueError(f"{name} must be {'None or ' if optional else ''}{kind}{bounds}{reason}, got {value!r}")
+
+
 def check_scalar_options(temperature: float, softcap: float | None, ignore_index: int) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
-    ):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_number("temperature", temperature, above=0)
+    check_number("softcap", softcap, above=0, optional=True)
+    check_number("ignore_index", ignore_index, integer=True)
 
 
 def check_targets(targets: object, expected_shape: torch.Size, device: torch.device) -> torch.Tensor:

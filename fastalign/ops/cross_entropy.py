@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
+from fastalign.ops._checks import check_number
 from fastalign.ops.logprobs import linear_stats
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -15,12 +14,26 @@ _REDUCTIONS = ("mean", "sum", "none")
 def check_cross_entropy_options(reduction: str, label_smoothing: float, z_loss: float) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    check_number("label_smoothing", label_smoothing, at_least=0, at_most=1, finite=False)
+    check_number("z_loss", z_loss, at_least=0)
+
+
+def cross_entropy_terms(
+    target_logp: torch.Tensor,
+    lse: torch.Tensor,
+    sum_logits: torch.Tensor | None,
+    vocab_size: int | torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """The per-token loss ``(1 - ε)·(lse - l_y) + ε·(lse - Σ_j l_j / V) + z_loss·lse²`` from the token's
+    statistics (``[N]`` each; ``sum_logits`` is read only when ``label_smoothing > 0``)."""
+    loss = -target_logp
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_logits / vocab_size)
+    if z_loss > 0:
+        loss = loss + z_loss * lse.square()
+    return loss
 
 
 def linear_cross_entropy(
@@ -67,18 +80,20 @@ def linear_cross_entropy(
     """
     check_cross_entropy_options(reduction, label_smoothing, z_loss)
     (lse, target_logp, _, sum_logits), prepared = linear_stats(
-        hidden, weight, bias, targets,
-        temperature=1.0, softcap=softcap, ignore_index=ignore_index,
-        need_entropy=False, need_sum=label_smoothing > 0, backend=backend,
-        process_group=process_group, vocab_start=vocab_start,
-    )  # fmt: skip
-    loss = -target_logp
-    if label_smoothing > 0:
-        smooth = lse - sum_logits / prepared.vocab_size
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
-    if z_loss > 0:
-        loss = loss + z_loss * lse.square()
-    loss = prepared.finish(loss)
+        hidden,
+        weight,
+        bias,
+        targets,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        need_entropy=False,
+        need_sum=label_smoothing > 0,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+    )
+    per_token = cross_entropy_terms(target_logp, lse, sum_logits, prepared.vocab_size, label_smoothing, z_loss)
+    loss = prepared.finish(per_token)
     if reduction == "none":
         return loss
     total = loss.sum()
