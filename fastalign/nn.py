@@ -16,15 +16,16 @@ step (its ``backward`` takes the upstream scalar).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from fastalign.ops.cross_entropy import check_cross_entropy_options, linear_cross_entropy
+from fastalign.ops._dpo_math import DPOLossOptions
+from fastalign.ops._options import options_from, renamed_keywords, with_option_fields
+from fastalign.ops._policy_math import PolicyChunks, PolicyLossOptions, check_policy_args
+from fastalign.ops.cross_entropy import check_cross_entropy_options, cross_entropy_terms, linear_cross_entropy
 from fastalign.ops.fused_linear import ChunkStats, fused_linear_loss
 from fastalign.ops.logprobs import linear_logprobs
-from fastalign.ops.policy import check_policy_args, policy_chunk_loss, policy_loss, row_weights
-from fastalign.ops.preference import check_dpo_options, dpo_loss_from_token_logps
+from fastalign.ops.policy import policy_loss
+from fastalign.ops.preference import dpo_loss_from_token_logps
 
 
 def _fused_gradient(choice: bool | None, *tensors: torch.Tensor | None) -> bool:
@@ -67,22 +68,16 @@ class LinearCrossEntropy(torch.nn.Module):
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         options = {"ignore_index": self.ignore_index, "softcap": self.softcap, "backend": self.backend}
+        smoothing, z_loss = self.label_smoothing, self.z_loss
         if self.reduction == "none" or not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
-            return linear_cross_entropy(
-                hidden, weight, targets, bias=bias, reduction=self.reduction, label_smoothing=self.label_smoothing,
-                z_loss=self.z_loss, **options,
-            )  # fmt: skip
-        check_cross_entropy_options(self.reduction, self.label_smoothing, self.z_loss)
+            loss_options = {"reduction": self.reduction, "label_smoothing": smoothing, "z_loss": z_loss}
+            return linear_cross_entropy(hidden, weight, targets, bias=bias, **loss_options, **options)
+        check_cross_entropy_options(self.reduction, smoothing, z_loss)
         count = (targets != self.ignore_index).sum().clamp_min(1) if self.reduction == "mean" else 1
         vocab_size = weight.shape[0]
-        smoothing, z_loss = self.label_smoothing, self.z_loss
 
         def chunk_loss(index: torch.Tensor, s: ChunkStats) -> torch.Tensor:
-            loss = -s.logp
-            if smoothing > 0:
-                loss = (1.0 - smoothing) * loss + smoothing * (s.lse - s.sum_logits / vocab_size)
-            if z_loss > 0:
-                loss = loss + z_loss * s.lse.square()
+            loss = cross_entropy_terms(s.logp, s.lse, s.sum_logits, vocab_size, smoothing, z_loss)
             return torch.where(s.valid, loss, 0.0).sum() / count
 
         return fused_linear_loss(hidden, weight, targets, chunk_loss, bias=bias, need_sum=smoothing > 0, **options).loss
@@ -93,97 +88,87 @@ class LinearPolicyLoss(torch.nn.Module):
 
     The per-token log-probs (and the entropy, only when ``entropy_coef`` needs it) use this module's
     ``temperature`` and ``softcap`` — the temperature the rollout sampled with, as TRL divides the logits by it.
+    The loss options are a :class:`~fastalign.ops.PolicyLossOptions` (``options=``) or its fields as keywords.
 
-    ``forward(hidden [B, T, D], weight [V, D], targets [B, T], old_logp [B, T], advantages [B] | [B, T], *,
-    mask=None, ref_logp=None, is_weights=None, num_items_in_batch=None, bias=None) -> (loss, metrics)``;
-    ``mask`` defaults to ``targets != ignore_index``.
+    ``forward(hidden [B, T, D], weight [V, D], targets [B, T], old_logps [B, T], advantages [B] | [B, T], *,
+    mask=None, ref_logps=None, is_weights=None, num_items_in_batch=None, bias=None) -> (loss, metrics)``;
+    ``mask`` defaults to ``targets != ignore_index``. ``old_logp`` / ``ref_logp`` are the deprecated names of
+    ``old_logps`` / ``ref_logps``.
 
     Example:
         >>> import torch, fastalign
         >>> loss_fn = fastalign.nn.LinearPolicyLoss(loss_type="dapo", clip_eps_high=0.28)
         >>> hidden, weight = torch.randn(4, 6, 16, requires_grad=True), torch.randn(50, 16)
         >>> targets = torch.randint(0, 50, (4, 6))
-        >>> old_logp = fastalign.linear_logprobs(hidden.detach(), weight, targets)
-        >>> loss, metrics = loss_fn(hidden, weight, targets, old_logp, advantages=torch.randn(4))
+        >>> old_logps = fastalign.linear_logprobs(hidden.detach(), weight, targets)
+        >>> loss, metrics = loss_fn(hidden, weight, targets, old_logps, advantages=torch.randn(4))
         >>> loss.backward()
     """
 
+    @with_option_fields(PolicyLossOptions)
     def __init__(
         self,
         *,
         temperature: float = 1.0,
         softcap: float | None = None,
         ignore_index: int = -100,
-        clip_eps_low: float = 0.2,
-        clip_eps_high: float | None = None,
-        dual_clip: float | None = None,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        loss_agg_mode: str = "token-mean",
-        loss_type: str | None = None,
-        importance_sampling_level: str = "token",
-        entropy_coef: float = 0.0,
-        max_completion_length: int | None = None,
+        options: PolicyLossOptions | None = None,
         gradient_in_forward: bool | None = None,
         backend: str = "auto",
+        **option_fields,
     ):
         super().__init__()
         self.temperature, self.softcap, self.ignore_index, self.backend = temperature, softcap, ignore_index, backend
         self.gradient_in_forward = gradient_in_forward
-        self.loss_options = {
-            "clip_eps_low": clip_eps_low, "clip_eps_high": clip_eps_high, "dual_clip": dual_clip,
-            "kl_coef": kl_coef, "kl_estimator": kl_estimator, "loss_agg_mode": loss_agg_mode,
-            "loss_type": loss_type, "importance_sampling_level": importance_sampling_level,
-            "entropy_coef": entropy_coef, "max_completion_length": max_completion_length,
-        }  # fmt: skip
+        self.options = options_from(PolicyLossOptions, options, option_fields, "LinearPolicyLoss")
 
+    @renamed_keywords(old_logp="old_logps", ref_logp="ref_logps")
     def forward(
         self,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
-        old_logp: torch.Tensor,
+        old_logps: torch.Tensor,
         advantages: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
-        ref_logp: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
         is_weights: torch.Tensor | None = None,
         num_items_in_batch: int | float | torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        need_entropy = self.loss_options["entropy_coef"] != 0
+        need_entropy = self.options.entropy_coef != 0
         if mask is None:
             mask = targets != self.ignore_index
-        extra = {"ref_logp": ref_logp, "is_weights": is_weights, "num_items_in_batch": num_items_in_batch}
-        logprob_options = {"temperature": self.temperature, "softcap": self.softcap,
-                           "ignore_index": self.ignore_index, "backend": self.backend}  # fmt: skip
+        extra = {"ref_logps": ref_logps, "is_weights": is_weights, "num_items_in_batch": num_items_in_batch}
+        logprob_options = _logprob_options(self)
         if not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
             out = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=need_entropy, **logprob_options)
-            logp, entropy = out if need_entropy else (out, None)
-            return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, backend=self.backend,
-                               **extra, **self.loss_options)  # fmt: skip
-        # logp and entropy are filled in chunk by chunk; a placeholder shaped like targets is checked against here.
+            logps, entropy = out if need_entropy else (out, None)
+            options = {"options": self.options, "backend": self.backend}
+            return policy_loss(logps, old_logps, advantages, mask, entropy=entropy, **options, **extra)
+        # logps and entropy are filled in chunk by chunk; a placeholder shaped like targets is checked against here.
         placeholder = torch.zeros(targets.shape, device=targets.device)
-        args = check_policy_args(placeholder, old_logp, advantages, mask, entropy=placeholder if need_entropy else None,
-                                 **extra, **self.loss_options)  # fmt: skip
-        keep = args.mask != 0
-        weights = row_weights(
-            keep.sum(-1).to(torch.float32), args.mode, width=keep.shape[1],
-            max_completion_length=args.max_completion_length, num_items_in_batch=args.num_items_in_batch,
-        )  # fmt: skip
-        width = targets.shape[-1]
-        rows = None
-        if args.sequence_level:  # the sequence ratio needs whole rows in a chunk
-            rows = [torch.arange(b * width, (b + 1) * width, device=targets.device) for b in range(targets.shape[0])]
+        entropy = placeholder if need_entropy else None
+        args = check_policy_args(
+            placeholder, old_logps, advantages, mask, entropy=entropy, options=self.options, **extra
+        )
+        chunks = PolicyChunks(args)
 
         def chunk_loss(index: torch.Tensor, s: ChunkStats) -> torch.Tensor:
-            return policy_chunk_loss(args, weights, index, s.logp, s.entropy)
+            return chunks.loss(index, s.logp, s.entropy)
 
-        result = fused_linear_loss(hidden, weight, targets, chunk_loss, bias=bias, units=rows,
-                                   need_entropy=need_entropy, **logprob_options)  # fmt: skip
-        _, metrics = policy_loss(result.logp, old_logp, advantages, mask, entropy=result.entropy, backend="torch",
-                                 **extra, **self.loss_options)  # fmt: skip
-        return result.loss, metrics
+        result = fused_linear_loss(
+            hidden,
+            weight,
+            targets,
+            chunk_loss,
+            bias=bias,
+            units=chunks.units,
+            need_entropy=need_entropy,
+            **logprob_options,
+        )
+        return result.loss, chunks.metrics()
 
 
 class LinearDPOLoss(torch.nn.Module):
@@ -200,6 +185,8 @@ class LinearDPOLoss(torch.nn.Module):
     * ``average_log_prob``: ``True`` length-normalises every type's log-probs (SimPO style), ``False`` none;
       ``None`` (default) averages exactly for ``ipo`` and ``sigmoid_norm``, as TRL 1.x does.
     * ``rpo_alpha``: adds ``rpo_alpha ·`` the mean NLL of the chosen completion tokens (RPO).
+    * The loss options are a :class:`~fastalign.ops.DPOLossOptions` (``options=``) or its fields as keywords
+      (``beta``, ``loss_type``, ``label_smoothing``, ``discopop_tau``, ``loss_weights``).
 
     The loss is the mean over pairs. ``metrics`` (detached): ``chosen_rewards`` / ``rejected_rewards`` ``[B]``
     (``β·(logp − ref)`` of summed log-probs), ``reward_accuracy``, ``reward_margin``, ``chosen_logps`` /
@@ -214,14 +201,11 @@ class LinearDPOLoss(torch.nn.Module):
         >>> loss.backward()
     """
 
+    @with_option_fields(DPOLossOptions)
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        loss_type: str | Sequence[str] = "sigmoid",
-        label_smoothing: float = 0.0,
-        discopop_tau: float = 0.05,
-        loss_weights: Sequence[float] | None = None,
+        options: DPOLossOptions | None = None,
         average_log_prob: bool | None = None,
         rpo_alpha: float | None = None,
         ignore_index: int = -100,
@@ -229,17 +213,13 @@ class LinearDPOLoss(torch.nn.Module):
         softcap: float | None = None,
         gradient_in_forward: bool | None = None,
         backend: str = "auto",
+        **option_fields,
     ):
         super().__init__()
-        self.types, self.weights = check_dpo_options(loss_type, beta, label_smoothing, discopop_tau, loss_weights)
-        self.beta, self.label_smoothing, self.discopop_tau = beta, label_smoothing, discopop_tau
+        self.options = options_from(DPOLossOptions, options, option_fields, "LinearDPOLoss")
         self.average_log_prob, self.rpo_alpha, self.ignore_index = average_log_prob, rpo_alpha, ignore_index
         self.temperature, self.softcap, self.backend = temperature, softcap, backend
         self.gradient_in_forward = gradient_in_forward
-
-    def _logprob_options(self) -> dict:
-        return {"temperature": self.temperature, "softcap": self.softcap, "ignore_index": self.ignore_index,
-                "backend": self.backend}  # fmt: skip
 
     def _reference(self, targets, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, ref_bias):
         """``[2B]`` summed reference log-probs, without gradient."""
@@ -250,9 +230,8 @@ class LinearDPOLoss(torch.nn.Module):
                     "give the reference as (ref_hidden, ref_weight) or as precomputed ref_*_logps, not both"
                 )
             with torch.no_grad():
-                return linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **self._logprob_options()).sum(
-                    -1
-                )
+                ref_logps = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, **_logprob_options(self))
+                return ref_logps.sum(-1)
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError(
                 "LinearDPOLoss needs a reference: (ref_hidden, ref_weight) or ref_chosen_logps and ref_rejected_logps "
@@ -266,10 +245,13 @@ class LinearDPOLoss(torch.nn.Module):
     def _pair_loss(self, token_logps, mask, ref_summed, pairs_total, chosen_tokens):
         """Loss of some pairs (their chosen rows, then their rejected rows), normalised by the whole batch."""
         losses, sums, _ = dpo_loss_from_token_logps(
-            token_logps, mask, ref_summed, beta=self.beta, loss_type=self.types, label_smoothing=self.label_smoothing,
-            discopop_tau=self.discopop_tau, loss_weights=self.weights, average_log_prob=self.average_log_prob,
+            token_logps,
+            mask,
+            ref_summed,
+            average_log_prob=self.average_log_prob,
+            options=self.options,
             backend=self.backend,
-        )  # fmt: skip
+        )
         loss = losses.sum() / pairs_total
         if self.rpo_alpha is not None:
             loss = loss - self.rpo_alpha * sums[: token_logps.shape[0] // 2].sum() / chosen_tokens
@@ -296,9 +278,6 @@ class LinearDPOLoss(torch.nn.Module):
         pairs_total = max(pairs, 1)
         chosen_tokens = mask[:pairs].sum().clamp_min(1)
         if _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
-            # A unit is one pair: its chosen row's tokens, then its rejected row's.
-            units = [torch.cat([torch.arange(i * width, (i + 1) * width), torch.arange((pairs + i) * width,
-                     (pairs + i + 1) * width)]).to(targets.device) for i in range(pairs)]  # fmt: skip
             flat_mask = mask.reshape(-1)
 
             def chunk_loss(index: torch.Tensor, s: ChunkStats) -> torch.Tensor:
@@ -307,20 +286,35 @@ class LinearDPOLoss(torch.nn.Module):
                 picked = order[:, 0] // width
                 token_logps = s.logp.view(-1, 2, width)
                 token_logps = torch.cat([token_logps[:, 0], token_logps[:, 1]])
-                return self._pair_loss(token_logps, flat_mask[order], ref_summed[picked].to(token_logps.dtype),
-                                       pairs_total, chosen_tokens)  # fmt: skip
+                ref = ref_summed[picked].to(token_logps.dtype)
+                return self._pair_loss(token_logps, flat_mask[order], ref, pairs_total, chosen_tokens)
 
-            result = fused_linear_loss(hidden, weight, targets, chunk_loss, bias=bias, units=units,
-                                       **self._logprob_options())  # fmt: skip
+            units = _pair_units(pairs, width, targets.device)
+            result = fused_linear_loss(
+                hidden, weight, targets, chunk_loss, bias=bias, units=units, **_logprob_options(self)
+            )
             loss, sums = result.loss, result.logp.sum(-1)
         else:
-            token_logps = linear_logprobs(hidden, weight, targets, bias=bias, **self._logprob_options())
+            token_logps = linear_logprobs(hidden, weight, targets, bias=bias, **_logprob_options(self))
             loss = self._pair_loss(token_logps, mask, ref_summed.to(token_logps.dtype), pairs_total, chosen_tokens)
             sums = token_logps.detach().sum(-1)
-        metrics = _dpo_metrics(self.beta, sums, ref_summed.to(sums.dtype), pairs)
+        metrics = _dpo_metrics(self.options.beta, sums, ref_summed.to(sums.dtype), pairs)
         if self.rpo_alpha is not None:
             metrics["nll_loss"] = -sums[:pairs].sum() / chosen_tokens
         return loss, metrics
+
+
+def _pair_units(pairs: int, width: int, device: torch.device) -> list[torch.Tensor]:
+    """The fused loss's units of DPO: pair ``i`` is its chosen row's tokens (row ``i``), then its rejected row's
+    (row ``pairs + i``), as indices into the flattened ``[2B, T]``."""
+    rows = [torch.arange(row * width, (row + 1) * width) for row in range(2 * pairs)]
+    return [torch.cat([rows[i], rows[pairs + i]]).to(device) for i in range(pairs)]
+
+
+def _logprob_options(module: LinearPolicyLoss | LinearDPOLoss) -> dict:
+    """The log-prob op's keywords of a module."""
+    options = {"temperature": module.temperature, "softcap": module.softcap, "ignore_index": module.ignore_index}
+    return {**options, "backend": module.backend}
 
 
 def _dpo_metrics(beta: float, summed: torch.Tensor, ref_summed: torch.Tensor, pairs: int) -> dict[str, torch.Tensor]:

@@ -27,11 +27,15 @@ BASE = {"output_dir": "unused", "use_cpu": True, "report_to": [], "bf16": False}
 CONFIGS = (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, PPOConfig)
 ONLINE = (GRPOConfig, PPOConfig)
 ONLINE_REFUSED = [
-    ("train_sampling_strategy", "group_by_length"), ("dataloader_num_workers", 2),
+    ("train_sampling_strategy", "group_by_length"),
+    ("dataloader_num_workers", 2),
     ("dataloader_persistent_workers", True),
-    ("include_num_input_tokens_seen", "all"), ("auto_find_batch_size", True), ("neftune_noise_alpha", 5.0),
-    ("remove_unused_columns", True), ("label_smoothing_factor", 0.1),
-]  # fmt: skip
+    ("include_num_input_tokens_seen", "all"),
+    ("auto_find_batch_size", True),
+    ("neftune_noise_alpha", 5.0),
+    ("remove_unused_columns", True),
+    ("label_smoothing_factor", 0.1),
+]
 
 # (config, field, value, what the message says): refused when the config is built.
 REFUSED = [
@@ -63,9 +67,12 @@ REFUSED = [
     (DPOConfig, "activation_offloading", True, "activation_offloading=True: fastalign's DPOTrainer does not"),
     (DPOConfig, "sync_ref_model", True, "sync_ref_model=True: fastalign's DPOTrainer does not implement"),
     (DPOConfig, "truncation_mode", "keep_end", "truncation_mode='keep_end': fastalign's DPOTrainer does not"),
-    *[(c, name, value, f"{name}=.*: {c.__name__[:-6]}Trainer does not honour") for c in ONLINE
-      for name, value in ONLINE_REFUSED],
-]  # fmt: skip
+    *[
+        (c, name, value, f"{name}=.*: {c.__name__[:-6]}Trainer does not honour")
+        for c in ONLINE
+        for name, value in ONLINE_REFUSED
+    ],
+]
 
 
 @pytest.mark.parametrize(
@@ -143,6 +150,7 @@ def test_backend_reaches_the_fused_ops(tmp_path, kind, monkeypatch):
     import fastalign.ops.dispatch
     import fastalign.ops.logprobs
     import fastalign.ops.policy
+    import fastalign.ops.preference
 
     asked = []
     real = fastalign.ops.dispatch.resolve_backend
@@ -151,7 +159,7 @@ def test_backend_reaches_the_fused_ops(tmp_path, kind, monkeypatch):
         asked.append(backend)
         return real("torch", *args, **kwargs)
 
-    for module in (fastalign.ops.dispatch, fastalign.ops.logprobs, fastalign.ops.policy):
+    for module in (fastalign.ops.dispatch, fastalign.ops.logprobs, fastalign.ops.policy, fastalign.ops.preference):
         monkeypatch.setattr(module, "resolve_backend", record)
     module = {"sft": test_trainer_sft, "dpo": test_trainer_dpo, "grpo": test_trainer_grpo, "ppo": test_trainer_ppo}
     trainer = module[kind].trainer(tmp_path, backend="triton")
@@ -188,13 +196,27 @@ def test_disable_dropout(tmp_path, kind, value, monkeypatch):
 
 
 def test_grpo_loss_fields_reach_the_loss(tmp_path):
-    options = {"epsilon": 0.1, "epsilon_high": 0.3, "beta": 0.02, "entropy_coef": 0.01,
-               "importance_sampling_level": "sequence", "loss_type": "grpo", "temperature": 0.9}  # fmt: skip
+    options = {
+        "epsilon": 0.1,
+        "epsilon_high": 0.3,
+        "beta": 0.02,
+        "entropy_coef": 0.01,
+        "importance_sampling_level": "sequence",
+        "loss_type": "grpo",
+        "temperature": 0.9,
+    }
     grpo = test_trainer_grpo.trainer(tmp_path, **options)
     loss = grpo._loss_module()
-    expected = {"clip_eps_low": 0.1, "clip_eps_high": 0.3, "kl_coef": 0.02, "entropy_coef": 0.01,
-                "importance_sampling_level": "sequence", "loss_type": "grpo"}  # fmt: skip
-    assert {name: loss.loss_options[name] for name in expected} == expected
+    expected = {
+        "clip_eps_low": 0.1,
+        "clip_eps_high": 0.3,
+        "kl_coef": 0.02,
+        "entropy_coef": 0.01,
+        "importance_sampling_level": "sequence",
+        "loss_type": "grpo",
+    }
+    assert {name: getattr(loss.options, name) for name in expected} == expected
+    assert loss.options == grpo.args.policy_loss_options()
     assert loss.temperature == 0.9
 
 
@@ -242,9 +264,13 @@ def test_grpo_max_resample_rounds(tmp_path):
 
 def test_ppo_rollout_fields(tmp_path):
     ppo = test_trainer_ppo.trainer(
-        tmp_path, stop_token_id=25, local_rollout_forward_batch_size=3, num_mini_batches=2, total_episodes=64,
+        tmp_path,
+        stop_token_id=25,
+        local_rollout_forward_batch_size=3,
+        num_mini_batches=2,
+        total_episodes=64,
         max_steps=-1,
-    )  # fmt: skip
+    )
     assert ppo.eos_token_id == 25 and ppo.engine.eos_token_ids == [25]
     assert ppo.engine.batch_size == 3
     assert ppo.args.rollout_batch_size == 16 and ppo._micro_batches_per_rollout == 2 * 4  # mini-batches × epochs
@@ -318,7 +344,8 @@ def test_dpo_fields_reach_the_loss_and_the_model(tmp_path):
 
     dpo = test_trainer_dpo.trainer(tmp_path, loss_type="discopop", discopop_tau=0.2)
     module = _dpo_loss_module(dpo.args, dpo._adapter(dpo.model))
-    assert module.discopop_tau == 0.2
+    assert module.options.discopop_tau == 0.2
+    assert module.options == dpo.args.dpo_loss_options()
     with pytest.warns(UserWarning, match="padding_free is not available for DPO"):
         test_trainer_dpo.trainer(tmp_path, padding_free=True)
 
@@ -329,17 +356,21 @@ def test_dpo_model_init_kwargs_reach_from_pretrained(tmp_path):
     tiny_causal_lm().save_pretrained(tmp_path / "model")
     args = test_trainer_dpo.config(tmp_path, model_init_kwargs={"dtype": "float64"})
     dpo = DPOTrainer(
-        str(tmp_path / "model"), args=args, processing_class=word_tokenizer(),
+        str(tmp_path / "model"),
+        args=args,
+        processing_class=word_tokenizer(),
         train_dataset=datasets.Dataset.from_list(test_trainer_dpo.preference_rows()),
-    )  # fmt: skip
+    )
     assert next(dpo.model.parameters()).dtype == torch.float64
 
 
 def test_grpo_reward_weights(tmp_path):
     grpo = test_trainer_grpo.trainer(
-        tmp_path, reward=[test_trainer_grpo.blue_reward, test_trainer_grpo.id_hash_reward], reward_weights=[0.0, 2.0],
+        tmp_path,
+        reward=[test_trainer_grpo.blue_reward, test_trainer_grpo.id_hash_reward],
+        reward_weights=[0.0, 2.0],
         scale_rewards="none",
-    )  # fmt: skip
+    )
     grpo.engine = RecordingEngine(grpo.engine)
     inputs = grpo._generate_and_score(next(iter(grpo.get_train_dataloader())), "train")
     batch = grpo.engine.batches[0]
@@ -369,8 +400,13 @@ def test_grpo_vllm_fields(tmp_path, monkeypatch, correction):
 
     FakeVLLM.built.clear()
     monkeypatch.setattr(fastalign.rollout, "VLLMEngine", FakeVLLM)
-    options = {"use_vllm": True, "vllm_gpu_memory_utilization": 0.5, "vllm_tensor_parallel_size": 1,
-               "vllm_importance_sampling_correction": correction, "vllm_importance_sampling_cap": 1.5}  # fmt: skip
+    options = {
+        "use_vllm": True,
+        "vllm_gpu_memory_utilization": 0.5,
+        "vllm_tensor_parallel_size": 1,
+        "vllm_importance_sampling_correction": correction,
+        "vllm_importance_sampling_cap": 1.5,
+    }
     grpo = test_trainer_grpo.trainer(tmp_path, **options)
     ((_, kwargs),) = FakeVLLM.built
     assert kwargs == {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 1}

@@ -16,7 +16,7 @@ from fake_cuda import FakeCudaDevices
 from test_policy_loss import ALL_MASK_DTYPES, unusual_mask
 
 import fastalign
-from fastalign.ops import _cuda_ext, _dpo_kernels
+from fastalign.ops import _cuda_ext, _dpo_kernels, _dpo_math
 from fastalign.ops._masks import kernel_mask
 from fastalign.ops.preference import DPO_LOSS_TYPES, LENGTH_AVERAGED_TYPES, dpo_loss_from_token_logps, dpo_loss_terms
 
@@ -127,39 +127,44 @@ def test_host_pair_terms_match_the_torch_path(case):
     average = case.get("average_log_prob")
     averaged = [name in LENGTH_AVERAGED_TYPES if average is None else average for name in types]
     smoothing, tau = case.get("label_smoothing", 0.0), case.get("discopop_tau", 0.05)
-    plan = _dpo_kernels.type_plan(types, weights, averaged, 0.2, smoothing, tau)
+    plan = _dpo_math.type_plan(types, weights, averaged, 0.2, smoothing, tau)
 
     expected = torch.zeros(pairs, dtype=torch.float64)
     for name, weight, by_length in zip(types, weights, averaged, strict=True):
         scale = 1 / lengths.clamp_min(1) if by_length else 1.0
         policy, reference = sums * scale, ref * scale
         terms = dpo_loss_terms(
-            name, policy[:pairs] - reference[:pairs], policy[pairs:] - reference[pairs:], as_float32(0.2),
-            as_float32(smoothing), as_float32(tau),
-        )  # fmt: skip
+            name,
+            policy[:pairs] - reference[:pairs],
+            policy[pairs:] - reference[pairs:],
+            as_float32(0.2),
+            as_float32(smoothing),
+            as_float32(tau),
+        )
         expected = expected + as_float32(weight) * terms
     (row_grad,) = torch.autograd.grad(expected.sum(), sums)
 
     arrays = [t.detach().float().numpy() for t in (sums, lengths, ref)]
-    (s, n, p) = arrays
-    loss, d_chosen, d_rejected = host_math.dpo_pair_terms(
-        s[:pairs], s[pairs:], n[:pairs], n[pairs:], p[:pairs], p[pairs:], plan.type_bits, plan.averaged_bits,
-        list(plan.weights), plan.beta, plan.label_smoothing, plan.discopop_tau,
-    )  # fmt: skip
+    loss, d_chosen, d_rejected = pair_terms(host_math, *arrays, pairs, plan.cuda_arguments())
     np.testing.assert_allclose(loss, expected.detach().numpy(), **TOLERANCE)
     np.testing.assert_allclose(np.concatenate([d_chosen, d_rejected]), row_grad.numpy(), **TOLERANCE)
 
 
+def pair_terms(host_math, sums, lengths, ref, pairs, plan_arguments):
+    """``host_math.dpo_pair_terms`` of rows ``[2B]`` (chosen rows, then rejected ones) and a plan's arguments."""
+    halves = [half for values in (sums, lengths, ref) for half in (values[:pairs], values[pairs:])]
+    return host_math.dpo_pair_terms(*halves, *plan_arguments)
+
+
 def test_type_plan_folds_repeats_and_averaging():
-    plan = _dpo_kernels.type_plan(["ipo", "sigmoid", "ipo"], [1.0, 2.0, 0.5], [True, False, True], 0.1, 0.0, 0.05)
+    plan = _dpo_math.type_plan(["ipo", "sigmoid", "ipo"], [1.0, 2.0, 0.5], [True, False, True], 0.1, 0.0, 0.05)
     assert plan.type_bits == 0b101 and plan.averaged_bits == 0b100
     assert plan.weights == (2.0, 0.0, 1.5) + (0.0,) * 9
 
 
-MASK_DTYPES = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-    torch.float32, torch.float64,
-]  # fmt: skip
+# A table of dtypes, kept compact (one per line would hide it).
+MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+               torch.bfloat16, torch.float32, torch.float64]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", MASK_DTYPES, ids=str)
@@ -215,9 +220,28 @@ class FakeDPOExtension:
     def _strided(self, address: int, stride: int, count: int) -> torch.Tensor:
         return self._at(address, torch.float32, (count - 1) * stride + 1)[:: max(stride, 1)].expand(count)
 
-    def dpo_loss_forward(self, token_logps, dtype, mask, mask_bytes, mask_is_float, ref_logps, pairs, width, types,
-                         averaged, type_weights, beta, label_smoothing, discopop_tau, losses, sums, lengths,
-                         row_grad, stream):  # fmt: skip
+    def dpo_loss_forward(
+        self,
+        token_logps,
+        dtype,
+        mask,
+        mask_bytes,
+        mask_is_float,
+        ref_logps,
+        pairs,
+        width,
+        types,
+        averaged,
+        type_weights,
+        beta,
+        label_smoothing,
+        discopop_tau,
+        losses,
+        sums,
+        lengths,
+        row_grad,
+        stream,
+    ):
         self.devices.launched(stream)
         rows = 2 * pairs
         tokens = self._at(token_logps, DTYPE_OF_CODE[dtype], rows * width).view(rows, width).float()
@@ -225,23 +249,36 @@ class FakeDPOExtension:
         row_sums = torch.where(keep, tokens, 0.0).sum(1).numpy()
         counts = keep.sum(1).float().numpy()
         ref = self._at(ref_logps, torch.float32, rows).numpy()
-        loss, d_chosen, d_rejected = host_math.dpo_pair_terms(
-            row_sums[:pairs], row_sums[pairs:], counts[:pairs], counts[pairs:], ref[:pairs], ref[pairs:], types,
-            averaged, type_weights, beta, label_smoothing, discopop_tau,
-        )  # fmt: skip
+        plan = (types, averaged, type_weights, beta, label_smoothing, discopop_tau)
+        loss, d_chosen, d_rejected = pair_terms(host_math, row_sums, counts, ref, pairs, plan)
         self._at(losses, torch.float32, pairs).copy_(torch.from_numpy(loss))
         self._at(sums, torch.float32, rows).copy_(torch.from_numpy(row_sums))
         self._at(lengths, torch.float32, rows).copy_(torch.from_numpy(counts))
         self._at(row_grad, torch.float32, rows).copy_(torch.from_numpy(np.concatenate([d_chosen, d_rejected])))
 
-    def dpo_loss_backward(self, mask, mask_bytes, mask_is_float, row_grad, grad_losses, grad_losses_stride,
-                          grad_sums, grad_sums_stride, pairs, width, grad, dtype, stream):  # fmt: skip
+    def dpo_loss_backward(
+        self,
+        mask,
+        mask_bytes,
+        mask_is_float,
+        row_grad,
+        grad_losses,
+        grad_losses_stride,
+        grad_sums,
+        grad_sums_stride,
+        pairs,
+        width,
+        grad,
+        dtype,
+        stream,
+    ):
         self.devices.launched(stream)
         rows = 2 * pairs
         upstream = torch.zeros(rows)
         if grad_losses:
-            upstream += self._at(row_grad, torch.float32, rows) * self._strided(grad_losses, grad_losses_stride,
-                                                                                pairs).repeat(2)  # fmt: skip
+            upstream += self._at(row_grad, torch.float32, rows) * self._strided(
+                grad_losses, grad_losses_stride, pairs
+            ).repeat(2)
         if grad_sums:
             upstream += self._strided(grad_sums, grad_sums_stride, rows)
         keep = self._keep(mask, mask_bytes, mask_is_float, rows, width)
@@ -333,7 +370,7 @@ def test_cuda_launcher_arguments_on_an_emulated_extension(monkeypatch, case, mas
     averaged = [name in LENGTH_AVERAGED_TYPES if average is None else average for name in types]
     leaf = token_logps.to(torch.bfloat16).requires_grad_()
     signed_mask = torch.where(mask, 1.0, -0.0).to(mask_dtype) if mask_dtype.is_floating_point else mask.to(mask_dtype)
-    plan = _dpo_kernels.type_plan(types, weights, averaged, 0.1, case.get("label_smoothing", 0.0), 0.05)
+    plan = _dpo_math.type_plan(types, weights, averaged, 0.1, case.get("label_smoothing", 0.0), 0.05)
     losses, sums, lengths = _dpo_kernels.dpo_from_token_logps_kernels("cuda", leaf, signed_mask, ref, plan)
     u_losses, u_sums = upstreams(4, which)
     outputs = [o for o, u in ((losses, u_losses), (sums, u_sums)) if u is not None]
@@ -347,7 +384,7 @@ def test_cuda_launcher_takes_expanded_upstream_gradients(monkeypatch):
     emulated_cuda(monkeypatch)
     token_logps, mask, ref = token_batch(pairs=3, width=9)
     leaf = token_logps.float().requires_grad_()
-    plan = _dpo_kernels.type_plan(["sigmoid"], [1.0], [False], 0.1, 0.0, 0.05)
+    plan = _dpo_math.type_plan(["sigmoid"], [1.0], [False], 0.1, 0.0, 0.05)
     losses, _, _ = _dpo_kernels.dpo_from_token_logps_kernels("cuda", leaf, mask, ref, plan)
     losses.sum().backward()
     expected = reference_outputs(token_logps, mask, ref, (torch.ones(3), None), loss_type="sigmoid")
@@ -370,11 +407,26 @@ def test_launch_errors_raise_with_the_kernel_name():
 
     weights = [1.0] + [0.0] * 11
     forward = {
-        "token_logps": 1, "dtype": 0, "mask": 1, "mask_bytes": 1, "mask_is_float": False, "ref_logps": 1,
-        "pairs": 1, "width": 4, "types": 1, "averaged": 0, "type_weights": weights, "beta": 0.1,
-        "label_smoothing": 0.0, "discopop_tau": 0.05, "losses": 1, "sums": 1, "lengths": 1, "row_grad": 1,
+        "token_logps": 1,
+        "dtype": 0,
+        "mask": 1,
+        "mask_bytes": 1,
+        "mask_is_float": False,
+        "ref_logps": 1,
+        "pairs": 1,
+        "width": 4,
+        "types": 1,
+        "averaged": 0,
+        "type_weights": weights,
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+        "discopop_tau": 0.05,
+        "losses": 1,
+        "sums": 1,
+        "lengths": 1,
+        "row_grad": 1,
         "stream": 0,
-    }  # fmt: skip
+    }
     errors = [
         ({"dtype": 7}, "unsupported dtype code"),
         ({"mask_bytes": 3}, "unsupported mask element width"),
@@ -448,8 +500,9 @@ def test_cuda_dpo_mask_dtypes(mask_dtype):
     shifted_mask = torch.cat([typed.new_zeros(1), typed.flatten()])[1:].view_as(typed)
     shifted_tokens = torch.cat([token_logps.new_zeros(1), token_logps.flatten()]).float()[1:].view_as(token_logps)
     for tokens, keep in ((token_logps, typed), (shifted_tokens, shifted_mask)):
-        got = run_backend(tokens, keep, ref, upstreams(5, "both", device="cuda"), torch.float32, "cuda",
-                          loss_type="sigmoid")  # fmt: skip
+        got = run_backend(
+            tokens, keep, ref, upstreams(5, "both", device="cuda"), torch.float32, "cuda", loss_type="sigmoid"
+        )
         assert_outputs_close(got, expected, torch.float32)
 
 

@@ -16,7 +16,7 @@ import torch
 from test_policy_loss import CASES, case_id, make_inputs, run
 
 import fastalign
-from fastalign.ops import _policy_kernels, policy, reference_losses
+from fastalign.ops import _policy_kernels, _policy_math, policy, reference_losses
 from fastalign.ops._policy_kernels import CudaLaunch, kernel_options
 
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}
@@ -30,8 +30,16 @@ def host_math():
 
 def host_options(host_math, **change):
     """PolicyOptions as the kernels receive them (float32): clip range [0.8, 1.28] unless changed."""
-    options = {"clip_low": 0.8, "clip_high": 1.28, "dual_clip": None, "kl_coef": 0.0, "kl_kind": 3,
-               "entropy_coef": 0.0, "log_ratio_limit": policy.LOG_RATIO_LIMIT, "sequence_level": False}  # fmt: skip
+    options = {
+        "clip_low": 0.8,
+        "clip_high": 1.28,
+        "dual_clip": None,
+        "kl_coef": 0.0,
+        "kl_kind": 3,
+        "entropy_coef": 0.0,
+        "log_ratio_limit": policy.LOG_RATIO_LIMIT,
+        "sequence_level": False,
+    }
     return host_math.PolicyOptions(**{**options, **change})
 
 
@@ -92,12 +100,12 @@ def assert_as_accurate_as_torch(got, torch_value, exact, magnitude, name):
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_host_kl_matches_torch(host_math, kind):
-    """Values and d / d logp of r = ref − logp across the clamp at ±20 (bounds included, where torch.clamp's
+    """Values and d / d logps of r = ref − logps across the clamp at ±20 (bounds included, where torch.clamp's
     gradient still flows), against the float64 formula, elementwise."""
     r = torch.cat([torch.linspace(-30, 30, 601), torch.tensor([-20.0, 20.0, 0.0, -19.999, 20.001, 1e-6])])
-    logp = torch.zeros_like(r, requires_grad=True)
-    value = policy.kl_estimate(logp, r, kind)
-    (grad,) = torch.autograd.grad(value.sum(), logp)
+    logps = torch.zeros_like(r, requires_grad=True)
+    value = policy.kl_estimate(logps, r, kind)
+    (grad,) = torch.autograd.grad(value.sum(), logps)
     logp64 = torch.zeros_like(r, dtype=torch.float64, requires_grad=True)
     exact = policy.kl_estimate(logp64, r.double(), kind)
     (exact_grad,) = torch.autograd.grad(exact.sum(), logp64)
@@ -105,9 +113,10 @@ def test_host_kl_matches_torch(host_math, kind):
     clamped = r.double().clamp(-policy.LOG_RATIO_LIMIT, policy.LOG_RATIO_LIMIT)
     magnitude = 1 + clamped.abs() + clamped.exp() + clamped**2  # every term k1, k2 or k3 sums
     assert_as_accurate_as_torch(torch.from_numpy(got_value), value.detach(), exact.detach(), magnitude, "value")
-    assert_as_accurate_as_torch(torch.from_numpy(got_grad), grad, exact_grad, magnitude, "d / d logp")
+    assert_as_accurate_as_torch(torch.from_numpy(got_grad), grad, exact_grad, magnitude, "d / d logps")
 
 
+# A table of dtypes, kept compact (one per line would hide it).
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                torch.bfloat16, torch.float32, torch.float64]  # fmt: skip
 
@@ -146,7 +155,7 @@ class HostLaunch(CudaLaunch):
         self.host_math = host_math
 
     def _rows(self, a, tensors):
-        shape = tensors["logp"].shape
+        shape = tensors["logps"].shape
 
         def array(name):
             tensor = tensors[name]
@@ -154,17 +163,23 @@ class HostLaunch(CudaLaunch):
 
         mask = tensors["mask"]
         return self.host_math.policy_rows(
-            array("logp"), array("old_logp"), array("advantages"), raw_mask(mask), mask.is_floating_point(),
-            kernel_options(self.host_math, a), is_weights=array("is_weights"), ref_logp=array("ref_logp"),
+            array("logps"),
+            array("old_logps"),
+            array("advantages"),
+            raw_mask(mask),
+            mask.is_floating_point(),
+            kernel_options(self.host_math, a),
+            is_weights=array("is_weights"),
+            ref_logp=array("ref_logps"),
             entropy=array("entropy"),
-        )  # fmt: skip
+        )
 
     def forward(self, a, tensors, stats):
         stats.copy_(torch.from_numpy(self._rows(a, tensors)[0]))
 
     def backward(self, a, tensors, weights, grads):
         _, d_logp, d_entropy = self._rows(a, tensors)
-        grads["logp"].copy_(torch.from_numpy(d_logp) * weights[:, None])
+        grads["logps"].copy_(torch.from_numpy(d_logp) * weights[:, None])
         if grads["entropy"] is not None:
             grads["entropy"].copy_(torch.from_numpy(d_entropy) * weights[:, None])
 
@@ -178,10 +193,10 @@ def host_cuda(host_math, monkeypatch):
 
 
 def loss_and_grads(fn, tensors, options):
-    """(loss, [d logp, d entropy], metrics) of fn on tensors (logp and entropy become leaves)."""
+    """(loss, [d logps, d entropy], metrics) of fn on tensors (logps and entropy become leaves)."""
     tensors = dict(tensors)
     leaves = []
-    for name in ("logp", "entropy"):
+    for name in ("logps", "entropy"):
         if name in tensors:
             tensors[name] = tensors[name].detach().requires_grad_()
             leaves.append(tensors[name])
@@ -205,18 +220,38 @@ def assert_close_to(got, want, rtol):
 
 HOST_CASES = [
     *CASES,
-    {"importance_sampling_level": "sequence", "with_is_weights": True, "per_token_advantages": True,
-     "with_entropy": True, "entropy_coef": 0.02, "loss_agg_mode": "seq-mean-token-sum"},
-    {"importance_sampling_level": "sequence", "with_is_weights": "per_row", "kl_coef": 0.1, "kl_estimator": "k1",
-     "with_ref": True, "dual_clip": 2.0, "loss_type": "dr_grpo"},
-    {"kl_coef": 0.2, "kl_estimator": "k2", "with_ref": True, "dual_clip": 1.5, "clip_eps_low": 0.1,
-     "clip_eps_high": 0.0, "per_token_advantages": True},
-]  # fmt: skip
+    {
+        "importance_sampling_level": "sequence",
+        "with_is_weights": True,
+        "per_token_advantages": True,
+        "with_entropy": True,
+        "entropy_coef": 0.02,
+        "loss_agg_mode": "seq-mean-token-sum",
+    },
+    {
+        "importance_sampling_level": "sequence",
+        "with_is_weights": "per_row",
+        "kl_coef": 0.1,
+        "kl_estimator": "k1",
+        "with_ref": True,
+        "dual_clip": 2.0,
+        "loss_type": "dr_grpo",
+    },
+    {
+        "kl_coef": 0.2,
+        "kl_estimator": "k2",
+        "with_ref": True,
+        "dual_clip": 1.5,
+        "clip_eps_low": 0.1,
+        "clip_eps_high": 0.0,
+        "per_token_advantages": True,
+    },
+]
 
 
 @pytest.mark.parametrize("case", HOST_CASES, ids=case_id)
 def test_cuda_path_on_host_matches_reference(host_cuda, case):
-    """Loss, gradients (logp and entropy) and metrics of the kernels' passes against the float64 reference."""
+    """Loss, gradients (logps and entropy) and metrics of the kernels' passes against the float64 reference."""
     inputs, options = make_inputs(case, spread=1.0)
     ref_loss, ref_grads, _ = run(reference_losses.policy_loss, inputs, options, torch.float64)
     _, _, ref_metrics = run(functools.partial(fastalign.policy_loss, backend="torch"), inputs, options, torch.float64)
@@ -234,11 +269,16 @@ def test_cuda_path_on_host_matches_reference(host_cuda, case):
 def clamp_inputs():
     """Log-ratios and KL arguments beyond ±20 (clamped: no gradient) and exactly ±20 in float32 (the gradient
     still flows), and a row whose mean log-ratio is beyond the clamp at sequence level."""
-    logp = torch.tensor([[0.0, -300.0, -1.0, -25.0, 0.0, -2.0], [-1.0, -2.0, -3.0, -1.5, -0.5, -2.5]])
-    old = logp + torch.tensor([[-300.0, 300.0, 0.0, 20.0, -20.0, 0.1], [-30.0, -30.0, -30.0, -30.0, -30.0, -30.0]])
-    ref = logp + torch.tensor([[25.0, -25.0, 20.0, -20.0, 0.3, -0.2], [0.1, 0.2, -0.3, 21.0, -21.0, 0.0]])
-    return {"logp": logp, "old_logp": old, "advantages": torch.tensor([1.0, -0.5]), "mask": torch.ones(2, 6),
-            "ref_logp": ref}  # fmt: skip
+    logps = torch.tensor([[0.0, -300.0, -1.0, -25.0, 0.0, -2.0], [-1.0, -2.0, -3.0, -1.5, -0.5, -2.5]])
+    old = logps + torch.tensor([[-300.0, 300.0, 0.0, 20.0, -20.0, 0.1], [-30.0, -30.0, -30.0, -30.0, -30.0, -30.0]])
+    ref = logps + torch.tensor([[25.0, -25.0, 20.0, -20.0, 0.3, -0.2], [0.1, 0.2, -0.3, 21.0, -21.0, 0.0]])
+    return {
+        "logps": logps,
+        "old_logps": old,
+        "advantages": torch.tensor([1.0, -0.5]),
+        "mask": torch.ones(2, 6),
+        "ref_logps": ref,
+    }
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -256,23 +296,35 @@ def test_cuda_path_on_host_clamps_log_ratios(host_cuda, level, kind):
     assert_as_accurate_as_torch(loss, want_loss, exact_loss, exact_loss.abs(), "loss")
     grad_error = (grads[0].double() - exact_grads[0]).abs().max()
     torch_error = (want_grads[0].double() - exact_grads[0]).abs().max()
-    assert_as_accurate_as_torch(grad_error, torch_error, torch.zeros(()), exact_grads[0].abs().max(), "d / d logp")
+    assert_as_accurate_as_torch(grad_error, torch_error, torch.zeros(()), exact_grads[0].abs().max(), "d / d logps")
 
 
 @pytest.mark.parametrize("mask_dtype", [*MASK_DTYPES, torch.complex64], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_cuda_path_on_host_dtypes(host_cuda, dtype, mask_dtype):
-    """logp / entropy in each kernel dtype with float64 old_logp, ref_logp and advantages (passed as float32),
+    """logps / entropy in each kernel dtype with float64 old_logp, ref_logp and advantages (passed as float32),
     masks of every dtype with -0.0 entries (a complex one passed as its nonzero test): as the torch backend on
     the same rounded values."""
-    inputs, options = make_inputs({"with_ref": True, "kl_coef": 0.1, "with_entropy": True, "entropy_coef": 0.01,
-                                   "loss_type": "grpo", "per_token_advantages": True})  # fmt: skip
-    for name in ("logp", "entropy"):
+    inputs, options = make_inputs(
+        {
+            "with_ref": True,
+            "kl_coef": 0.1,
+            "with_entropy": True,
+            "entropy_coef": 0.01,
+            "loss_type": "grpo",
+            "per_token_advantages": True,
+        }
+    )
+    for name in ("logps", "entropy"):
         inputs[name] = inputs[name].to(dtype).double()
     inputs["mask"] = torch.where(inputs["mask"] != 0, 1.0, -0.0).double()
     want = loss_and_grads(functools.partial(fastalign.policy_loss, backend="torch"), inputs, options)
-    tensors = {**inputs, "logp": inputs["logp"].to(dtype), "entropy": inputs["entropy"].to(dtype),
-               "mask": inputs["mask"].to(mask_dtype)}  # fmt: skip
+    tensors = {
+        **inputs,
+        "logps": inputs["logps"].to(dtype),
+        "entropy": inputs["entropy"].to(dtype),
+        "mask": inputs["mask"].to(mask_dtype),
+    }
     got = loss_and_grads(host_cuda, tensors, options)
     assert got[0].dtype == dtype and all(grad.dtype == dtype for grad in got[1])
     assert_close_to(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2)
@@ -281,12 +333,19 @@ def test_cuda_path_on_host_dtypes(host_cuda, dtype, mask_dtype):
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (4, 6)], ids=str)
 def test_cuda_path_on_host_empty(host_cuda, shape):
     """No rows, no tokens (no launch) and an all-masked batch: loss 0, zero gradients, finite metrics."""
-    logp = torch.randn(shape, requires_grad=True)
+    logps = torch.randn(shape, requires_grad=True)
     entropy = torch.rand(shape, requires_grad=True)
-    loss, metrics = host_cuda(logp, logp.detach() + 50.0, torch.randn(shape[0]), torch.zeros(shape), entropy=entropy,
-                              entropy_coef=0.1, loss_type="grpo")  # fmt: skip
+    loss, metrics = host_cuda(
+        logps,
+        logps.detach() + 50.0,
+        torch.randn(shape[0]),
+        torch.zeros(shape),
+        entropy=entropy,
+        entropy_coef=0.1,
+        loss_type="grpo",
+    )
     loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(shape))
+    assert loss.item() == 0.0 and torch.equal(logps.grad, torch.zeros(shape))
     assert torch.equal(entropy.grad, torch.zeros(shape))
     assert all(torch.isfinite(m) for m in metrics.values())
 
@@ -294,7 +353,7 @@ def test_cuda_path_on_host_empty(host_cuda, shape):
 def test_stat_rows_match_the_triton_kernels():
     kernels = pytest.importorskip("fastalign.kernels.triton.policy_loss")
     names = ("LOSS", "COUNT", "LOW_CLIP", "HIGH_CLIP", "DUAL_CLIP", "RATIO", "KL", "ENTROPY", "STAT_ROWS")
-    assert [getattr(kernels, n) for n in names] == [getattr(_policy_kernels, n) for n in names]
+    assert [getattr(kernels, n) for n in names] == [getattr(_policy_math, n) for n in names]
 
 
 def test_cuda_backend_needs_cuda_tensors():
@@ -320,8 +379,9 @@ def grid_case(index, level, dual_clip, kl, entropy, weights, per_token_advantage
     return case
 
 
-GRID = itertools.product(["token", "sequence"], [None, 3.0], [None, "k1", "k2", "k3"], [False, True],
-                         [None, True, "per_row"], [False, True])  # fmt: skip
+GRID = itertools.product(
+    ["token", "sequence"], [None, 3.0], [None, "k1", "k2", "k3"], [False, True], [None, True, "per_row"], [False, True]
+)
 GPU_CASES = [grid_case(i, *combo) for i, combo in enumerate(GRID)]
 
 
@@ -331,8 +391,8 @@ def gpu_inputs(case, rows=5, width=300, seed=0):
     loss takes the clipped value rather than A · e^20 (which would drown the other tokens). Any shape: larger
     inputs cut down."""
     inputs, options = make_inputs(case, rows=max(rows, 4), width=max(width, 4), seed=seed, spread=1.0)
-    inputs["old_logp"][0, :4] -= torch.tensor([25.0, 30.0, -25.0, -30.0], dtype=torch.float64)
-    inputs["old_logp"][3] -= 30.0
+    inputs["old_logps"][0, :4] -= torch.tensor([25.0, 30.0, -25.0, -30.0], dtype=torch.float64)
+    inputs["old_logps"][3] -= 30.0
     advantages = inputs["advantages"]
     for index in ((0, slice(0, 4)), 3) if advantages.dim() == 2 else (0, 3):
         advantages[index] = advantages[index].abs()
@@ -340,7 +400,7 @@ def gpu_inputs(case, rows=5, width=300, seed=0):
 
 
 def evaluate(inputs, options, dtype, backend):
-    """(loss, [d logp, d entropy], metrics) on the GPU, inputs in dtype."""
+    """(loss, [d logps, d entropy], metrics) on the GPU, inputs in dtype."""
     tensors = {k: v.to(device="cuda", dtype=dtype) for k, v in inputs.items()}
     return loss_and_grads(functools.partial(fastalign.policy_loss, backend=backend), tensors, options)
 
@@ -381,8 +441,15 @@ def test_cuda_float16(case):
 @pytest.mark.parametrize("shape", [(1, 1), (1, 257), (3, 256), (2, 1000), (64, 513), (0, 7), (3, 0)], ids=str)
 def test_cuda_shapes(shape, level):
     """B = 1, T below / at / past the block of 256 threads, many rows, and the shapes that launch nothing."""
-    case = {"importance_sampling_level": level, "kl_coef": 0.05, "with_ref": True, "with_entropy": True,
-            "entropy_coef": 0.01, "dual_clip": 3.0, "with_is_weights": True}  # fmt: skip
+    case = {
+        "importance_sampling_level": level,
+        "kl_coef": 0.05,
+        "with_ref": True,
+        "with_entropy": True,
+        "entropy_coef": 0.01,
+        "dual_clip": 3.0,
+        "with_is_weights": True,
+    }
     inputs, options = gpu_inputs(case, *shape)
     assert_cuda_matches_torch(inputs, options, torch.float32)
 
@@ -391,15 +458,22 @@ def test_cuda_shapes(shape, level):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_all_masked_is_zero_not_nan(mode, level):
-    logp = torch.randn(3, 300, device="cuda", requires_grad=True)
+    logps = torch.randn(3, 300, device="cuda", requires_grad=True)
     entropy = torch.rand(3, 300, device="cuda", requires_grad=True)
     loss, metrics = fastalign.policy_loss(
-        logp, logp.detach() + 50.0, torch.randn(3, device="cuda"), torch.zeros(3, 300, device="cuda"),
-        entropy=entropy, entropy_coef=0.1, loss_agg_mode=mode, importance_sampling_level=level,
-        max_completion_length=300, backend="cuda",
-    )  # fmt: skip
+        logps,
+        logps.detach() + 50.0,
+        torch.randn(3, device="cuda"),
+        torch.zeros(3, 300, device="cuda"),
+        entropy=entropy,
+        entropy_coef=0.1,
+        loss_agg_mode=mode,
+        importance_sampling_level=level,
+        max_completion_length=300,
+        backend="cuda",
+    )
     loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+    assert loss.item() == 0.0 and torch.equal(logps.grad, torch.zeros_like(logps))
     assert torch.equal(entropy.grad, torch.zeros_like(entropy))
     assert all(torch.isfinite(m) for m in metrics.values())
 
@@ -421,15 +495,28 @@ def test_cuda_mask_dtypes(mask_dtype):
 def test_cuda_mixed_dtypes_and_strides(per_token_advantages):
     """Each input in its own dtype (float64 ones passed as float32), strided advantages, per-token importance
     weights transposed, per-row ones broadcast with a token stride of 0: as the torch backend in float64."""
-    case = {"with_ref": True, "kl_coef": 0.1, "with_entropy": True, "entropy_coef": 0.01, "with_is_weights": True,
-            "per_token_advantages": per_token_advantages}  # fmt: skip
+    case = {
+        "with_ref": True,
+        "kl_coef": 0.1,
+        "with_entropy": True,
+        "entropy_coef": 0.01,
+        "with_is_weights": True,
+        "per_token_advantages": per_token_advantages,
+    }
     inputs, options = gpu_inputs(case)
-    rows, width = inputs["logp"].shape
-    dtypes = {"logp": torch.bfloat16, "ref_logp": torch.float16, "entropy": torch.float16, "advantages": torch.float32,
-              "is_weights": torch.float32, "mask": torch.bool}  # fmt: skip
+    rows, width = inputs["logps"].shape
+    dtypes = {
+        "logps": torch.bfloat16,
+        "ref_logps": torch.float16,
+        "entropy": torch.float16,
+        "advantages": torch.float32,
+        "is_weights": torch.float32,
+        "mask": torch.bool,
+    }
     rounded = {k: v.to(dtypes.get(k, v.dtype)).double() for k, v in inputs.items()}
-    want = loss_and_grads(functools.partial(fastalign.policy_loss, backend="torch"),
-                          {k: v.cuda() for k, v in rounded.items()}, options)  # fmt: skip
+    want = loss_and_grads(
+        functools.partial(fastalign.policy_loss, backend="torch"), {k: v.cuda() for k, v in rounded.items()}, options
+    )
     tensors = {k: v.to(device="cuda", dtype=dtypes.get(k, v.dtype)) for k, v in rounded.items()}
     # Every other element of a wider buffer; the transposed copy of a [T, B] buffer.
     wide = torch.zeros(*tensors["advantages"].shape[:-1], 2 * tensors["advantages"].shape[-1], device="cuda")
@@ -441,10 +528,14 @@ def test_cuda_mixed_dtypes_and_strides(per_token_advantages):
     assert_close_to(got, want, rtol=1e-2)
     per_row = torch.rand(rows, device="cuda").expand(width, rows).t()
     assert per_row.stride() == (1, 0)
-    got = loss_and_grads(functools.partial(fastalign.policy_loss, backend="cuda"), {**tensors, "is_weights": per_row},
-                         options)  # fmt: skip
-    want = loss_and_grads(functools.partial(fastalign.policy_loss, backend="torch"),
-                          {**rounded, "is_weights": per_row.double().cpu()}, options)  # fmt: skip
+    got = loss_and_grads(
+        functools.partial(fastalign.policy_loss, backend="cuda"), {**tensors, "is_weights": per_row}, options
+    )
+    want = loss_and_grads(
+        functools.partial(fastalign.policy_loss, backend="torch"),
+        {**rounded, "is_weights": per_row.double().cpu()},
+        options,
+    )
     assert_close_to(got, want, rtol=1e-2)
 
 

@@ -71,27 +71,49 @@ def test_linear_policy_loss_module(backend, case, fused):
     hidden, weight, targets = make_batch()
     mask = targets != -100
     gen = torch.Generator().manual_seed(1)
-    old_logp = reference.linear_logprobs(hidden, weight, targets, temperature=temperature, softcap=softcap)
-    old_logp = old_logp + 0.3 * torch.randn(old_logp.shape, generator=gen, dtype=torch.float64) * mask
-    ref_logp = old_logp + 0.2 * torch.randn(old_logp.shape, generator=gen, dtype=torch.float64) if with_ref else None
+    old_logps = reference.linear_logprobs(hidden, weight, targets, temperature=temperature, softcap=softcap)
+    old_logps = old_logps + 0.3 * torch.randn(old_logps.shape, generator=gen, dtype=torch.float64) * mask
+    ref_logps = old_logps + 0.2 * torch.randn(old_logps.shape, generator=gen, dtype=torch.float64) if with_ref else None
     advantages = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64)
 
     module = fastalign.nn.LinearPolicyLoss(
         temperature=temperature, softcap=softcap, gradient_in_forward=fused, backend=backend, **options
     )
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
-    ref_float = None if ref_logp is None else ref_logp.float()
-    loss, metrics = module(h, w, targets, old_logp.float(), advantages.float(), ref_logp=ref_float)
+    ref_float = None if ref_logps is None else ref_logps.float()
+    loss, metrics = module(h, w, targets, old_logps.float(), advantages.float(), ref_logps=ref_float)
 
     rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     need_entropy = options.get("entropy_coef", 0.0) != 0
-    out = reference.linear_logprobs(rh, rw, targets, temperature=temperature, softcap=softcap,
-                                    return_entropy=need_entropy)  # fmt: skip
-    logp, entropy = out if need_entropy else (out, None)
-    ref_loss = reference_losses.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
-                                            **options)  # fmt: skip
+    out = reference.linear_logprobs(
+        rh, rw, targets, temperature=temperature, softcap=softcap, return_entropy=need_entropy
+    )
+    logps, entropy = out if need_entropy else (out, None)
+    ref_loss = reference_losses.policy_loss(
+        logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy, **options
+    )
     assert_close_all([loss, *grads_of(loss, h, w)], [ref_loss, *grads_of(ref_loss, rh, rw)], torch.float32)
     assert ("entropy_mean" in metrics) == need_entropy
+    # The metrics, from the kernels' or the chunks' own per-row sums, equal the torch op's on the same log-probs.
+    with torch.no_grad():
+        out = fastalign.linear_logprobs(
+            h, w, targets, temperature=temperature, softcap=softcap, return_entropy=need_entropy
+        )
+    logps_f, entropy_f = out if need_entropy else (out, None)
+    _, want = fastalign.policy_loss(
+        logps_f,
+        old_logps.float(),
+        advantages.float(),
+        mask,
+        ref_logps=ref_float,
+        entropy=entropy_f,
+        backend="torch",
+        **options,
+    )
+    assert metrics.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert not metrics[name].requires_grad
 
 
 DPO_CASES = [
@@ -104,8 +126,19 @@ DPO_CASES = [
 ]
 
 
-def reference_dpo(hidden, weight, targets, ref_sums, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-                  loss_weights=None, average_log_prob=None, rpo_alpha=None):  # fmt: skip
+def reference_dpo(
+    hidden,
+    weight,
+    targets,
+    ref_sums,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    loss_weights=None,
+    average_log_prob=None,
+    rpo_alpha=None,
+):
     token_logps = reference.linear_logprobs(hidden, weight, targets)
     sums = token_logps.sum(-1)
     lengths = (targets != -100).sum(-1).double()
@@ -116,8 +149,15 @@ def reference_dpo(hidden, weight, targets, ref_sums, *, beta=0.1, loss_type="sig
         average = name in ("ipo", "sigmoid_norm") if average_log_prob is None else average_log_prob
         scale = 1 / lengths if average else 1.0
         policy, ref = sums * scale, ref_sums * scale
-        losses, _, _ = reference_losses.dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta=beta,
-                                                 loss_type=name, label_smoothing=label_smoothing)  # fmt: skip
+        losses, _, _ = reference_losses.dpo_loss(
+            policy[:pairs],
+            policy[pairs:],
+            ref[:pairs],
+            ref[pairs:],
+            beta=beta,
+            loss_type=name,
+            label_smoothing=label_smoothing,
+        )
         total = total + wt * losses.mean()
     if rpo_alpha is not None:
         total = total + rpo_alpha * (-sums[:pairs].sum() / lengths[:pairs].sum())
@@ -169,13 +209,14 @@ def test_units_larger_than_the_budget_fall_back_to_two_sweeps(scratch_budget, bu
     rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ref = reference_dpo(rh, rw, targets, torch.zeros(6, dtype=torch.float64))
     assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
-    old_logp = reference.linear_logprobs(hidden, weight, targets).float()
+    old_logps = reference.linear_logprobs(hidden, weight, targets).float()
     advantages = torch.linspace(-1, 1, 6)
     policy = fastalign.nn.LinearPolicyLoss(importance_sampling_level="sequence", gradient_in_forward=True)
-    loss, _ = policy(h, w, targets, old_logp + 0.1, advantages)
-    logp = reference.linear_logprobs(rh, rw, targets)
-    ref = reference_losses.policy_loss(logp, old_logp.double() + 0.1, advantages.double(), targets != -100,
-                                       importance_sampling_level="sequence")  # fmt: skip
+    loss, _ = policy(h, w, targets, old_logps + 0.1, advantages)
+    logps = reference.linear_logprobs(rh, rw, targets)
+    ref = reference_losses.policy_loss(
+        logps, old_logps.double() + 0.1, advantages.double(), targets != -100, importance_sampling_level="sequence"
+    )
     assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
 
 
@@ -184,7 +225,7 @@ def test_linear_policy_loss_rejects_mismatched_inputs(fused):
     hidden, weight, targets = make_batch()
     module = fastalign.nn.LinearPolicyLoss(gradient_in_forward=fused)
     h = hidden.float().requires_grad_()
-    with pytest.raises(ValueError, match=re.escape("old_logp must have shape (4, 7) like logp")):
+    with pytest.raises(ValueError, match=re.escape("old_logps must have shape (4, 7) like logps")):
         module(h, weight.float(), targets, torch.zeros(4, 6), torch.zeros(4))
     with pytest.raises(ValueError, match=re.escape("advantages must be [B] = (4,) or [B, T] = (4, 7)")):
         module(h, weight.float(), targets, torch.zeros(4, 7), torch.zeros(5))
@@ -215,12 +256,14 @@ def test_linear_dpo_loss_rejects_bad_input():
     "module_call",
     [
         lambda h, w, t: fastalign.nn.LinearPolicyLoss(loss_type="grpo", entropy_coef=0.01)(
-            h, w, t, torch.zeros(t.shape), torch.ones(t.shape[0]))[0],
+            h, w, t, torch.zeros(t.shape), torch.ones(t.shape[0])
+        )[0],
         lambda h, w, t: fastalign.nn.LinearDPOLoss(rpo_alpha=1.0)(
-            h, w, t, ref_chosen_logps=torch.zeros(t.shape[0] // 2), ref_rejected_logps=torch.zeros(t.shape[0] // 2))[0],
+            h, w, t, ref_chosen_logps=torch.zeros(t.shape[0] // 2), ref_rejected_logps=torch.zeros(t.shape[0] // 2)
+        )[0],
     ],
     ids=["policy", "dpo"],
-)  # fmt: skip
+)
 def test_modules_never_hold_full_logits(scratch_budget, module_call):
     rows, width, vocab, dim = 8, 64, 4096, 16  # [512 tokens, 4096] float32 = 8 MiB
     budget = 256 << 10
@@ -233,3 +276,22 @@ def test_modules_never_hold_full_logits(scratch_budget, module_call):
     allowed = {(rows * width, dim), (vocab, dim), tuple(hidden.shape)}
     largest = max(size for shape, size in watcher.produced if shape not in allowed)
     assert largest <= budget
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_linear_policy_loss_old_keywords_and_options_bundle(fused):
+    """forward(old_logp=, ref_logp=) still works, with a DeprecationWarning; options= equals the keywords."""
+    hidden, weight, targets = make_batch()
+    h, w = hidden.float().requires_grad_(), weight.float()
+    old_logps = reference.linear_logprobs(hidden, weight, targets).float() + 0.1
+    advantages = torch.linspace(-1, 1, 4)
+    keywords = {"loss_type": "grpo", "kl_coef": 0.05}
+    module = fastalign.nn.LinearPolicyLoss(gradient_in_forward=fused, **keywords)
+    bundled = fastalign.nn.LinearPolicyLoss(
+        gradient_in_forward=fused, options=fastalign.ops.PolicyLossOptions(**keywords)
+    )
+    assert module.options == bundled.options
+    expected, _ = bundled(h, w, targets, old_logps, advantages, ref_logps=old_logps - 0.2)
+    with pytest.warns(DeprecationWarning, match=re.escape("LinearPolicyLoss(ref_logp=...) is deprecated")):
+        loss, _ = module(h, w, targets, old_logp=old_logps, advantages=advantages, ref_logp=old_logps - 0.2)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 empty rows, and bad input."""
 
 import functools
+import inspect
 import re
 
 import pytest
@@ -37,17 +38,17 @@ def make_inputs(case, rows=5, width=9, seed=0, spread=0.4):
     """float64 inputs; log-ratios spread wide enough that every clip binds somewhere; row 2 is empty."""
     gen = torch.Generator().manual_seed(seed)
     case = dict(case)
-    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 3
+    logps = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 3
     advantages_shape = (rows, width) if case.pop("per_token_advantages", False) else (rows,)
     inputs = {
-        "logp": logp,
-        "old_logp": logp + spread * torch.randn(rows, width, generator=gen, dtype=torch.float64),
+        "logps": logps,
+        "old_logps": logps + spread * torch.randn(rows, width, generator=gen, dtype=torch.float64),
         "advantages": torch.randn(advantages_shape, generator=gen, dtype=torch.float64),
         "mask": (torch.rand(rows, width, generator=gen) > 0.25).to(torch.float64),
     }
     inputs["mask"][2] = 0
     if case.pop("with_ref", False):
-        inputs["ref_logp"] = logp + 0.3 * torch.randn(rows, width, generator=gen, dtype=torch.float64)
+        inputs["ref_logps"] = logps + 0.3 * torch.randn(rows, width, generator=gen, dtype=torch.float64)
     if case.pop("with_entropy", False):
         inputs["entropy"] = torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
     weights = case.pop("with_is_weights", False)
@@ -58,9 +59,9 @@ def make_inputs(case, rows=5, width=9, seed=0, spread=0.4):
 
 
 def run(fn, inputs, options, dtype):
-    """Loss and gradients w.r.t. logp (and entropy) for inputs converted to dtype."""
+    """Loss and gradients w.r.t. logps (and entropy) for inputs converted to dtype."""
     tensors = {k: v.to(dtype) for k, v in inputs.items()}
-    leaves = [tensors["logp"].requires_grad_()]
+    leaves = [tensors["logps"].requires_grad_()]
     if "entropy" in tensors:
         leaves.append(tensors["entropy"].requires_grad_())
     out = fn(**tensors, **options)
@@ -97,7 +98,7 @@ def test_policy_metrics(backend):
     tensors = {k: v.float() for k, v in inputs.items()}
     _, metrics = fastalign.policy_loss(**tensors, **options, backend=backend)
     keep = tensors["mask"] != 0
-    ratio = torch.exp(tensors["logp"] - tensors["old_logp"])
+    ratio = torch.exp(tensors["logps"] - tensors["old_logps"])
     adv = tensors["advantages"][:, None].expand_as(ratio)
     clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.3))
     expected = {
@@ -105,7 +106,7 @@ def test_policy_metrics(backend):
         "clip_frac_high": ((ratio > 1.3) & (adv > 0))[keep].float().mean(),
         "clip_frac_dual": ((adv < 0) & (clipped > -adv * 2.0))[keep].float().mean(),
         "ratio_mean": ratio[keep].mean(),
-        "kl_mean": reference_losses._kl(tensors["logp"], tensors["ref_logp"], "k3")[keep].mean(),
+        "kl_mean": reference_losses._kl(tensors["logps"], tensors["ref_logps"], "k3")[keep].mean(),
         "entropy_mean": tensors["entropy"][keep].mean(),
     }
     assert set(metrics) == set(expected)
@@ -117,12 +118,12 @@ def test_policy_metrics(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_all_masked_is_zero_not_nan(backend, mode):
-    logp = torch.randn(3, 4, requires_grad=True)
+    logps = torch.randn(3, 4, requires_grad=True)
     loss, metrics = fastalign.policy_loss(
-        logp, logp.detach() + 50.0, torch.randn(3), torch.zeros(3, 4), loss_agg_mode=mode, backend=backend
+        logps, logps.detach() + 50.0, torch.randn(3), torch.zeros(3, 4), loss_agg_mode=mode, backend=backend
     )
     loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+    assert loss.item() == 0.0 and torch.equal(logps.grad, torch.zeros_like(logps))
     assert all(torch.isfinite(m) for m in metrics.values())
 
 
@@ -138,6 +139,7 @@ def test_mask_dtypes_agree(backend, mask_dtype):
 
 
 # Every dtype a mask can be made in, the unusual ones included (complex, bfloat16, float8, unsigned).
+# (A table of dtypes, kept compact: one per line would hide it.)
 ALL_MASK_DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
     torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
@@ -180,7 +182,7 @@ def test_triton_takes_every_mask_dtype_like_torch(dtype, level):
     results = {}
     for backend in ("torch", "triton"):
         tensors = {k: v.float() for k, v in inputs.items()}
-        leaves = [tensors["logp"].requires_grad_(), tensors["entropy"].requires_grad_()]
+        leaves = [tensors["logps"].requires_grad_(), tensors["entropy"].requires_grad_()]
         loss, metrics = fastalign.policy_loss(**tensors, mask=mask, **options, backend=backend)
         results[backend] = (loss.detach(), metrics, torch.autograd.grad(loss, leaves))
     (loss, metrics, grads), (want_loss, want_metrics, want_grads) = results["triton"], results["torch"]
@@ -191,11 +193,11 @@ def test_triton_takes_every_mask_dtype_like_torch(dtype, level):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_log_ratios_stay_finite(backend):
-    logp = torch.tensor([[0.0, -300.0, -1.0]], requires_grad=True)
+    logps = torch.tensor([[0.0, -300.0, -1.0]], requires_grad=True)
     old = torch.tensor([[-300.0, 0.0, -1.0]])
-    loss, _ = fastalign.policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 3), backend=backend)
+    loss, _ = fastalign.policy_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 3), backend=backend)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
 
 
 @settings(max_examples=40, deadline=None)
@@ -209,8 +211,13 @@ def test_extreme_log_ratios_stay_finite(backend):
     backend=st.sampled_from(BACKENDS),
 )
 def test_policy_loss_properties(rows, width, seed, mode, level, dual, backend):
-    case = {"loss_agg_mode": mode, "importance_sampling_level": level, "dual_clip": dual, "kl_coef": 0.03,
-            "with_ref": True}  # fmt: skip
+    case = {
+        "loss_agg_mode": mode,
+        "importance_sampling_level": level,
+        "dual_clip": dual,
+        "kl_coef": 0.03,
+        "with_ref": True,
+    }
     inputs, options = make_inputs(case, rows=max(rows, 3), width=width, seed=seed)
     ref_loss, ref_grads, _ = run(reference_losses.policy_loss, inputs, options, torch.float64)
     loss, grads, _ = run(functools.partial(fastalign.policy_loss, backend=backend), inputs, options, torch.float32)
@@ -233,30 +240,36 @@ def test_value_loss_matches_reference(clip_range, mode):
 
 
 def good():
-    return {"logp": torch.randn(2, 3), "old_logp": torch.randn(2, 3), "advantages": torch.randn(2),
-            "mask": torch.ones(2, 3)}  # fmt: skip
+    return {
+        "logps": torch.randn(2, 3),
+        "old_logps": torch.randn(2, 3),
+        "advantages": torch.randn(2),
+        "mask": torch.ones(2, 3),
+    }
 
 
 POLICY_ERRORS = [
-    ({"old_logp": torch.randn(2, 4)}, "old_logp must have shape (2, 3) like logp"),
-    ({"mask": torch.ones(3, 3)}, "mask must have shape (2, 3) like logp"),
+    ({"old_logps": torch.randn(2, 4)}, "old_logps must have shape (2, 3) like logps"),
+    ({"mask": torch.ones(3, 3)}, "mask must have shape (2, 3) like logps"),
     ({"advantages": torch.randn(3)}, "advantages must be [B] = (2,) or [B, T] = (2, 3)"),
-    ({"logp": torch.randn(6)}, "logp must be [B, T]"),
+    ({"logps": torch.randn(6)}, "logps must be [B, T]"),
     ({"loss_type": "ppo2"}, "loss_type must be one of"),
     ({"loss_agg_mode": "token-sum"}, "loss_agg_mode must be one of"),
-    ({"kl_estimator": "k4", "ref_logp": torch.randn(2, 3)}, "kl_estimator must be one of"),
+    ({"kl_estimator": "k4", "ref_logps": torch.randn(2, 3)}, "kl_estimator must be one of"),
     ({"dual_clip": 1.0}, "dual_clip must be None or a number > 1"),
-    ({"kl_coef": 0.1}, "kl_coef is nonzero but ref_logp is None"),
-    ({"kl_coef": -1.0, "ref_logp": torch.randn(2, 3)}, "kl_coef must be >= 0"),
+    ({"kl_coef": 0.1}, "kl_coef is nonzero but ref_logps is None"),
+    ({"kl_coef": -1.0, "ref_logps": torch.randn(2, 3)}, "kl_coef must be >= 0"),
     ({"entropy_coef": 0.1}, "entropy_coef is nonzero but entropy is None"),
     ({"importance_sampling_level": "batch"}, "importance_sampling_level must be one of"),
     ({"clip_eps_low": 1.5}, "clip_eps_low must be < 1"),
     ({"clip_eps_high": -0.1}, "clip_eps_high must be a finite number >= 0"),
-    ({"max_completion_length": 0, "loss_type": "dr_grpo"}, "max_completion_length must be a positive int"),
+    ({"max_completion_length": 0, "loss_type": "dr_grpo"}, "max_completion_length must be None or an int > 0"),
     ({"num_items_in_batch": 10, "loss_type": "grpo"}, "num_items_in_batch applies to token-mean aggregation only"),
-    ({"logp": torch.randn(2, 0), "old_logp": torch.randn(2, 0), "mask": torch.ones(2, 0), "loss_type": "dr_grpo"},
-     "seq-mean-token-sum-norm (loss_type='dr_grpo') needs a length"),
-]  # fmt: skip
+    (
+        {"logps": torch.randn(2, 0), "old_logps": torch.randn(2, 0), "mask": torch.ones(2, 0), "loss_type": "dr_grpo"},
+        "seq-mean-token-sum-norm (loss_type='dr_grpo') needs a length",
+    ),
+]
 
 
 @pytest.mark.parametrize(("change", "message"), POLICY_ERRORS, ids=[m for _, m in POLICY_ERRORS])
@@ -270,3 +283,37 @@ def test_value_loss_rejects():
         fastalign.value_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="clip_range must be None or a number >= 0"):
         fastalign.value_loss(*[torch.randn(2, 3)] * 3, torch.ones(2, 3), clip_range=-1.0)
+
+
+def test_the_old_keyword_names_still_work_and_warn():
+    """logp / old_logp / ref_logp are the deprecated names of logps / old_logps / ref_logps (one release)."""
+    inputs, options = make_inputs({"kl_coef": 0.1, "with_ref": True})
+    expected, expected_metrics = fastalign.policy_loss(**inputs, **options)
+    old_names = {"logp": inputs["logps"], "old_logp": inputs["old_logps"], "ref_logp": inputs["ref_logps"]}
+    rest = {k: v for k, v in inputs.items() if k not in ("logps", "old_logps", "ref_logps")}
+    with pytest.warns(DeprecationWarning, match=re.escape("policy_loss(logp=...) is deprecated")):
+        loss, metrics = fastalign.policy_loss(**old_names, **rest, **options)
+    assert torch.equal(loss, expected) and metrics.keys() == expected_metrics.keys()
+    with pytest.raises(TypeError, match="the deprecated name of ref_logps"):
+        fastalign.policy_loss(**inputs, ref_logp=inputs["ref_logps"], **options)
+    logps, ref_logps = inputs["logps"], inputs["ref_logps"]
+    with pytest.warns(DeprecationWarning, match=re.escape("kl_estimate(ref_logp=...)")):
+        kl = fastalign.ops.policy.kl_estimate(logps, ref_logp=ref_logps, estimator="k3")
+    assert torch.equal(kl, fastalign.ops.policy.kl_estimate(logps, ref_logps, "k3"))
+
+
+def test_options_bundle_equals_the_keywords():
+    inputs, options = make_inputs({"loss_type": "grpo", "dual_clip": 3.0, "kl_coef": 0.05, "with_ref": True})
+    bundle = fastalign.ops.PolicyLossOptions(**options)
+    assert torch.equal(
+        fastalign.policy_loss(**inputs, options=bundle)[0], fastalign.policy_loss(**inputs, **options)[0]
+    )
+    with pytest.raises(TypeError, match="not both"):
+        fastalign.policy_loss(**inputs, options=bundle, kl_coef=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'clip_eps'"):
+        fastalign.policy_loss(**inputs, clip_eps=0.1)
+    with pytest.raises(ValueError, match=re.escape("dual_clip must be None or a number > 1")):
+        fastalign.ops.PolicyLossOptions(dual_clip=0.5)
+    shown = inspect.signature(fastalign.policy_loss).parameters
+    assert {"logps", "options", "backend", "clip_eps_low", "max_completion_length"} <= set(shown)
+    assert shown["clip_eps_low"].default == 0.2 and "option_fields" not in shown

@@ -123,12 +123,37 @@ def test_reward_loss_matches_reference(margin, center):
     rejected = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
     if margin == "per_pair":
         margin = torch.rand(7, generator=gen, dtype=torch.float64)
-    loss = fastalign.reward_loss(chosen, rejected, margin=margin, center_rewards_coef=center)
-    ref = reference_losses.reward_loss(chosen, rejected, margin=margin, center_rewards_coef=center)
+    loss = fastalign.reward_loss(chosen, rejected, margin=margin, center_rewards_coefficient=center)
+    ref = reference_losses.reward_loss(chosen, rejected, margin=margin, center_rewards_coefficient=center)
     torch.testing.assert_close(loss, ref)
-    for grad, ref_grad in zip(torch.autograd.grad(loss, [chosen, rejected]),
-                              torch.autograd.grad(ref, [chosen, rejected]), strict=True):  # fmt: skip
+    for grad, ref_grad in zip(
+        torch.autograd.grad(loss, [chosen, rejected]), torch.autograd.grad(ref, [chosen, rejected]), strict=True
+    ):
         torch.testing.assert_close(grad, ref_grad)
+
+
+def test_reward_loss_takes_center_rewards_coef_as_a_deprecated_name():
+    chosen, rejected = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    expected = fastalign.reward_loss(chosen, rejected, center_rewards_coefficient=0.01)
+    with pytest.warns(DeprecationWarning, match=re.escape("reward_loss(center_rewards_coef=...) is deprecated")):
+        assert torch.equal(fastalign.reward_loss(chosen, rejected, center_rewards_coef=0.01), expected)
+    with pytest.raises(TypeError, match="the deprecated name of center_rewards_coefficient"):
+        fastalign.reward_loss(chosen, rejected, center_rewards_coef=0.01, center_rewards_coefficient=0.01)
+
+
+def test_dpo_options_bundle_equals_the_keywords():
+    values = sequence_logps()
+    keywords = {"beta": 0.2, "loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.1}
+    options = fastalign.ops.DPOLossOptions(**keywords)
+    assert options.types == ["sigmoid", "ipo"] and options.weights == [1.0, 0.5]
+    got, want = fastalign.dpo_loss(*values, options=options), fastalign.dpo_loss(*values, **keywords)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    token_logps, mask, ref = token_inputs()
+    got = dpo_loss_from_token_logps(token_logps, mask, ref, options=options)
+    want = dpo_loss_from_token_logps(token_logps, mask, ref, **keywords)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    with pytest.raises(TypeError, match="not both"):
+        fastalign.dpo_loss(*values, options=options, beta=0.3)
 
 
 def test_reward_loss_edge_cases():
@@ -178,9 +203,14 @@ def test_dpo_from_token_logps_matches_composition(backend, case):
         scale = 1 / ref_lengths if (name in ("ipo", "sigmoid_norm") if average is None else average) else 1.0
         policy, reference = ref_sums * scale, ref * scale
         pair_losses, _, _ = reference_losses.dpo_loss(
-            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=0.2, loss_type=name,
-            label_smoothing=case.get("label_smoothing", 0.0),
-        )  # fmt: skip
+            policy[:pairs],
+            policy[pairs:],
+            reference[:pairs],
+            reference[pairs:],
+            beta=0.2,
+            loss_type=name,
+            label_smoothing=case.get("label_smoothing", 0.0) if name in SMOOTHING else 0.0,
+        )
         ref_losses = ref_losses + weight * pair_losses
     tolerance = {} if backend == "torch" else {"rtol": 2e-5, "atol": 2e-5}
     torch.testing.assert_close(losses.double(), ref_losses, **tolerance)

@@ -4,12 +4,14 @@ from fastalign.ops.advantages import gae, group_advantages
 from fastalign.ops.cross_entropy import linear_cross_entropy
 from fastalign.ops.dispatch import BackendStatus, BackendUnavailableError, backends, set_scratch_budget
 from fastalign.ops.logprobs import linear_logprobs, logprobs_from_logits
-from fastalign.ops.policy import policy_loss, value_loss
-from fastalign.ops.preference import dpo_loss, dpo_loss_from_token_logps, reward_loss
+from fastalign.ops.policy import PolicyLossOptions, policy_loss, value_loss
+from fastalign.ops.preference import DPOLossOptions, dpo_loss, dpo_loss_from_token_logps, reward_loss
 
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
+    "DPOLossOptions",
+    "PolicyLossOptions",
     "backends",
     "dpo_loss",
     "dpo_loss_from_token_logps",

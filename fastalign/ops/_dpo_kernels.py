@@ -7,30 +7,14 @@ forward launch (per-pair reduction of the ``[2B, T]`` token log-probs + every lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
 
 from fastalign.ops import _cuda_ext
 from fastalign.ops._cuda_ext import ptr
+from fastalign.ops._dpo_math import TypePlan
 from fastalign.ops._masks import kernel_mask
-from fastalign.ops.preference import DPO_LOSS_TYPES
-
-
-class TypePlan(NamedTuple):
-    """The requested loss types as the kernels take them.
-
-    ``type_bits`` / ``averaged_bits``: bit ``k`` set when ``DPO_LOSS_TYPES[k]`` is used / takes length-averaged
-    log-probs; ``weights``: one weight per type of ``DPO_LOSS_TYPES`` (summed over repeats, 0 when unused).
-    """
-
-    type_bits: int
-    averaged_bits: int
-    weights: tuple[float, ...]
-    beta: float
-    label_smoothing: float
-    discopop_tau: float
 
 
 class PairOutputs(NamedTuple):
@@ -77,10 +61,21 @@ class _TritonLaunches:
         pairs, width = token_logps.shape[0] // 2, token_logps.shape[1]
         weights = torch.tensor(plan.weights, dtype=torch.float32).to(token_logps.device, non_blocking=True)
         kernels.dpo_fwd_kernel[lambda meta: (_cdiv(pairs, meta["BLOCK_P"]),)](
-            token_logps, mask, ref_logps, weights, *out, pairs, width, autotune_bucket(width),
-            token_logps.stride(0), plan.beta, plan.label_smoothing, plan.discopop_tau, TYPES=plan.type_bits,
+            token_logps,
+            mask,
+            ref_logps,
+            weights,
+            *out,
+            pairs,
+            width,
+            autotune_bucket(width),
+            token_logps.stride(0),
+            plan.beta,
+            plan.label_smoothing,
+            plan.discopop_tau,
+            TYPES=plan.type_bits,
             AVERAGED=plan.averaged_bits,
-        )  # fmt: skip
+        )
 
     def backward(self, mask, row_grad, grad_losses, grad_sums, grad) -> None:
         from fastalign.kernels.triton import dpo_loss as kernels
@@ -108,20 +103,34 @@ class _CudaLaunches:
     def forward(self, token_logps, mask, ref_logps, plan, out) -> None:
         with _cuda_ext.launch_stream(token_logps) as stream:
             _cuda_ext.extension().dpo_loss_forward(
-                ptr(token_logps), _cuda_ext.dtype_code(token_logps.dtype), ptr(mask), *mask_layout(mask.dtype),
-                ptr(ref_logps), token_logps.shape[0] // 2, token_logps.shape[1], plan.type_bits,
-                plan.averaged_bits, list(plan.weights), plan.beta, plan.label_smoothing, plan.discopop_tau,
-                *map(ptr, out), stream,
-            )  # fmt: skip
+                ptr(token_logps),
+                _cuda_ext.dtype_code(token_logps.dtype),
+                ptr(mask),
+                *mask_layout(mask.dtype),
+                ptr(ref_logps),
+                token_logps.shape[0] // 2,
+                token_logps.shape[1],
+                *plan.cuda_arguments(),
+                *map(ptr, out),
+                stream,
+            )
 
     def backward(self, mask, row_grad, grad_losses, grad_sums, grad) -> None:
         with _cuda_ext.launch_stream(grad) as stream:
             _cuda_ext.extension().dpo_loss_backward(
-                ptr(mask), *mask_layout(mask.dtype), ptr(row_grad),
-                ptr(grad_losses), 0 if grad_losses is None else grad_losses.stride(0),
-                ptr(grad_sums), 0 if grad_sums is None else grad_sums.stride(0),
-                mask.shape[0] // 2, mask.shape[1], ptr(grad), _cuda_ext.dtype_code(grad.dtype), stream,
-            )  # fmt: skip
+                ptr(mask),
+                *mask_layout(mask.dtype),
+                ptr(row_grad),
+                ptr(grad_losses),
+                0 if grad_losses is None else grad_losses.stride(0),
+                ptr(grad_sums),
+                0 if grad_sums is None else grad_sums.stride(0),
+                mask.shape[0] // 2,
+                mask.shape[1],
+                ptr(grad),
+                _cuda_ext.dtype_code(grad.dtype),
+                stream,
+            )
 
 
 LAUNCHES: dict[str, Launches] = {"triton": _TritonLaunches(), "cuda": _CudaLaunches()}
@@ -154,36 +163,20 @@ class _DPOFromTokens(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def type_plan(
-    types: Sequence[str],
-    weights: Sequence[float],
-    averaged: Sequence[bool],
-    beta: float,
-    label_smoothing: float,
-    discopop_tau: float,
-) -> TypePlan:
-    """Fold a list of loss types (repeats allowed), their weights and length averaging into a :class:`TypePlan`."""
-    per_type = [0.0] * len(DPO_LOSS_TYPES)
-    type_bits = averaged_bits = 0
-    for name, weight, average in zip(types, weights, averaged, strict=True):
-        kind = DPO_LOSS_TYPES.index(name)
-        per_type[kind] += weight
-        type_bits |= 1 << kind
-        averaged_bits |= int(average) << kind
-    return TypePlan(type_bits, averaged_bits, tuple(per_type), float(beta), float(label_smoothing), float(discopop_tau))
-
-
 def dpo_from_token_logps_kernels(
     backend: str, token_logps: torch.Tensor, mask: torch.Tensor, ref_logps: torch.Tensor, plan: TypePlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dpo_loss_from_token_logps`` on the ``"triton"`` or ``"cuda"`` kernels (arguments already checked).
 
     ``token_logps [2B, T]`` float16/bfloat16/float32 and ``mask [2B, T]`` (nonzero on completion tokens) on the
-    kernels' device, ``ref_logps [2B]``; ``plan`` from :func:`type_plan`. Returns float32
+    kernels' device, ``ref_logps [2B]``; ``plan`` from :func:`fastalign.ops._dpo_math.type_plan`. Returns float32
     ``(losses [B], sums [2B], lengths [2B])``.
     """
     mask = kernel_mask(mask, backend)  # torch's own != 0 where the kernels cannot read the dtype
     return _DPOFromTokens.apply(
-        token_logps.contiguous(), mask.contiguous(), ref_logps.detach().to(torch.float32).contiguous(),
-        LAUNCHES[backend], plan,
-    )  # fmt: skip
+        token_logps.contiguous(),
+        mask.contiguous(),
+        ref_logps.detach().to(torch.float32).contiguous(),
+        LAUNCHES[backend],
+        plan,
+    )

@@ -7,13 +7,17 @@ import math
 
 import torch
 
+from fastalign.ops._dpo_math import DPOLossOptions
+from fastalign.ops._options import renamed_keywords
+from fastalign.ops._policy_math import PolicyLossOptions
+
 
 def _log_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(torch.exp(-x)) if x >= 0 else x - torch.log1p(torch.exp(x))
 
 
-def _kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
-    r = torch.clamp(ref - logp, -20.0, 20.0)
+def _kl(logps: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    r = torch.clamp(ref - logps, -20.0, 20.0)
     if estimator in ("k1", "kl"):
         return -r
     if estimator in ("k2", "mse"):
@@ -21,40 +25,48 @@ def _kl(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
     return torch.exp(r) - r - 1
 
 
+@renamed_keywords(logp="logps", old_logp="old_logps", ref_logp="ref_logps")
 def policy_loss(
-    logp, old_logp, advantages, mask, *, ref_logp=None, entropy=None, clip_eps_low=0.2, clip_eps_high=None,
-    dual_clip=None, kl_coef=0.0, kl_estimator="k3", loss_agg_mode="token-mean", loss_type=None,
-    importance_sampling_level="token", entropy_coef=0.0, max_completion_length=None, num_items_in_batch=None,
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    ref_logps=None,
+    entropy=None,
+    num_items_in_batch=None,
     is_weights=None,
-) -> torch.Tensor:  # fmt: skip
-    """The loss only (metrics are checked separately)."""
-    mode = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-            "dapo": "token-mean"}.get(loss_type, loss_agg_mode)  # fmt: skip
-    high = clip_eps_low if clip_eps_high is None else clip_eps_high
-    rows, width = logp.shape
+    **options,
+) -> torch.Tensor:
+    """The loss only (metrics are checked separately); ``options`` as :class:`PolicyLossOptions`' fields."""
+    o = PolicyLossOptions(**options)
+    low = o.clip_eps_low
+    high = low if o.clip_eps_high is None else o.clip_eps_high
+    sequence = o.importance_sampling_level == "sequence"
+    rows, width = logps.shape
     row_sums, row_counts = [], []
     for i in range(rows):
         tokens = [t for t in range(width) if mask[i, t] != 0]
-        if importance_sampling_level == "sequence" and tokens:
-            seq_log_ratio = sum(logp[i, t] - old_logp[i, t].detach() for t in tokens) / len(tokens)
-        total = torch.zeros((), dtype=logp.dtype)
+        if sequence and tokens:
+            seq_log_ratio = sum(logps[i, t] - old_logps[i, t].detach() for t in tokens) / len(tokens)
+        total = torch.zeros((), dtype=logps.dtype)
         for t in tokens:
             a = advantages[i] if advantages.dim() == 1 else advantages[i, t]
-            log_ratio = seq_log_ratio if importance_sampling_level == "sequence" else logp[i, t] - old_logp[i, t]
+            log_ratio = seq_log_ratio if sequence else logps[i, t] - old_logps[i, t]
             ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
-            loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_eps_low, 1 + high))
-            if dual_clip is not None and a < 0:
-                loss = torch.minimum(loss, -a * dual_clip)
+            loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - low, 1 + high))
+            if o.dual_clip is not None and a < 0:
+                loss = torch.minimum(loss, -a * o.dual_clip)
             if is_weights is not None:
                 loss = loss * (is_weights[i] if is_weights.dim() == 1 else is_weights[i, t])
-            if ref_logp is not None and kl_coef:
-                loss = loss + kl_coef * _kl(logp[i, t], ref_logp[i, t], kl_estimator)
-            if entropy is not None and entropy_coef:
-                loss = loss - entropy_coef * entropy[i, t]
+            if ref_logps is not None and o.kl_coef:
+                loss = loss + o.kl_coef * _kl(logps[i, t], ref_logps[i, t], o.kl_estimator)
+            if entropy is not None and o.entropy_coef:
+                loss = loss - o.entropy_coef * entropy[i, t]
             total = total + loss
         row_sums.append(total)
         row_counts.append(len(tokens))
-    return _aggregate(row_sums, row_counts, width, mode, num_items_in_batch, max_completion_length)
+    return _aggregate(row_sums, row_counts, width, o.aggregation, num_items_in_batch, o.max_completion_length)
 
 
 def _aggregate(row_sums, row_counts, width, mode, num_items_in_batch=None, max_completion_length=None):
@@ -150,28 +162,26 @@ def dpo_pair_loss(loss_type, c, r, *, beta, label_smoothing, discopop_tau) -> to
 
 
 def dpo_loss(
-    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, loss_type="sigmoid",
-    label_smoothing=0.0, discopop_tau=0.05, loss_weights=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = loss_weights or [1.0] * len(types)
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **options
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``options`` as :class:`DPOLossOptions`' fields."""
+    o = DPOLossOptions(**options)
     losses = []
     for i in range(chosen_logps.shape[0]):
         c = chosen_logps[i] - ref_chosen_logps[i]
         r = rejected_logps[i] - ref_rejected_logps[i]
-        losses.append(sum(
-            w * dpo_pair_loss(name, c, r, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
-            for name, w in zip(types, weights, strict=True)
-        ))  # fmt: skip
+        pair = {"beta": o.beta, "label_smoothing": o.label_smoothing, "discopop_tau": o.discopop_tau}
+        losses.append(sum(w * dpo_pair_loss(name, c, r, **pair) for name, w in zip(o.types, o.weights, strict=True)))
     stacked = torch.stack(losses) if losses else chosen_logps.new_zeros(0)
     return (
         stacked,
-        beta * (chosen_logps - ref_chosen_logps).detach(),
-        beta * (rejected_logps - ref_rejected_logps).detach(),
+        o.beta * (chosen_logps - ref_chosen_logps).detach(),
+        o.beta * (rejected_logps - ref_rejected_logps).detach(),
     )
 
 
-def reward_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards_coef=None) -> torch.Tensor:
+@renamed_keywords(center_rewards_coef="center_rewards_coefficient")
+def reward_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards_coefficient=None) -> torch.Tensor:
     total = torch.zeros((), dtype=chosen_rewards.dtype)
     centre = torch.zeros((), dtype=chosen_rewards.dtype)
     count = chosen_rewards.shape[0]
@@ -180,6 +190,6 @@ def reward_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards
         total = total - _log_sigmoid(chosen_rewards[i] - rejected_rewards[i] - m)
         centre = centre + (chosen_rewards[i] + rejected_rewards[i]) ** 2
     loss = total / max(count, 1)
-    if center_rewards_coef is not None:
-        loss = loss + center_rewards_coef * centre / max(count, 1)
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * centre / max(count, 1)
     return loss

@@ -7,12 +7,16 @@ fields that only fastalign has are marked as such in their help text.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
+
+from fastalign.ops._checks import check_number
+from fastalign.ops._dpo_math import DPOLossOptions
+from fastalign.ops._policy_math import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PolicyLossOptions
+from fastalign.ops.advantages import GROUP_SCALES
 
 
 @dataclass
@@ -99,14 +103,10 @@ class FastalignTrainingConfig(TrainingArguments):
 def _check_training_numbers(args: TrainingArguments) -> None:
     """Refuse, before any model is loaded, the optimisation numbers ``TrainingArguments`` lets through."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_number(name, getattr(args, name), integer=True, at_least=1)
     if args.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {args.backend!r}")
-    rate = args.learning_rate
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"learning_rate must be a finite number >= 0, got {rate!r}")
+    check_number("learning_rate", args.learning_rate, at_least=0)
 
 
 @dataclass
@@ -131,12 +131,10 @@ class SFTConfig(FastalignTrainingConfig):
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenising the dataset."})
 
     def __post_init__(self):
-        smoothing = self.label_smoothing_factor
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
-            raise ValueError(
-                f"label_smoothing_factor must be a number in [0, 1] (the fused cross-entropy's label smoothing), "
-                f"got {smoothing!r}"
-            )
+        why = "the fused cross-entropy's label smoothing"
+        check_number(
+            "label_smoothing_factor", self.label_smoothing_factor, at_least=0, at_most=1, finite=False, why=why
+        )
         super().__post_init__()
 
 
@@ -187,15 +185,8 @@ class RewardConfig(FastalignTrainingConfig):
     }
 
     def __post_init__(self):
-        coefficient = self.center_rewards_coefficient
-        if coefficient is not None and (
-            isinstance(coefficient, bool) or not isinstance(coefficient, (int, float))
-            or not math.isfinite(coefficient) or coefficient < 0
-        ):  # fmt: skip
-            raise ValueError(
-                f"center_rewards_coefficient must be None or a finite number >= 0 (a negative one pushes the "
-                f"rewards away from 0), got {coefficient!r}"
-            )
+        why = "a negative one pushes the rewards away from 0"
+        check_number("center_rewards_coefficient", self.center_rewards_coefficient, at_least=0, optional=True, why=why)
         super().__post_init__()
 
 
@@ -305,9 +296,25 @@ class DPOConfig(FastalignTrainingConfig):
         "ref_model_sync_steps": "TR-DPO reference syncing (sync_ref_model) is not implemented",
     }
 
-    def __post_init__(self):
-        from fastalign.ops.preference import check_dpo_options
+    def dpo_loss_options(self) -> DPOLossOptions | None:
+        """The options of the DPO loss types (every type but ``sft``, which is the chosen rows' NLL), or ``None``
+        when ``sft`` is the only type."""
+        weights = self.loss_weights or [1.0] * len(self.loss_type)
+        types = [name for name in self.loss_type if name != "sft"]
+        if not types:
+            return None
+        dpo_weights = [w for name, w in zip(self.loss_type, weights, strict=True) if name != "sft"]
+        return DPOLossOptions(self.beta, types, self.label_smoothing, self.discopop_tau, dpo_weights)
 
+    @property
+    def sft_weight(self) -> float | None:
+        """The summed weight of the ``sft`` loss type, ``None`` without it."""
+        if "sft" not in self.loss_type:
+            return None
+        weights = self.loss_weights or [1.0] * len(self.loss_type)
+        return sum(w for name, w in zip(self.loss_type, weights, strict=True) if name == "sft")
+
+    def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         self.loss_type = list(self.loss_type)
@@ -336,14 +343,10 @@ class DPOConfig(FastalignTrainingConfig):
                     f"{name}={getattr(self, name)!r}: fastalign's DPOTrainer does not implement {what}; leave "
                     f"{name} at its default"
                 )
-        dpo_types = [name for name in self.loss_type if name != "sft"]
-        weights = self.loss_weights or [1.0] * len(self.loss_type)
-        dpo_weights = [w for name, w in zip(self.loss_type, weights, strict=True) if name != "sft"]
-        if dpo_types:  # validates the names, beta, discopop_tau and label_smoothing's range per type
-            check_dpo_options(dpo_types, self.beta, self.label_smoothing, self.discopop_tau, dpo_weights)
-        elif not self.loss_type:
+        if not self.loss_type:
             raise ValueError("loss_type must name at least one loss")
-        elif self.label_smoothing != 0:
+        # Building the DPO types' options checks their names, beta, discopop_tau and label_smoothing per type.
+        if self.dpo_loss_options() is None and self.label_smoothing != 0:  # sft alone
             raise ValueError(f"label_smoothing={self.label_smoothing} would be ignored by loss_type {self.loss_type}")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be at least 1 or None, got {self.max_length}")
@@ -424,16 +427,27 @@ class GRPOConfig(FastalignTrainingConfig):
 
     _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = _ONLINE_UNHONOURED
 
+    def policy_loss_options(self) -> PolicyLossOptions:
+        """The options of the policy loss (``epsilon`` / ``epsilon_high`` are its clip range, ``beta`` the k3 KL's
+        coefficient)."""
+        return PolicyLossOptions(
+            clip_eps_low=self.epsilon,
+            clip_eps_high=self.epsilon_high,
+            kl_coef=self.beta,
+            kl_estimator="k3",
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            entropy_coef=self.entropy_coef,
+            max_completion_length=self.max_completion_length,
+        )
+
     def __post_init__(self):
         super().__post_init__()
         for name in ("beta", "epsilon", "entropy_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(name, getattr(self, name), at_least=0)
         if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
             raise ValueError(f"num_completions_to_print must be None or >= 1, got {self.num_completions_to_print}")
-        if self.epsilon_high is not None and not self.epsilon_high >= 0:
-            raise ValueError(f"epsilon_high must be None or a number >= 0, got {self.epsilon_high!r}")
+        check_number("epsilon_high", self.epsilon_high, at_least=0, finite=False, optional=True)
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
         if self.steps_per_generation is None:
@@ -450,11 +464,18 @@ class GRPOConfig(FastalignTrainingConfig):
                 f"the generation batch ({self.generation_batch_size} completions) must be a multiple of "
                 f"num_generations ({self.num_generations}): whole groups only"
             )
-        for name, allowed in (("importance_sampling_level", ("token", "sequence")),
-                              ("scale_rewards", ("group", "batch", "none")),
-                              ("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo"))):  # fmt: skip
+        choices = {
+            "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+            "scale_rewards": GROUP_SCALES,
+            "loss_type": tuple(LOSS_TYPES),
+        }
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        try:
+            self.policy_loss_options()
+        except ValueError as error:
+            raise ValueError(f"{error} (GRPOConfig's {_GRPO_LOSS_NAMES})") from None
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.eval_strategy != "no" and self.per_device_eval_batch_size % self.num_generations:
@@ -463,6 +484,9 @@ class GRPOConfig(FastalignTrainingConfig):
                 f"num_generations ({self.num_generations}) when evaluating: whole groups only"
             )
 
+
+# How GRPOConfig's fields are named in PolicyLossOptions, for the messages of its checks.
+_GRPO_LOSS_NAMES = "epsilon is clip_eps_low, epsilon_high clip_eps_high, beta kl_coef"
 
 PPO_OBJECTIVES = ("clip", "kl_penalty")
 
@@ -587,11 +611,9 @@ class PPOConfig(FastalignTrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_ppo_epochs", "num_mini_batches", "num_generations", "response_length",
-                     "local_rollout_forward_batch_size"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        counts = ("num_ppo_epochs", "num_mini_batches", "num_generations", "response_length")
+        for name in (*counts, "local_rollout_forward_batch_size"):
+            check_number(name, getattr(self, name), integer=True, at_least=1)
         if self.rollout_batch_size % self.num_generations:
             raise ValueError(
                 f"the rollout batch ({self.rollout_batch_size} completions = per_device_train_batch_size × "
@@ -605,16 +627,12 @@ class PPOConfig(FastalignTrainingConfig):
                 raise ValueError(f"{name} must be 'k1' or 'k3', got {getattr(self, name)!r}")
         if self.stop_token not in (None, "eos"):
             raise ValueError(f"stop_token must be None or 'eos', got {self.stop_token!r}")
-        if not 0 <= self.cliprange < 1:
-            raise ValueError(f"cliprange must be in [0, 1), got {self.cliprange}")
+        check_number("cliprange", self.cliprange, at_least=0, below=1)
         for name in ("vf_coef", "cliprange_value", "kl_coef", "kl_penalty_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_number(name, getattr(self, name), at_least=0)
         for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+            check_number(name, getattr(self, name), at_least=0, at_most=1, finite=False)
+        check_number("target_kl", self.target_kl, above=0, optional=True)
         if self.total_episodes is not None and self.max_steps <= 0:
             rollouts = -(-self.total_episodes // self.rollout_batch_size)
             self.max_steps = rollouts * self.num_ppo_epochs * self.num_mini_batches

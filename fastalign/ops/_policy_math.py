@@ -1,0 +1,467 @@
+"""The PPO / GRPO policy-loss math that the public op (:mod:`fastalign.ops.policy`), the kernels' host side
+(:mod:`fastalign.ops._policy_kernels`) and the fused-linear module (:class:`fastalign.nn.LinearPolicyLoss`)
+share: the options bundle and its names, the argument checks, the per-token terms in torch, the aggregation
+weights, and the per-row sums ``stats[STAT_ROWS, B]`` that every path reduces into the same metrics.
+
+Semantics follow TRL's GRPOTrainer and verl's ``core_algos`` (which agree on everything here unless a docstring
+says which one is followed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from fastalign.ops._checks import check_number
+from fastalign.ops._options import renamed_keywords
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# TRL's loss_type names for the same aggregations (dapo: token-mean over num_items_in_batch).
+LOSS_TYPES = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "dapo": "token-mean",
+}
+KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# Log-ratios are clamped like verl's, so exp() stays finite and no 0 * inf reaches a gradient.
+LOG_RATIO_LIMIT = 20.0
+
+# Rows of the per-row sums stats[STAT_ROWS, B] over each row's kept tokens: the layout the Triton kernels
+# (fastalign/kernels/triton/policy_loss.py) and the CUDA kernels (csrc's policy::Stat) write, and that
+# policy_stats computes in torch.
+LOSS, COUNT, LOW_CLIP, HIGH_CLIP, DUAL_CLIP, RATIO, KL, ENTROPY = range(8)
+STAT_ROWS = 8
+
+
+def resolve_aggregation(loss_agg_mode: str, loss_type: str | None) -> str:
+    """``loss_type`` (TRL's name), when given, decides the aggregation; otherwise ``loss_agg_mode`` does."""
+    if loss_type is not None:
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)} or None, got {loss_type!r}")
+        return LOSS_TYPES[loss_type]
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    return loss_agg_mode
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """The options of :func:`fastalign.policy_loss` and :class:`fastalign.nn.LinearPolicyLoss`, checked when
+    built (a ``ValueError`` names the option).
+
+    * ``clip_eps_low`` / ``clip_eps_high``: the ratio is clipped to ``[1 − clip_eps_low, 1 + clip_eps_high]``
+      (``clip_eps_high=None``: ``clip_eps_low``; DAPO's clip-higher uses 0.28); ``clip_eps_low`` in ``[0, 1)``.
+    * ``dual_clip``: ``None`` or ``c > 1``, the cap ``−A·c`` of a negative advantage's loss (verl's dual-clip PPO).
+    * ``kl_coef`` (``>= 0``) and ``kl_estimator`` (``"k1" | "k2" | "k3"``, or their aliases ``"kl"``, ``"mse"``,
+      ``"low_var_kl"``): the KL term to the reference policy.
+    * ``loss_agg_mode`` (``"token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" |
+      "seq-mean-token-sum-norm"``) or TRL's ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``), which wins
+      when given; ``max_completion_length``: the length ``seq-mean-token-sum-norm`` divides by (default ``T``).
+    * ``importance_sampling_level``: ``"token"``, or ``"sequence"`` (GSPO).
+    * ``entropy_coef``: weight of the entropy bonus.
+    """
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    loss_agg_mode: str = "token-mean"
+    loss_type: str | None = None
+    importance_sampling_level: str = "token"
+    entropy_coef: float = 0.0
+    max_completion_length: int | None = None
+
+    def __post_init__(self):
+        check_number("clip_eps_low", self.clip_eps_low, at_least=0)
+        if self.clip_eps_high is not None:
+            check_number("clip_eps_high", self.clip_eps_high, at_least=0)
+        if self.clip_eps_low >= 1:
+            raise ValueError(f"clip_eps_low must be < 1 (the lower clip is 1 - clip_eps_low), got {self.clip_eps_low}")
+        check_number("dual_clip", self.dual_clip, above=1, finite=False, optional=True)
+        check_number("kl_coef", self.kl_coef)
+        check_number("entropy_coef", self.entropy_coef)
+        if self.kl_coef < 0:
+            raise ValueError(
+                "kl_coef must be >= 0 (a negative coefficient rewards moving away from the reference), "
+                f"got {self.kl_coef}"
+            )
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                f"got {self.importance_sampling_level!r}"
+            )
+        resolve_aggregation(self.loss_agg_mode, self.loss_type)
+        check_number("max_completion_length", self.max_completion_length, integer=True, above=0, optional=True)
+
+    @property
+    def clip_low(self) -> float:
+        """The lower clip bound of the ratio, ``1 − clip_eps_low``."""
+        return 1.0 - float(self.clip_eps_low)
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip bound of the ratio, ``1 + clip_eps_high`` (``clip_eps_low`` when that is None)."""
+        return 1.0 + float(self.clip_eps_low if self.clip_eps_high is None else self.clip_eps_high)
+
+    @property
+    def aggregation(self) -> str:
+        """The ``loss_agg_mode`` that applies: ``loss_type``'s when given."""
+        return resolve_aggregation(self.loss_agg_mode, self.loss_type)
+
+    @property
+    def kl_kind(self) -> str:
+        """``"k1" | "k2" | "k3"``: the estimator, aliases resolved."""
+        return KL_ESTIMATORS[self.kl_estimator]
+
+    @property
+    def sequence_level(self) -> bool:
+        return self.importance_sampling_level == "sequence"
+
+
+def check_bt(name: str, value: object, shape: torch.Size | None = None, like: str = "logps") -> torch.Tensor:
+    """``value`` as a ``[B, T]`` tensor (of ``shape``, that of ``like``, when given)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if shape is None:
+        if value.dim() != 2:
+            raise ValueError(f"{name} must be [B, T], got shape {tuple(value.shape)}")
+    elif value.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} like {like}, got {tuple(value.shape)}")
+    return value
+
+
+def check_float(name: str, value: torch.Tensor) -> None:
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def _check_per_row_or_token(name: str, value: object, shape: torch.Size) -> torch.Tensor:
+    """``[B]`` (one value per sequence) or ``[B, T]`` (per token); returned as ``[B, 1]`` or ``[B, T]``."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_float(name, value)
+    if value.shape == shape[:1]:
+        return value.unsqueeze(-1)
+    if value.shape == shape:
+        return value
+    raise ValueError(f"{name} must be [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, got {tuple(value.shape)}")
+
+
+def check_aggregation_args(
+    mode: str, width: int, max_completion_length: int | None, num_items_in_batch: object
+) -> None:
+    """What an aggregation needs from the batch: a length for ``seq-mean-token-sum-norm`` when ``T = 0``, and a
+    ``num_items_in_batch`` that is a number ``> 0`` or a 1-element tensor."""
+    if mode == "seq-mean-token-sum-norm" and max_completion_length is None and width == 0:
+        raise ValueError(
+            "seq-mean-token-sum-norm (loss_type='dr_grpo') needs a length: pass max_completion_length "
+            "(the mask has no token dimension to default to)"
+        )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a 1-element tensor, got {num_items_in_batch.shape}"
+            )
+    else:
+        check_number("num_items_in_batch", num_items_in_batch, above=0, finite=False, optional=True)
+
+
+@dataclass(frozen=True)
+class PolicyArgs:
+    """Checked and normalised arguments of :func:`fastalign.policy_loss`: advantages and importance weights as
+    ``[B, 1]`` or ``[B, T]``, the other tensors ``[B, T]``, and the options."""
+
+    logps: torch.Tensor
+    old_logps: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logps: torch.Tensor | None
+    entropy: torch.Tensor | None
+    is_weights: torch.Tensor | None
+    num_items_in_batch: int | float | torch.Tensor | None
+    options: PolicyLossOptions
+
+
+def check_policy_args(
+    logps: object,
+    old_logps: object,
+    advantages: object,
+    mask: object,
+    *,
+    ref_logps: object,
+    entropy: object,
+    is_weights: object,
+    num_items_in_batch: object,
+    options: PolicyLossOptions,
+) -> PolicyArgs:
+    """Check the tensors against each other and against ``options`` (already checked on their own)."""
+    logps = check_bt("logps", logps)
+    check_float("logps", logps)
+    shape = logps.shape
+    old_logps = check_bt("old_logps", old_logps, shape)
+    mask = check_bt("mask", mask, shape)
+    advantages = _check_per_row_or_token("advantages", advantages, shape)
+    if ref_logps is not None:
+        ref_logps = check_bt("ref_logps", ref_logps, shape)
+    if entropy is not None:
+        entropy = check_bt("entropy", entropy, shape)
+    if is_weights is not None:
+        is_weights = _check_per_row_or_token("is_weights", is_weights, shape)
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("entropy", entropy)):
+        if tensor is not None:
+            check_float(name, tensor)
+    tensors = (logps, old_logps, mask, advantages, ref_logps, entropy, is_weights)
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if options.kl_coef != 0 and ref_logps is None:
+        raise ValueError("kl_coef is nonzero but ref_logps is None: the KL term needs the reference log-probs")
+    if options.entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy_coef is nonzero but entropy is None")
+    mode = options.aggregation
+    check_aggregation_args(mode, shape[1], options.max_completion_length, num_items_in_batch)
+    if num_items_in_batch is not None and mode != "token-mean":
+        raise ValueError(f"num_items_in_batch applies to token-mean aggregation only, not {mode!r}")
+    return PolicyArgs(logps, old_logps, advantages, mask, ref_logps, entropy, is_weights, num_items_in_batch, options)
+
+
+def row_weights(
+    counts: torch.Tensor,
+    mode: str,
+    *,
+    width: int,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B]`` weights such that ``loss = Σ_b weight_b · (row b's masked loss sum)``, from the rows' token counts.
+
+    * ``token-mean``: ``1 / Σ mask``, or ``1 / num_items_in_batch`` (the global token count across
+      gradient-accumulation steps and ranks) when given.
+    * ``seq-mean-token-mean``: ``1 / (B · n_b)``: the mean over the B rows of each row's token mean (TRL's
+      ``grpo``); a row with an empty mask contributes 0 and still counts in B, as in TRL.
+    * ``seq-mean-token-sum``: ``1 / B``: the mean over rows of each row's token sum.
+    * ``seq-mean-token-sum-norm``: ``1 / (B · max_completion_length)``, default ``T`` (TRL's ``dr_grpo``).
+    """
+    n_rows = max(counts.shape[0], 1)
+    if mode == "token-mean":
+        total = num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp_min(1)
+        return torch.ones_like(counts) / total
+    if mode == "seq-mean-token-mean":
+        return 1.0 / (n_rows * counts.clamp_min(1))
+    if mode == "seq-mean-token-sum":
+        return torch.full_like(counts, 1.0 / n_rows)
+    length = max_completion_length if max_completion_length is not None else width
+    return torch.full_like(counts, 1.0 / (n_rows * length))
+
+
+def args_row_weights(a: PolicyArgs, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`row_weights` of the arguments' aggregation, from the rows' token counts ``[B]``."""
+    return row_weights(
+        counts,
+        a.options.aggregation,
+        width=a.mask.shape[1],
+        max_completion_length=a.options.max_completion_length,
+        num_items_in_batch=a.num_items_in_batch,
+    )
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a ``[B, T]`` (or ``[B, 1]``, broadcast) per-token loss over the tokens where ``mask`` is set, with
+    the weights of :func:`row_weights`."""
+    keep = mask != 0
+    row_sums = torch.where(keep, per_token, 0.0).sum(-1)
+    counts = keep.sum(-1).to(row_sums.dtype)
+    options = {"max_completion_length": max_completion_length, "num_items_in_batch": num_items_in_batch}
+    return (row_sums * row_weights(counts, mode, width=mask.shape[-1], **options)).sum()
+
+
+@renamed_keywords(logp="logps", ref_logp="ref_logps")
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(π‖π_ref) estimate with ``r = ref_logps − logps`` (clamped to ±20 as in verl).
+
+    k1 = −r, k2 = r²/2, k3 = exp(r) − r − 1 (Schulman's low-variance estimator; verl's ``low_var_kl``).
+    """
+    r = (ref_logps - logps).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if estimator == "k1":
+        return -r
+    if estimator == "k2":
+        return 0.5 * r.square()
+    return torch.exp(r) - r - 1.0
+
+
+@dataclass(frozen=True)
+class PolicyTerms:
+    """Per-token pieces of the policy loss, ``[B, T]`` (``ratio``: ``[B, 1]`` at sequence level)."""
+
+    per_token: torch.Tensor
+    ratio: torch.Tensor
+    clipped_loss: torch.Tensor
+    kl: torch.Tensor | None
+
+
+def policy_terms(a: PolicyArgs) -> PolicyTerms:
+    """The per-token loss before aggregation; autograd flows into ``a.logps`` and ``a.entropy``."""
+    o = a.options
+    keep = a.mask != 0
+    log_ratio = torch.where(keep, a.logps - a.old_logps.detach(), 0.0)
+    if o.sequence_level:
+        log_ratio = log_ratio.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    advantages = a.advantages.detach()
+    clipped_loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(o.clip_low, o.clip_high))
+    per_token = clipped_loss
+    if o.dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.minimum(clipped_loss, -advantages * o.dual_clip), clipped_loss)
+    if a.is_weights is not None:
+        per_token = per_token * a.is_weights.detach()
+    kl = None
+    if a.ref_logps is not None:
+        kl = kl_estimate(a.logps, a.ref_logps.detach(), o.kl_kind)
+        if o.kl_coef != 0:
+            per_token = per_token + o.kl_coef * kl
+    if a.entropy is not None and o.entropy_coef != 0:
+        per_token = per_token - o.entropy_coef * a.entropy
+    return PolicyTerms(per_token, ratio, clipped_loss, kl)
+
+
+@torch.no_grad()
+def policy_stats(a: PolicyArgs, terms: PolicyTerms, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``[STAT_ROWS, ...]``: ``reduce`` of each per-token value the kernels sum per row (the masked loss, the
+    mask, the clip flags, ratio, KL, entropy; 0 off the mask and for absent terms), in the loss's dtype.
+
+    ``reduce=_row_sums`` gives the kernels' ``stats[STAT_ROWS, B]``.
+    """
+    o, keep, dtype = a.options, a.mask != 0, terms.per_token.dtype
+    advantages, ratio = a.advantages, terms.ratio
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    rows = [None] * STAT_ROWS
+    rows[LOSS] = terms.per_token
+    rows[COUNT] = keep
+    rows[LOW_CLIP] = (ratio < o.clip_low) & (advantages < 0)
+    rows[HIGH_CLIP] = (ratio > o.clip_high) & (advantages > 0)
+    if o.dual_clip is not None:
+        rows[DUAL_CLIP] = (advantages < 0) & (terms.clipped_loss > -advantages * o.dual_clip)
+    rows[RATIO] = ratio
+    rows[KL] = terms.kl
+    rows[ENTROPY] = a.entropy
+    return torch.stack([reduce(torch.where(keep, zero if x is None else x.to(dtype), zero)) for x in rows])
+
+
+def _row_sums(values: torch.Tensor) -> torch.Tensor:
+    return values.sum(-1)
+
+
+def _token_values(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1)
+
+
+def policy_metrics(a: PolicyArgs, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metrics of :func:`fastalign.policy_loss` from the per-row sums ``stats[STAT_ROWS, B]``: token means
+    over the mask, as detached scalar tensors (no host sync)."""
+    tokens = stats[COUNT].sum().clamp_min(1)
+    rows = {"clip_frac_low": LOW_CLIP, "clip_frac_high": HIGH_CLIP, "clip_frac_dual": DUAL_CLIP, "ratio_mean": RATIO}
+    if a.ref_logps is not None:
+        rows["kl_mean"] = KL
+    if a.entropy is not None:
+        rows["entropy_mean"] = ENTROPY
+    return {name: stats[row].sum() / tokens for name, row in rows.items()}
+
+
+def policy_loss_torch(a: PolicyArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Composed torch ops; autograd provides the gradient into ``logps`` and ``entropy``."""
+    terms = policy_terms(a)
+    o = a.options
+    loss = aggregate(
+        terms.per_token,
+        a.mask,
+        o.aggregation,
+        max_completion_length=o.max_completion_length,
+        num_items_in_batch=a.num_items_in_batch,
+    )
+    return loss, policy_metrics(a, policy_stats(a, terms, _row_sums))
+
+
+class PolicyChunks:
+    """The policy loss of the arguments ``a`` over chunks of tokens (for
+    :func:`fastalign.ops.fused_linear.fused_linear_loss`), summing the kernels' per-row stats as it goes.
+
+    ``a`` holds everything but the log-probs and the entropy (placeholders shaped ``[B, T]``), which each chunk
+    brings. At token level any set of tokens makes a chunk; at sequence level a chunk must cover whole rows, in
+    order (the sequence ratio needs all of a row's tokens): :attr:`units` are those rows.
+    """
+
+    def __init__(self, a: PolicyArgs):
+        self.a = a
+        counts = (a.mask != 0).sum(-1).to(torch.float32)
+        self.weights = args_row_weights(a, counts)
+        self.stats: torch.Tensor | None = None
+
+    @property
+    def units(self) -> Sequence[torch.Tensor] | None:
+        """Token indices (into the flattened ``[B, T]``) of each row at sequence level, else ``None``."""
+        if not self.a.options.sequence_level:
+            return None
+        rows, width = self.a.mask.shape
+        device = self.a.mask.device
+        return [torch.arange(b * width, (b + 1) * width, device=device) for b in range(rows)]
+
+    def loss(self, index: torch.Tensor, logps: torch.Tensor, entropy: torch.Tensor | None) -> torch.Tensor:
+        """The part of the aggregated loss that falls on the tokens ``index`` (into the flattened ``[B, T]``),
+        whose log-probs and entropy are ``logps`` / ``entropy`` ``[n]`` (differentiable)."""
+        a = self.a
+        width = a.mask.shape[1]
+
+        def pick(tensor: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if cols is None:
+                return tensor[rows]
+            return tensor[rows, cols if tensor.shape[1] == width else 0].unsqueeze(0)
+
+        if a.options.sequence_level:
+            rows, cols = index.view(-1, width)[:, 0] // width, None
+            logps, entropy = logps.view(-1, width), None if entropy is None else entropy.view(-1, width)
+            token_weights = self.weights[rows].unsqueeze(-1)
+            reduce = _row_sums
+        else:
+            rows, cols = index // width, index % width
+            logps, entropy = logps.unsqueeze(0), None if entropy is None else entropy.unsqueeze(0)
+            token_weights = self.weights[rows].unsqueeze(0)
+            reduce = _token_values  # each added to its row below
+        sub = replace(
+            a,
+            logps=logps,
+            entropy=entropy,
+            old_logps=pick(a.old_logps, rows, cols),
+            mask=pick(a.mask, rows, cols),
+            advantages=pick(a.advantages, rows, cols),
+            ref_logps=pick(a.ref_logps, rows, cols),
+            is_weights=pick(a.is_weights, rows, cols),
+        )
+        terms = policy_terms(sub)
+        stats = policy_stats(sub, terms, reduce)
+        if self.stats is None:
+            self.stats = stats.new_zeros(STAT_ROWS, a.mask.shape[0])
+        self.stats.index_add_(1, rows, stats)
+        return (torch.where(sub.mask != 0, terms.per_token, 0.0) * token_weights).sum()
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """:func:`policy_metrics` of the chunks seen so far (all of them, once the fused loss has run)."""
+        stats = self.stats
+        if stats is None:  # no chunk: no tokens
+            stats = torch.zeros(STAT_ROWS, self.a.mask.shape[0], device=self.a.mask.device)
+        return policy_metrics(self.a, stats)
