@@ -1,0 +1,391 @@
+"""Triton kernels of the fused linear distillation loss: tiles of both heads' logits, ``h_s W_s^T`` and ``h_t
+W_t^T``, computed in the kernel (a ``tl.dot`` over each head's width per tile) and never stored.
+
+* ``distill_stats_kernel``: grid ``(token blocks, vocabulary splits)``; each program walks its split tile by tile
+  and keeps both heads' online log-sum-exp, plus the KL modes' gap ``Σ e^(z_t − m_t)(z_t − z_s)`` (forward KL) or
+  ``Σ e^(z_s − m_s)(z_s − z_t)`` (reverse KL), writing per-split partials that the host merges.
+* ``distill_mixture_kernel``: the mixture's second sweep, with both log-sum-exps known: per split, ``Σ p_s (log p_s
+  − log m)`` and ``Σ p_t (log p_t − log m)`` for ``m = (1 − β) p_s + β p_t``.
+* ``distill_grad_kernel``: recomputes the tiles of one vocabulary slab and writes the gradient with respect to the
+  student's raw logits, for the slab's two matmuls (``d_hidden += G W_s``, ``d_weight = Gᵀ h_s``).
+
+Kernels do no argument checking and no autograd: ``fastalign.ops._distill_triton`` owns both.
+"""
+
+import triton
+import triton.language as tl
+
+from fastalign.kernels.triton.linear_stats import _dot_tiles, _tile_configs, configs_for
+from fastalign.kernels.triton.softmax_tile import autotune_configs
+
+# Tiles ``(rows, columns, inner, warps, stages)`` per precision and architecture, as in linear_stats.py. Two fp32
+# logit tiles are live at once (the student's and the teacher's), so the tiles hold half the elements of the
+# single-head kernels' to stay clear of spills; every one was compiled for its target by bench.aot.
+_TILES = {
+    ("half", 9): [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
+    ("half", 8): [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 32, 8, 4)],
+    ("tf32", 9): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
+    ("tf32", 8): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 128, 16, 8, 4)],
+    ("ieee", 9): [(64, 64, 16, 8, 2), (32, 128, 16, 8, 2), (32, 64, 16, 4, 2), (64, 64, 8, 4, 2)],
+    ("ieee", 8): [(64, 64, 16, 8, 2), (32, 128, 16, 8, 2), (32, 64, 16, 4, 2), (64, 64, 8, 4, 2)],
+}
+_KIND_CONFIGS = _tile_configs(_TILES, ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
+_CONFIGS = autotune_configs(
+    [config for configs in _KIND_CONFIGS.values() for config in configs],
+    triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}),
+)
+_KEY = ["DS", "DT", "V", "MODE", "DOT_PRECISION"]
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    return configs_for(_KIND_CONFIGS, named_args["student_hidden_ptr"], kwargs["DOT_PRECISION"])
+
+
+_PRUNE = {"early_config_prune": _prune_tiles}
+
+
+@triton.jit
+def _head_tiles(
+    student_hidden_ptr,
+    student_weight_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    DS,
+    DT,
+    stride_shn,
+    stride_shd,
+    stride_swv,
+    stride_swd,
+    stride_thn,
+    stride_thd,
+    stride_twv,
+    stride_twd,
+    inv_temperature,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The student's and the teacher's tempered float32 logits of one ``[BLOCK_N, BLOCK_V]`` tile (masked rows
+    and columns read zeros)."""
+    s_rows = student_hidden_ptr + rows.to(tl.int64) * stride_shn
+    s_cols = student_weight_ptr + cols.to(tl.int64) * stride_swv
+    zs = _dot_tiles(s_rows, s_cols, row_mask, col_mask, DS, stride_shd, stride_swd, UPCAST, DOT_PRECISION, BLOCK_D)
+    t_rows = teacher_hidden_ptr + rows.to(tl.int64) * stride_thn
+    t_cols = teacher_weight_ptr + cols.to(tl.int64) * stride_twv
+    zt = _dot_tiles(t_rows, t_cols, row_mask, col_mask, DT, stride_thd, stride_twd, UPCAST, DOT_PRECISION, BLOCK_D)
+    return zs * inv_temperature, zt * inv_temperature
+
+
+@triton.jit
+def _log_probs(zs, zt, s_max, s_log_sum, t_max, t_log_sum):
+    """``(z − m) − log Σ e^(z − m)`` of both heads: no rounding at the logits' magnitude."""
+    log_ps = (zs - s_max[:, None]) - s_log_sum[:, None]
+    log_pt = (zt - t_max[:, None]) - t_log_sum[:, None]
+    return log_ps, log_pt
+
+
+@triton.jit
+def _log_mixture(log_ps, log_pt, log_student_weight, log_teacher_weight):
+    """``log((1 − β) p_s + β p_t)`` as a log-add-exp."""
+    a = log_ps + log_student_weight
+    b = log_pt + log_teacher_weight
+    top = tl.maximum(a, b)
+    return top + tl.log(1.0 + tl.exp(-tl.abs(a - b)))
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_mask):
+    return tl.load(ptr + rows, mask=row_mask, other=0.0)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def distill_stats_kernel(
+    student_hidden_ptr,
+    student_weight_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    s_max_ptr,
+    s_sum_ptr,
+    t_max_ptr,
+    t_sum_ptr,
+    gap_ptr,
+    N,
+    V,
+    DS,
+    DT,
+    cols_per_split,
+    stride_shn,
+    stride_shd,
+    stride_swv,
+    stride_swd,
+    stride_thn,
+    stride_thd,
+    stride_twv,
+    stride_twd,
+    inv_temperature,
+    MODE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Partials of split ``program_id(1)``, each ``[splits, N]`` float32: both heads' maximum and ``Σ e^(z − m)``
+    around it, and (``MODE`` 0 / 1) the gap, weighted like the teacher's / the student's sum."""
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    col_start = pid_split * cols_per_split
+    col_stop = tl.minimum(V, col_start + cols_per_split)
+
+    s_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    t_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v_start in range(col_start, col_stop, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < col_stop
+        zs, zt = _head_tiles(
+            student_hidden_ptr,
+            student_weight_ptr,
+            teacher_hidden_ptr,
+            teacher_weight_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DS,
+            DT,
+            stride_shn,
+            stride_shd,
+            stride_swv,
+            stride_swd,
+            stride_thn,
+            stride_thd,
+            stride_twv,
+            stride_twd,
+            inv_temperature,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_D,
+        )
+        # Every tile has a column in range and finite logits, so the maxima are finite after the first tile and
+        # the first rescale is exp(-inf) = 0.
+        new_s_max = tl.maximum(s_max, tl.max(tl.where(col_mask[None, :], zs, float("-inf")), 1))
+        s_rescale = tl.exp(s_max - new_s_max)
+        s_exps = tl.where(col_mask[None, :], tl.exp(zs - new_s_max[:, None]), 0.0)
+        s_sum = s_sum * s_rescale + tl.sum(s_exps, 1)
+        s_max = new_s_max
+        new_t_max = tl.maximum(t_max, tl.max(tl.where(col_mask[None, :], zt, float("-inf")), 1))
+        t_rescale = tl.exp(t_max - new_t_max)
+        t_exps = tl.where(col_mask[None, :], tl.exp(zt - new_t_max[:, None]), 0.0)
+        t_sum = t_sum * t_rescale + tl.sum(t_exps, 1)
+        t_max = new_t_max
+        if MODE == 0:
+            gap = gap * t_rescale + tl.sum(t_exps * (zt - zs), 1)
+        elif MODE == 1:
+            gap = gap * s_rescale + tl.sum(s_exps * (zs - zt), 1)
+
+    out = pid_split * N + rows
+    tl.store(s_max_ptr + out, s_max, mask=row_mask)
+    tl.store(s_sum_ptr + out, s_sum, mask=row_mask)
+    tl.store(t_max_ptr + out, t_max, mask=row_mask)
+    tl.store(t_sum_ptr + out, t_sum, mask=row_mask)
+    if MODE != 2:
+        tl.store(gap_ptr + out, gap, mask=row_mask)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def distill_mixture_kernel(
+    student_hidden_ptr,
+    student_weight_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    s_max_ptr,
+    s_log_sum_ptr,
+    t_max_ptr,
+    t_log_sum_ptr,
+    kl_student_ptr,
+    kl_teacher_ptr,
+    N,
+    V,
+    DS,
+    DT,
+    cols_per_split,
+    stride_shn,
+    stride_shd,
+    stride_swv,
+    stride_swd,
+    stride_thn,
+    stride_thd,
+    stride_twv,
+    stride_twd,
+    inv_temperature,
+    log_student_weight,
+    log_teacher_weight,
+    MODE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per split ``[splits, N]`` float32: ``Σ p_s (log p_s − log m)`` and ``Σ p_t (log p_t − log m)`` over its
+    columns, from the rows' merged ``[N]`` statistics (``MODE`` is 2; it keys the autotuner like the others)."""
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    col_start = pid_split * cols_per_split
+    col_stop = tl.minimum(V, col_start + cols_per_split)
+    s_max = _load_rows(s_max_ptr, rows, row_mask)
+    s_log_sum = _load_rows(s_log_sum_ptr, rows, row_mask)
+    t_max = _load_rows(t_max_ptr, rows, row_mask)
+    t_log_sum = _load_rows(t_log_sum_ptr, rows, row_mask)
+
+    kl_student = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl_teacher = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v_start in range(col_start, col_stop, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < col_stop
+        zs, zt = _head_tiles(
+            student_hidden_ptr,
+            student_weight_ptr,
+            teacher_hidden_ptr,
+            teacher_weight_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DS,
+            DT,
+            stride_shn,
+            stride_shd,
+            stride_swv,
+            stride_swd,
+            stride_thn,
+            stride_thd,
+            stride_twv,
+            stride_twd,
+            inv_temperature,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_D,
+        )
+        log_ps, log_pt = _log_probs(zs, zt, s_max, s_log_sum, t_max, t_log_sum)
+        log_m = _log_mixture(log_ps, log_pt, log_student_weight, log_teacher_weight)
+        ps = tl.where(col_mask[None, :], tl.exp(log_ps), 0.0)
+        pt = tl.where(col_mask[None, :], tl.exp(log_pt), 0.0)
+        kl_student += tl.sum(ps * (log_ps - log_m), 1)
+        kl_teacher += tl.sum(pt * (log_pt - log_m), 1)
+
+    out = pid_split * N + rows
+    tl.store(kl_student_ptr + out, kl_student, mask=row_mask)
+    tl.store(kl_teacher_ptr + out, kl_teacher, mask=row_mask)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def distill_grad_kernel(
+    student_hidden_ptr,
+    student_weight_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    s_max_ptr,
+    s_log_sum_ptr,
+    t_max_ptr,
+    t_log_sum_ptr,
+    aux_ptr,
+    coef_ptr,
+    grad_ptr,
+    N,
+    V,
+    DS,
+    DT,
+    col_offset,
+    slab_cols,
+    stride_shn,
+    stride_shd,
+    stride_swv,
+    stride_swd,
+    stride_thn,
+    stride_thd,
+    stride_twv,
+    stride_twd,
+    stride_gn,
+    inv_temperature,
+    log_student_weight,
+    log_teacher_weight,
+    MODE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``grad[N, slab_cols]`` (the student's dtype) = d loss / d raw student logits of columns ``[col_offset,
+    col_offset + slab_cols)``: ``coef · (p_s − p_t)`` (``MODE`` 0), ``coef · p_s (log p_s − log p_t − aux)`` (1),
+    ``coef · p_s (log p_s − log m − aux)`` (2); ``coef [N]`` folds the upstream gradient, ``1 / T`` and, for the
+    mixture, ``1 − β``."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col_offset + local_cols
+    col_mask = (local_cols < slab_cols) & (cols < V)
+    zs, zt = _head_tiles(
+        student_hidden_ptr,
+        student_weight_ptr,
+        teacher_hidden_ptr,
+        teacher_weight_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        DS,
+        DT,
+        stride_shn,
+        stride_shd,
+        stride_swv,
+        stride_swd,
+        stride_thn,
+        stride_thd,
+        stride_twv,
+        stride_twd,
+        inv_temperature,
+        UPCAST,
+        DOT_PRECISION,
+        BLOCK_D,
+    )
+    log_ps, log_pt = _log_probs(
+        zs,
+        zt,
+        _load_rows(s_max_ptr, rows, row_mask),
+        _load_rows(s_log_sum_ptr, rows, row_mask),
+        _load_rows(t_max_ptr, rows, row_mask),
+        _load_rows(t_log_sum_ptr, rows, row_mask),
+    )
+    ps = tl.exp(log_ps)
+    if MODE == 0:
+        grad = ps - tl.exp(log_pt)
+    elif MODE == 1:
+        grad = ps * (log_ps - log_pt - _load_rows(aux_ptr, rows, row_mask)[:, None])
+    else:
+        log_m = _log_mixture(log_ps, log_pt, log_student_weight, log_teacher_weight)
+        grad = ps * (log_ps - log_m - _load_rows(aux_ptr, rows, row_mask)[:, None])
+    grad = grad * _load_rows(coef_ptr, rows, row_mask)[:, None]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(
+        grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + local_cols[None, :],
+        grad.to(grad_ptr.dtype.element_ty),
+        mask=mask,
+    )
