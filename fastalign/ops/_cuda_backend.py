@@ -12,7 +12,7 @@ import torch
 
 from fastalign.ops import _cuda_ext
 from fastalign.ops._cuda_ext import ptr
-from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats, empty_stats
+from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats, empty_stats, row_major
 
 
 def _transform_args(opts: StatsOptions) -> tuple[float, float, bool]:
@@ -24,18 +24,13 @@ def logits_forward(logits: torch.Tensor, targets: torch.Tensor, opts: StatsOptio
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return empty_stats(logits, opts)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    stats = torch.empty(5, n_rows, dtype=torch.float32, device=logits.device)
-    entropy = stats[3] if opts.need_entropy else None
-    sum_logits = stats[4] if opts.need_sum else None
+    logits = row_major(logits)
+    _, out = opts.stats_buffer(logits)
+    source = (ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets))
+    outputs = (ptr(out.max_logit), ptr(out.log_sum), ptr(out.target_logp), ptr(out.entropy), ptr(out.sum_logits))
     with _cuda_ext.launch_stream(logits) as stream:
-        _cuda_ext.extension().logprobs_forward(
-            ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets),
-            *_transform_args(opts), ptr(stats[0]), ptr(stats[1]), ptr(stats[2]), ptr(entropy), ptr(sum_logits),
-            stream,
-        )  # fmt: skip
-    return TokenStats(stats[0], stats[1], stats[2], entropy, sum_logits)
+        _cuda_ext.extension().logprobs_forward(*source, *_transform_args(opts), *outputs, stream)
+    return out
 
 
 def logits_backward(
@@ -48,18 +43,18 @@ def logits_backward(
 ) -> torch.Tensor:
     """``d_logits [N, V]`` in the logits' dtype (written into ``logits`` itself with ``grad_into_logits``)."""
     n_rows, n_cols = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    grad = logits if opts.grad_into_logits else torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
+    logits = row_major(logits)
+    grad = opts.grad_buffer(logits)
     if n_rows == 0:
         return grad
+    # Held here until the launch: the kernel reads them through raw pointers.
     alpha, beta, gamma, kappa = (None if c is None else c.to(torch.float32) for c in coeffs)
+    source = (ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets))
+    statistics = (ptr(max_logit), ptr(log_sum), ptr(alpha), ptr(beta), ptr(gamma), ptr(kappa))
     with _cuda_ext.launch_stream(logits) as stream:
         _cuda_ext.extension().logprobs_backward(
-            ptr(logits), _cuda_ext.dtype_code(logits.dtype), n_rows, n_cols, logits.stride(0), ptr(targets),
-            ptr(max_logit), ptr(log_sum), ptr(alpha), ptr(beta), ptr(gamma), ptr(kappa), *_transform_args(opts),
-            ptr(grad), grad.stride(0), stream,
-        )  # fmt: skip
+            *source, *statistics, *_transform_args(opts), ptr(grad), grad.stride(0), stream
+        )
     if opts.grad_into_logits:
         # The kernel wrote through a raw pointer; tell autograd the logits changed so misuse is caught.
         torch.autograd.graph.increment_version(grad)

@@ -10,7 +10,7 @@ import torch
 # Mask dtypes the Triton kernels load and test with ``!= 0`` exactly as torch does: in the interpreter, and in the
 # sm_80 / sm_90 code, where a float's bits are compared with the sign masked off (-0.0 drops a token, NaN and a
 # float64 1e-300 keep it; no flush to zero). Triton has no complex dtype, the kernels do not compile for float8
-# masks, and the interpreter misreads bfloat16 and float8 comparisons.
+# masks, and the interpreter misreads bfloat16 and float8 comparisons. (A table of dtypes, kept compact.)
 TRITON_MASK_DTYPES = frozenset(
     (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
      torch.uint64, torch.float16, torch.float32, torch.float64)

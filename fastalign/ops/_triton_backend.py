@@ -16,7 +16,7 @@ import torch
 from fastalign.kernels.triton import linear_stats as linear_kernels
 from fastalign.kernels.triton import logits_stats as logits_kernels
 from fastalign.kernels.triton.softmax_tile import INTERPRETING
-from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats, empty_stats
+from fastalign.ops.stats import GradCoefficients, StatsOptions, TokenStats, empty_stats, row_major
 
 # Vocabulary splits are multiples of the widest vocabulary tile in the autotune configs.
 _SPLIT_ALIGN = 256
@@ -32,6 +32,29 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """The matmul kernels' compile-time flags for inputs of ``dtype``."""
+    return {"UPCAST": INTERPRETING, "DOT_PRECISION": _dot_precision(dtype)}
+
+
+def _transform(opts: StatsOptions) -> tuple[float, float]:
+    """The logit transform as the kernels take it: the softcap (1.0 when off, then unread) and 1 / temperature."""
+    return opts.softcap or 1.0, opts.inv_temperature
+
+
+def _coefficients(coeffs: GradCoefficients) -> tuple[torch.Tensor, ...]:
+    """``α, β, γ, κ`` as the gradient kernels take them: ``α`` in place of an absent one (its flag is off)."""
+    return tuple(coeffs.alpha if c is None else c for c in coeffs)
+
+
+def _coefficient_flags(coeffs: GradCoefficients) -> dict:
+    return {
+        "HAS_BETA": coeffs.beta is not None,
+        "HAS_GAMMA": coeffs.gamma is not None,
+        "HAS_KAPPA": coeffs.kappa is not None,
+    }
 
 
 def _vocab_splits(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
@@ -79,16 +102,18 @@ def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenSt
         return empty_stats(hidden, opts)
     splits, cols_per_split = _vocab_splits(n_rows, n_cols, hidden.device)
     partial = torch.empty(5, splits, n_rows, dtype=torch.float32, device=hidden.device)
+    inputs = (hidden, weight, weight if bias is None else bias, targets)
+    sizes = (n_rows, n_cols, width, cols_per_split)
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_SOFTCAP": opts.softcap is not None,
+        "NEED_ENTROPY": opts.need_entropy,
+        "NEED_SUM": opts.need_sum,
+    }
+    dot = _dot_flags(hidden.dtype)
     linear_kernels.linear_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
-        hidden, weight, weight if bias is None else bias, targets,
-        partial[0], partial[1], partial[2], partial[3], partial[4],
-        n_rows, n_cols, width, cols_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        opts.softcap or 1.0, opts.inv_temperature,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-        NEED_ENTROPY=opts.need_entropy, NEED_SUM=opts.need_sum,
-        UPCAST=INTERPRETING, DOT_PRECISION=_dot_precision(hidden.dtype),
-    )  # fmt: skip
+        *inputs, *partial, *sizes, *hidden.stride(), *weight.stride(), *_transform(opts), **flags, **dot
+    )
     return _merge_splits(partial, opts)
 
 
@@ -102,13 +127,12 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> N
     """``out (float32) += a @ b``."""
     rows, inner = a.shape
     width = b.shape[1]
-    linear_kernels.matmul_accumulate_kernel[
-        lambda meta: (_cdiv(rows, meta["BLOCK_M"]), _cdiv(width, meta["BLOCK_K"]))
-    ](
-        a, b, out, rows, inner, width,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        UPCAST=INTERPRETING, DOT_PRECISION=_dot_precision(a.dtype),
-    )  # fmt: skip
+    strides = (*a.stride(), *b.stride(), *out.stride())
+
+    def grid(meta):
+        return _cdiv(rows, meta["BLOCK_M"]), _cdiv(width, meta["BLOCK_K"])
+
+    linear_kernels.matmul_accumulate_kernel[grid](a, b, out, rows, inner, width, *strides, **_dot_flags(a.dtype))
 
 
 def linear_backward(
@@ -126,25 +150,25 @@ def linear_backward(
     if n_rows > 0:
         slab_cols = _slab_cols(n_rows, n_cols, hidden.element_size(), opts.scratch_bytes)
         slab = torch.empty(n_rows, slab_cols, dtype=hidden.dtype, device=device)
-        alpha = coeffs.alpha
+        inputs = (hidden, weight, weight if bias is None else bias, targets, max_logit, log_sum, *_coefficients(coeffs))
+        flags = {
+            "HAS_BIAS": bias is not None,
+            "HAS_SOFTCAP": opts.softcap is not None,
+            **_coefficient_flags(coeffs),
+            "HAS_BIAS_GRAD": need_bias,
+            **_dot_flags(hidden.dtype),
+        }
         for col_offset in range(0, n_cols, slab_cols):
             cols = min(slab_cols, n_cols - col_offset)
-            linear_kernels.linear_grad_logits_kernel[
-                lambda meta, cols=cols: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(cols, meta["BLOCK_V"]))
-            ](
-                hidden, weight, weight if bias is None else bias, targets, max_logit, log_sum,
-                alpha, alpha if coeffs.beta is None else coeffs.beta,
-                alpha if coeffs.gamma is None else coeffs.gamma,
-                alpha if coeffs.kappa is None else coeffs.kappa,
-                slab, grad_bias,
-                n_rows, n_cols, width, col_offset, cols,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), slab.stride(0),
-                opts.softcap or 1.0, opts.inv_temperature,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-                HAS_BETA=coeffs.beta is not None, HAS_GAMMA=coeffs.gamma is not None,
-                HAS_KAPPA=coeffs.kappa is not None, HAS_BIAS_GRAD=need_bias,
-                UPCAST=INTERPRETING, DOT_PRECISION=_dot_precision(hidden.dtype),
-            )  # fmt: skip
+
+            def grid(meta, cols=cols):
+                return _cdiv(n_rows, meta["BLOCK_N"]), _cdiv(cols, meta["BLOCK_V"])
+
+            sizes = (n_rows, n_cols, width, col_offset, cols)
+            strides = (*hidden.stride(), *weight.stride(), slab.stride(0))
+            linear_kernels.linear_grad_logits_kernel[grid](
+                *inputs, slab, grad_bias, *sizes, *strides, *_transform(opts), **flags
+            )
             grad_slab = slab[:, :cols]
             weight_slab = weight[col_offset : col_offset + cols]
             if need_hidden:
@@ -162,34 +186,25 @@ def logits_forward(logits, targets, opts: StatsOptions) -> TokenStats:
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return empty_stats(logits, opts)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    stats = torch.empty(5, n_rows, dtype=torch.float32, device=logits.device)
+    logits = row_major(logits)
+    stats, out = opts.stats_buffer(logits)
+    flags = {"HAS_SOFTCAP": opts.softcap is not None, "NEED_ENTROPY": opts.need_entropy, "NEED_SUM": opts.need_sum}
     logits_kernels.logits_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]),)](
-        logits, targets, stats[0], stats[1], stats[2], stats[3], stats[4],
-        n_rows, n_cols, logits.stride(0), opts.softcap or 1.0, opts.inv_temperature,
-        HAS_SOFTCAP=opts.softcap is not None, NEED_ENTROPY=opts.need_entropy, NEED_SUM=opts.need_sum,
-    )  # fmt: skip
-    return TokenStats(
-        stats[0], stats[1], stats[2], stats[3] if opts.need_entropy else None, stats[4] if opts.need_sum else None
+        logits, targets, *stats, n_rows, n_cols, logits.stride(0), *_transform(opts), **flags
     )
+    return out
 
 
 def _launch_logits_grad(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, grad, opts, config=None):
     """``logits_grad_kernel`` through its autotuner, or with ``config`` (a ``triton.Config``) as given."""
     n_rows, n_cols = logits.shape
     kernel = logits_kernels.logits_grad_kernel if config is None else logits_kernels.logits_grad_kernel.fn
-    alpha = coeffs.alpha
     fixed = {} if config is None else config.all_kwargs()
+    flags = {"HAS_SOFTCAP": opts.softcap is not None, **_coefficient_flags(coeffs), **fixed}
+    sizes = (n_rows, n_cols, logits.stride(0), grad.stride(0))
     kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(n_cols, meta["BLOCK_V"]))](
-        logits, targets, max_logit, log_sum, alpha,
-        alpha if coeffs.beta is None else coeffs.beta,
-        alpha if coeffs.gamma is None else coeffs.gamma,
-        alpha if coeffs.kappa is None else coeffs.kappa,
-        grad, n_rows, n_cols, logits.stride(0), grad.stride(0), opts.softcap or 1.0, opts.inv_temperature,
-        HAS_SOFTCAP=opts.softcap is not None, HAS_BETA=coeffs.beta is not None,
-        HAS_GAMMA=coeffs.gamma is not None, HAS_KAPPA=coeffs.kappa is not None, **fixed,
-    )  # fmt: skip
+        logits, targets, max_logit, log_sum, *_coefficients(coeffs), grad, *sizes, *_transform(opts), **flags
+    )
 
 
 # In-place gradient launches: the config per (V, dtype, device, variant), chosen as described in _in_place_config.
@@ -203,8 +218,13 @@ def _in_place_config(logits, targets, max_logit, log_sum, coeffs: GradCoefficien
     scratch budget holds, into a scratch gradient; the winner (also the out-of-place choice for the same key)
     then runs in place."""
     n_rows, n_cols = logits.shape
-    key = (n_cols, logits.dtype, logits.device, opts.softcap is not None,
-           *(c is not None for c in (coeffs.beta, coeffs.gamma, coeffs.kappa)))  # fmt: skip
+    key = (
+        n_cols,
+        logits.dtype,
+        logits.device,
+        opts.softcap is not None,
+        *(c is not None for c in (coeffs.beta, coeffs.gamma, coeffs.kappa)),
+    )
     config = _IN_PLACE_CONFIGS.get(key)
     if config is None:
         rows = max(1, min(n_rows, opts.scratch_bytes // (n_cols * logits.element_size())))
@@ -216,11 +236,9 @@ def _in_place_config(logits, targets, max_logit, log_sum, coeffs: GradCoefficien
 
 
 def logits_backward(logits, targets, max_logit, log_sum, coeffs: GradCoefficients, opts: StatsOptions) -> torch.Tensor:
-    n_rows, n_cols = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    # Each program reads its tile before writing it, so the gradient may overwrite the logits.
-    grad = logits if opts.grad_into_logits else torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
+    n_rows = logits.shape[0]
+    logits = row_major(logits)
+    grad = opts.grad_buffer(logits)  # each program reads its tile before writing it: may be the logits
     if n_rows == 0:
         return grad
     if opts.grad_into_logits:

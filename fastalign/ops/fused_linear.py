@@ -118,13 +118,16 @@ class _FusedLinearLoss(torch.autograd.Function):
         )
 
 
+@dataclass(frozen=True)
 class _Plan:
     """Everything a chunk needs: targets, options, backend, the loss, and how many tokens fit the budget."""
 
-    def __init__(self, prepared: PreparedTargets, opts: StatsOptions, backend: str, chunk_loss: ChunkLoss,
-                 chunks: list[torch.Tensor], max_tokens: int):  # fmt: skip
-        self.prepared, self.opts, self.backend, self.chunk_loss = prepared, opts, backend, chunk_loss
-        self.chunks, self.max_tokens = chunks, max_tokens
+    prepared: PreparedTargets
+    opts: StatsOptions
+    backend: str
+    chunk_loss: ChunkLoss
+    chunks: list[torch.Tensor]
+    max_tokens: int
 
     def _stats(self, index, lse, target_logp, entropy, sum_logits) -> ChunkStats:
         valid, out_of_range = self.prepared.valid[index], self.prepared.out_of_range[index]
@@ -224,10 +227,11 @@ def fused_linear_loss(
     """
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
     vocab_size = weight.shape[0]
+    transform = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
+    needs = {"need_entropy": need_entropy, "need_sum": need_sum}
     prepared, opts, chosen = _prepare(
-        targets, vocab_size, hidden, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        need_entropy=need_entropy, need_sum=need_sum, backend=backend, op="linear_stats",
-    )  # fmt: skip
+        targets, vocab_size, hidden, **transform, **needs, backend=backend, op="linear_stats"
+    )
     flat = hidden.reshape(-1, hidden.shape[-1])
     # The chunk's logits and their gradient, in the input dtype, share the scratch budget.
     max_tokens = max(1, opts.scratch_bytes // (2 * vocab_size * hidden.element_size()))

@@ -216,12 +216,12 @@ def linear_logprobs(
         >>> fastalign.linear_logprobs(hidden, weight, targets).shape
         torch.Size([2, 5])
     """
+    transform = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
+    parallel = {"process_group": process_group, "vocab_start": vocab_start}
+    needs = {"need_entropy": return_entropy, "need_sum": False, "backend": backend}
     (_, target_logp, entropy, _), prepared = linear_stats(
-        hidden, weight, bias, targets,
-        temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        need_entropy=return_entropy, need_sum=False, backend=backend,
-        process_group=process_group, vocab_start=vocab_start,
-    )  # fmt: skip
+        hidden, weight, bias, targets, **needs, **transform, **parallel
+    )
     return _logprob_outputs(target_logp, entropy, prepared, return_entropy)
 
 
@@ -259,11 +259,10 @@ def logprobs_from_logits(
     flat_logits = logits.reshape(-1, vocab_size)  # what the backends read and, in place, overwrite
     if inplace_backward:
         check_inplace_target("logits", flat_logits)
+    transform = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
+    needs = {"need_entropy": return_entropy, "need_sum": False, "grad_into_logits": inplace_backward}
     prepared, opts, backend = _prepare(
-        targets, vocab_size, logits,
-        temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-        need_entropy=return_entropy, need_sum=False, backend=backend, op="logits_stats",
-        grad_into_logits=inplace_backward,
-    )  # fmt: skip
+        targets, vocab_size, logits, **transform, **needs, backend=backend, op="logits_stats"
+    )
     _, target_logp, entropy, _ = LogitsStats.apply(flat_logits, prepared.safe, backend, opts)
     return _logprob_outputs(target_logp, entropy, prepared, return_entropy)

@@ -17,16 +17,11 @@ def transform_logits(logits: torch.Tensor, *, temperature: float = 1.0, softcap:
     return logits / temperature
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``targets`` (and entropy) under ``softmax(transform(logits))``; 0 at ``ignore_index``."""
+def logprobs_from_logits(logits, targets, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False):
+    """Log-prob of ``targets`` (and entropy) under ``softmax(transform(logits))``; 0 at ``ignore_index``.
+
+    ``logits [..., V]``, integer ``targets [...]``; returns ``logp`` (or ``(logp, entropy)``) shaped like
+    ``targets``, in the logits' dtype upcast to at least float32."""
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     scaled = transform_logits(logits.to(compute_dtype), temperature=temperature, softcap=softcap)
     log_probs = torch.log_softmax(scaled, dim=-1)
@@ -40,41 +35,25 @@ def logprobs_from_logits(
     return logp, torch.where(valid, entropy, 0.0)
 
 
-def linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`logprobs_from_logits` of ``hidden @ weight.T + bias``."""
-    return logprobs_from_logits(
-        F.linear(hidden, weight, bias),
-        targets,
-        temperature=temperature,
-        softcap=softcap,
-        ignore_index=ignore_index,
-        return_entropy=return_entropy,
-    )
+def linear_logprobs(hidden, weight, targets, *, bias=None, **options):
+    """:func:`logprobs_from_logits` of ``hidden [..., D] @ weight [V, D].T + bias [V]``, with its ``options``."""
+    return logprobs_from_logits(F.linear(hidden, weight, bias), targets, **options)
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
+    hidden,
+    weight,
+    targets,
     *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """``F.cross_entropy`` of the (softcapped) logits plus ``z_loss * logsumexp**2``; mean over kept tokens."""
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+):
+    """``F.cross_entropy`` of the (softcapped) logits ``hidden [..., D] @ weight [V, D].T + bias`` plus
+    ``z_loss * logsumexp**2`` per token; mean over kept tokens (``reduction="mean"``), their sum, or per token."""
     compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
     logits = transform_logits(F.linear(hidden, weight, bias).to(compute_dtype), softcap=softcap)
     logits = logits.reshape(-1, logits.shape[-1])

@@ -45,6 +45,20 @@ class StatsOptions:
     # LinearStats only: also return is_top1 (derived from the statistics every backend returns).
     need_top1: bool = False
 
+    def stats_buffer(self, logits: torch.Tensor) -> tuple[torch.Tensor, TokenStats]:
+        """float32 ``[5, N]`` for a logits kernel to write, and its rows as the ``TokenStats`` they become (max
+        logit, log-sum, target log-prob, entropy and logit sum; the last two ``None`` unless asked for)."""
+        stats = torch.empty(5, logits.shape[0], dtype=torch.float32, device=logits.device)
+        entropy, sum_logits = stats[3] if self.need_entropy else None, stats[4] if self.need_sum else None
+        return stats, TokenStats(stats[0], stats[1], stats[2], entropy, sum_logits)
+
+    def grad_buffer(self, logits: torch.Tensor) -> torch.Tensor:
+        """Where a logits kernel writes ``d_logits [N, V]``: the logits themselves with ``grad_into_logits``,
+        else a new tensor of their dtype."""
+        if self.grad_into_logits:
+            return logits
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
 
 class TokenStats(NamedTuple):
     """What a backend's forward returns, each ``[N]`` in the accumulation dtype.
@@ -64,6 +78,11 @@ def empty_stats(like: torch.Tensor, opts: StatsOptions) -> TokenStats:
     """The statistics of zero rows."""
     empty = torch.empty(0, dtype=accum_dtype(like.dtype), device=like.device)
     return TokenStats(empty, empty, empty, empty if opts.need_entropy else None, empty if opts.need_sum else None)
+
+
+def row_major(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [N, V]`` with a unit column stride, as the logits kernels read them (rows may be strided)."""
+    return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
 class GradCoefficients(NamedTuple):
