@@ -15,8 +15,10 @@ import triton.language as tl
 
 from fastalign.kernels.triton.softmax_tile import (
     autotune_configs,
-    load_rows_and_grad,
+    online_start,
     online_update,
+    tile_grad,
+    transform_grad,
     transform_logits,
 )
 
@@ -44,12 +46,12 @@ _MATMUL_TILES = {
 }
 
 
+def _tile_config(names: tuple[str, str, str], tile: tuple) -> triton.Config:
+    return triton.Config(dict(zip(names, tile[:3], strict=True)), num_warps=tile[3], num_stages=tile[4])
+
+
 def _tile_configs(tiles: dict, names: tuple[str, str, str]) -> dict:
-    return {
-        kind: [triton.Config(dict(zip(names, tile[:3], strict=True)), num_warps=tile[3], num_stages=tile[4])
-               for tile in kind_tiles]
-        for kind, kind_tiles in tiles.items()
-    }  # fmt: skip
+    return {kind: [_tile_config(names, tile) for tile in kind_tiles] for kind, kind_tiles in tiles.items()}
 
 
 _LOGIT_CONFIGS = _tile_configs(_LOGIT_TILES, ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
@@ -107,53 +109,32 @@ def _prune_matmul_tiles(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _linear_logits_tile(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    D,
-    stride_hn,
-    stride_hd,
-    stride_wv,
-    stride_wd,
-    softcap,
-    inv_temperature,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+def _dot_tiles(
+    a_rows,
+    b_cols,
+    a_mask,
+    b_mask,
+    K,
+    stride_ak,
+    stride_bk,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Transformed float32 logits of one ``[BLOCK_N, BLOCK_V]`` tile (masked rows/columns read zeros)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    row_offsets = rows.to(tl.int64) * stride_hn
-    col_offsets = cols.to(tl.int64) * stride_wv
-    for d_start in range(0, D, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        h = tl.load(
-            hidden_ptr + row_offsets[:, None] + offs_d[None, :] * stride_hd,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            weight_ptr + col_offsets[None, :] + offs_d[:, None] * stride_wd,
-            mask=col_mask[None, :] & d_mask[:, None],
-            other=0.0,
-        )
+    """``a[rows, :K] @ b[:K, cols]`` in float32, ``BLOCK_K`` of K at a time: ``a_rows`` [M] point at the rows of
+    ``a``, ``b_cols`` [N] at the columns of ``b`` (masked ones read zeros), ``stride_ak`` / ``stride_bk`` step
+    along K."""
+    acc = tl.zeros((a_rows.shape[0], b_cols.shape[0]), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_rows[:, None] + offs_k[None, :] * stride_ak, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_cols[None, :] + offs_k[:, None] * stride_bk, mask=b_mask[None, :] & k_mask[:, None], other=0.0)
         if UPCAST:  # triton's interpreter gets bf16 dots wrong
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return transform_logits(acc, softcap, inv_temperature, HAS_SOFTCAP)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.autotune(
@@ -200,24 +181,18 @@ def linear_stats_fwd_kernel(
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     col_start = pid_split * cols_per_split
     col_stop = tl.minimum(V, col_start + cols_per_split)
-
-    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_centered = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    h_rows = hidden_ptr + rows.to(tl.int64) * stride_hn
+    stats = online_start(BLOCK_N)
     for v_start in range(col_start, col_stop, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < col_stop
-        logits = _linear_logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
-            stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temperature,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
-        run_max, run_sum, run_centered, run_total, run_target = online_update(
-            logits, cols, col_mask, targets, run_max, run_sum, run_centered, run_total, run_target,
-            NEED_ENTROPY, NEED_SUM,
-        )  # fmt: skip
+        w_cols = weight_ptr + cols.to(tl.int64) * stride_wv
+        logits = _dot_tiles(h_rows, w_cols, row_mask, col_mask, D, stride_hd, stride_wd, UPCAST, DOT_PRECISION, BLOCK_D)
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        logits = transform_logits(logits, softcap, inv_temperature, HAS_SOFTCAP)
+        stats = online_update(logits, cols, col_mask, targets, stats, NEED_ENTROPY, NEED_SUM)
+    run_max, run_sum, run_centered, run_total, run_target = stats
 
     out = pid_split * N + rows
     tl.store(max_ptr + out, run_max, mask=row_mask)
@@ -284,16 +259,16 @@ def linear_grad_logits_kernel(
     local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = col_offset + local_cols
     col_mask = (local_cols < slab_cols) & (cols < V)
-    logits = _linear_logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
-        stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temperature,
-        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
-    grad = load_rows_and_grad(
-        logits, rows, cols, row_mask, targets_ptr, max_logit_ptr, log_sum_ptr,
-        alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr, softcap, inv_temperature,
-        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
-    )  # fmt: skip
+    h_rows = hidden_ptr + rows.to(tl.int64) * stride_hn
+    w_cols = weight_ptr + cols.to(tl.int64) * stride_wv
+    logits = _dot_tiles(h_rows, w_cols, row_mask, col_mask, D, stride_hd, stride_wd, UPCAST, DOT_PRECISION, BLOCK_D)
+    if HAS_BIAS:
+        logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    logits = transform_logits(logits, softcap, inv_temperature, HAS_SOFTCAP)
+    stat_ptrs = (targets_ptr, max_logit_ptr, log_sum_ptr)
+    coef_ptrs = (alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr)
+    grad = tile_grad(logits, rows, cols, row_mask, stat_ptrs, coef_ptrs, HAS_BETA, HAS_GAMMA, HAS_KAPPA)
+    grad = transform_grad(grad, logits, softcap, inv_temperature, HAS_SOFTCAP)
     grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
     tl.store(
         grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + local_cols[None, :],
@@ -337,24 +312,12 @@ def matmul_accumulate_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     k_mask = offs_k < K
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for s_start in range(0, S, BLOCK_S):
-        offs_s = s_start + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < S
-        a = tl.load(
-            a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_s[None, :] * stride_as,
-            mask=m_mask[:, None] & s_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_s.to(tl.int64)[:, None] * stride_bs + offs_k[None, :] * stride_bk,
-            mask=s_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    a_rows = a_ptr + offs_m.to(tl.int64) * stride_am
+    b_cols = b_ptr + offs_k * stride_bk
+    # Along S in 64 bits: S may be the token count, and S * stride_bs pass 2^31.
+    acc = _dot_tiles(
+        a_rows, b_cols, m_mask, k_mask, S, stride_as, tl.cast(stride_bs, tl.int64), UPCAST, DOT_PRECISION, BLOCK_S
+    )
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :] * stride_ok
     out_mask = m_mask[:, None] & k_mask[None, :]
     tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)

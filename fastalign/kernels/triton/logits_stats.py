@@ -11,8 +11,10 @@ import triton.language as tl
 
 from fastalign.kernels.triton.softmax_tile import (
     autotune_configs,
-    load_rows_and_grad,
+    online_start,
     online_update,
+    tile_grad,
+    transform_grad,
     transform_logits,
 )
 
@@ -67,21 +69,15 @@ def logits_stats_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_centered = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    stats = online_start(BLOCK_N)
     for v_start in range(0, V, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         logits = _load_logits(
             logits_ptr, rows, cols, row_mask, col_mask, stride_n, softcap, inv_temperature, HAS_SOFTCAP
         )
-        run_max, run_sum, run_centered, run_total, run_target = online_update(
-            logits, cols, col_mask, targets, run_max, run_sum, run_centered, run_total, run_target,
-            NEED_ENTROPY, NEED_SUM,
-        )  # fmt: skip
+        stats = online_update(logits, cols, col_mask, targets, stats, NEED_ENTROPY, NEED_SUM)
+    run_max, run_sum, run_centered, run_total, run_target = stats
     shift = tl.where(run_max == float("-inf"), 0.0, run_max)
     log_sum = tl.log(run_sum)
     tl.store(max_logit_ptr + rows, shift, mask=row_mask)
@@ -124,11 +120,10 @@ def logits_grad_kernel(
     row_mask = rows < N
     col_mask = cols < V
     logits = _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_n, softcap, inv_temperature, HAS_SOFTCAP)
-    grad = load_rows_and_grad(
-        logits, rows, cols, row_mask, targets_ptr, max_logit_ptr, log_sum_ptr,
-        alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr, softcap, inv_temperature,
-        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
-    )  # fmt: skip
+    stat_ptrs = (targets_ptr, max_logit_ptr, log_sum_ptr)
+    coef_ptrs = (alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr)
+    grad = tile_grad(logits, rows, cols, row_mask, stat_ptrs, coef_ptrs, HAS_BETA, HAS_GAMMA, HAS_KAPPA)
+    grad = transform_grad(grad, logits, softcap, inv_temperature, HAS_SOFTCAP)
     tl.store(
         grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :],
         grad.to(grad_ptr.dtype.element_ty),

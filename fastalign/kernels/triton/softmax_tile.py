@@ -1,5 +1,5 @@
-"""Device helpers shared by the Triton kernels: the logit transform, the online softmax update, and the
-gradient of one logit tile. Tiles are ``[BLOCK_N rows, BLOCK_V columns]`` in float32.
+"""Device helpers shared by the Triton kernels: the logit transform and its gradient, the online softmax
+update, and the gradient of one logit tile. Tiles are ``[BLOCK_N rows, BLOCK_V columns]`` in float32.
 """
 
 import os
@@ -28,24 +28,26 @@ def transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_update(
-    logits,
-    cols,
-    col_mask,
-    targets,
-    run_max,
-    run_sum,
-    run_centered,
-    run_total,
-    run_target,
-    NEED_ENTROPY: tl.constexpr,
-    NEED_SUM: tl.constexpr,
-):
-    """Fold one tile into the running per-row statistics.
+def online_start(BLOCK_N: tl.constexpr):
+    """The running statistics of :func:`online_update` before any tile: ``(max, sum, centered, total, target)``,
+    each ``[BLOCK_N]`` float32."""
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_centered = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return run_max, run_sum, run_centered, run_total, run_target
+
+
+@triton.jit
+def online_update(logits, cols, col_mask, targets, stats, NEED_ENTROPY: tl.constexpr, NEED_SUM: tl.constexpr):
+    """Fold one tile into the running per-row statistics ``stats`` (from :func:`online_start`).
 
     Around the shift ``s = run_max`` (0 while a row has seen only -inf): ``run_sum = Σ e^(l-s)`` and
-    ``run_centered = Σ e^(l-s) (l-s)``, so that ``entropy = log(run_sum) - run_centered / run_sum``.
+    ``run_centered = Σ e^(l-s) (l-s)``, so that ``entropy = log(run_sum) - run_centered / run_sum``; ``run_total``
+    sums the logits (with ``NEED_SUM``), ``run_target`` picks the target's logit.
     """
+    run_max, run_sum, run_centered, run_total, run_target = stats
     is_target = (cols[None, :] == targets[:, None]) & col_mask[None, :]
     run_target += tl.sum(tl.where(is_target, logits, 0.0), 1)
     if NEED_SUM:
@@ -68,25 +70,33 @@ def online_update(
 @triton.jit
 def tile_grad(
     logits,
+    rows,
     cols,
-    targets,
-    max_logit,
-    log_sum,
-    alpha,
-    beta,
-    gamma,
-    kappa,
-    softcap,
-    inv_temperature,
+    row_mask,
+    stat_ptrs,
+    coef_ptrs,
     HAS_BETA: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_KAPPA: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
 ):
-    """Gradient with respect to the raw logits ``z`` of ``d_l = p (α + β log p) + γ [j = y] + κ``.
+    """Gradient with respect to the transformed logits ``l`` of one tile: ``d_l = p (α + β log p) + γ [j = y] + κ``.
 
-    ``log p = (l - max_logit) - log_sum``: no rounding at the magnitude of the logits.
+    ``stat_ptrs``: ``(targets, max_logit, log_sum)``, ``coef_ptrs``: ``(α, β, γ, κ)``; each points at ``[N]``
+    per-row values, read at ``rows``. ``log p = (l - max_logit) - log_sum``: no rounding at the magnitude of the
+    logits. :func:`transform_grad` carries the result back to the raw logits.
     """
+    targets_ptr, max_logit_ptr, log_sum_ptr = stat_ptrs
+    alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr = coef_ptrs
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    max_logit = tl.load(max_logit_ptr + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_KAPPA:
+        kappa = tl.load(kappa_ptr + rows, mask=row_mask, other=0.0)
     log_probs = (logits - max_logit[:, None]) - log_sum[:, None]
     probs = tl.exp(log_probs)
     if HAS_BETA:
@@ -98,50 +108,16 @@ def tile_grad(
         grad += tl.where(cols[None, :] == targets[:, None], gamma[:, None], 0.0)
     if HAS_KAPPA:
         grad += kappa[:, None]
+    return grad
+
+
+@triton.jit
+def transform_grad(grad, logits, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """The chain rule through :func:`transform_logits`: ``grad`` (w.r.t. the transformed ``logits``) w.r.t. ``z``."""
     if HAS_SOFTCAP:
         tanh = logits / (softcap * inv_temperature)
         grad = grad * (1.0 - tanh * tanh)
     return grad * inv_temperature
-
-
-@triton.jit
-def load_rows_and_grad(
-    logits,
-    rows,
-    cols,
-    row_mask,
-    targets_ptr,
-    max_logit_ptr,
-    log_sum_ptr,
-    alpha_ptr,
-    beta_ptr,
-    gamma_ptr,
-    kappa_ptr,
-    softcap,
-    inv_temperature,
-    HAS_BETA: tl.constexpr,
-    HAS_GAMMA: tl.constexpr,
-    HAS_KAPPA: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """Load the tile's per-row targets, softmax statistics and gradient coefficients; return :func:`tile_grad`."""
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    max_logit = tl.load(max_logit_ptr + rows, mask=row_mask, other=0.0)
-    log_sum = tl.load(log_sum_ptr + rows, mask=row_mask, other=0.0)
-    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
-    beta = alpha
-    gamma = alpha
-    kappa = alpha
-    if HAS_BETA:
-        beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_GAMMA:
-        gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_KAPPA:
-        kappa = tl.load(kappa_ptr + rows, mask=row_mask, other=0.0)
-    return tile_grad(
-        logits, cols, targets, max_logit, log_sum, alpha, beta, gamma, kappa, softcap, inv_temperature,
-        HAS_BETA, HAS_GAMMA, HAS_KAPPA, HAS_SOFTCAP,
-    )  # fmt: skip
 
 
 def autotune_configs(gpu_configs: list, interpreter_config: triton.Config) -> list:
