@@ -53,31 +53,36 @@ def _kl_grad(log_ratio_ref, inside, KL_KIND: tl.constexpr):
 
 
 @triton.jit
-def _row_block(base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t):
-    """Load one block of a row: positions, in-row mask, logp, old_logp (float32), advantages and keep."""
+def _clamp(x, LIMIT):
+    return tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
+
+
+@triton.jit
+def _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row):
+    """One block of a row: positions, flat index, keep (in the row and masked in), logp and old_logp (float32)."""
     cols = base + offs
     inside = cols < T
     index = row * stride_row + cols
     keep = (tl.load(mask_ptr + index, mask=inside, other=0.0) != 0) & inside
     logp = tl.load(logp_ptr + index, mask=keep, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + index, mask=keep, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + row * stride_adv_row + cols * stride_adv_t, mask=keep, other=0.0).to(tl.float32)
-    return cols, index, keep, logp, old, adv
+    return cols, index, keep, logp, old
 
 
 @triton.jit
-def _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, BLOCK_T: tl.constexpr):
+def _row_values(ptr, row, cols, keep, stride_row, stride_t):
+    """A float32 input at one block of a row: per token, or per sequence with ``stride_t`` 0."""
+    return tl.load(ptr + row * stride_row + cols * stride_t, mask=keep, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, BLOCK_T: tl.constexpr):
     """Masked mean of ``logp − old_logp`` over the row (unclamped) and the row's token count."""
     offs = tl.arange(0, BLOCK_T)
     total = tl.zeros((BLOCK_T,), tl.float32)
     count = tl.zeros((BLOCK_T,), tl.float32)
     for base in range(0, T, BLOCK_T):
-        cols = base + offs
-        inside = cols < T
-        index = row * stride_row + cols
-        keep = (tl.load(mask_ptr + index, mask=inside, other=0.0) != 0) & inside
-        logp = tl.load(logp_ptr + index, mask=keep, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + index, mask=keep, other=0.0).to(tl.float32)
+        _, _, keep, logp, old = _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row)
         total += tl.where(keep, logp - old, 0.0)
         count += keep.to(tl.float32)
     n = tl.sum(count, 0)
@@ -87,19 +92,43 @@ def _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, 
 @triton.autotune(configs=_CONFIGS, key=_TUNING_KEY)
 @triton.jit
 def policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, entropy_ptr, adv_ptr, mask_ptr, is_ptr, stats_ptr,
-    B, T, T_BUCKET, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, LIMIT,
-    SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_IS: tl.constexpr,
-    DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    entropy_ptr,
+    adv_ptr,
+    mask_ptr,
+    is_ptr,
+    stats_ptr,
+    B,
+    T,
+    T_BUCKET,
+    stride_row,
+    stride_adv_row,
+    stride_adv_t,
+    stride_is_row,
+    stride_is_t,
+    clip_low,
+    clip_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    LIMIT,
+    SEQUENCE: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    DUAL: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """Per-row sums into ``stats[8, B]`` (float32): loss·mask, mask, and the metric numerators."""
     row = tl.program_id(0).to(tl.int64)  # row * stride_row passes 2^31 on big batches
     offs = tl.arange(0, BLOCK_T)
     seq_ratio = 1.0
     if SEQUENCE:
-        seq_log_ratio, _ = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, BLOCK_T)
-        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_log_ratio, -LIMIT), LIMIT))
+        seq_log_ratio, _ = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, BLOCK_T)
+        seq_ratio = tl.exp(_clamp(seq_log_ratio, LIMIT))
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
     acc_count = tl.zeros((BLOCK_T,), tl.float32)
     acc_low = tl.zeros((BLOCK_T,), tl.float32)
@@ -109,13 +138,9 @@ def policy_loss_fwd_kernel(
     acc_kl = tl.zeros((BLOCK_T,), tl.float32)
     acc_entropy = tl.zeros((BLOCK_T,), tl.float32)
     for base in range(0, T, BLOCK_T):
-        cols, index, keep, logp, old, adv = _row_block(
-            base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t
-        )
-        if SEQUENCE:
-            ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio
-        else:
-            ratio = tl.exp(tl.minimum(tl.maximum(logp - old, -LIMIT), LIMIT))
+        cols, index, keep, logp, old = _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row)
+        adv = _row_values(adv_ptr, row, cols, keep, stride_adv_row, stride_adv_t)
+        ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio if SEQUENCE else tl.exp(_clamp(logp - old, LIMIT))
         clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
         clipped_loss = tl.maximum(-adv * ratio, -adv * clipped_ratio)
         loss = clipped_loss
@@ -123,12 +148,10 @@ def policy_loss_fwd_kernel(
             loss = tl.where(adv < 0, tl.minimum(clipped_loss, -adv * dual_clip), clipped_loss)
             acc_dual += tl.where(keep & (adv < 0) & (clipped_loss > -adv * dual_clip), 1.0, 0.0)
         if HAS_IS:
-            loss = loss * tl.load(is_ptr + row * stride_is_row + cols * stride_is_t, mask=keep, other=0.0).to(
-                tl.float32
-            )
+            loss = loss * _row_values(is_ptr, row, cols, keep, stride_is_row, stride_is_t)
         if HAS_REF:
             ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
-            kl = _kl_value(tl.minimum(tl.maximum(ref - logp, -LIMIT), LIMIT), KL_KIND)
+            kl = _kl_value(_clamp(ref - logp, LIMIT), KL_KIND)
             loss += kl_coef * kl
             acc_kl += tl.where(keep, kl, 0.0)
         if HAS_ENTROPY:
@@ -171,54 +194,74 @@ def _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL: tl.constexpr):
 @triton.autotune(configs=_CONFIGS, key=_TUNING_KEY)
 @triton.jit
 def policy_loss_bwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, is_ptr, row_weight_ptr, grad_logp_ptr, grad_entropy_ptr,
-    B, T, T_BUCKET, stride_row, stride_adv_row, stride_adv_t, stride_is_row, stride_is_t,
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, LIMIT,
-    SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_IS: tl.constexpr,
-    DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    is_ptr,
+    row_weight_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    B,
+    T,
+    T_BUCKET,
+    stride_row,
+    stride_adv_row,
+    stride_adv_t,
+    stride_is_row,
+    stride_is_t,
+    clip_low,
+    clip_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    LIMIT,
+    SEQUENCE: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    DUAL: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """``grad_logp[B, T]`` (and ``grad_entropy``) = row weight × d(row's masked loss sum) / d input."""
     row = tl.program_id(0).to(tl.int64)  # row * stride_row passes 2^31 on big batches
     offs = tl.arange(0, BLOCK_T)
     weight = tl.load(row_weight_ptr + row)
     spread = 0.0
     if SEQUENCE:
-        seq_log_ratio, n = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, LIMIT, BLOCK_T)
+        seq_log_ratio, n = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, BLOCK_T)
         seq_inside = (seq_log_ratio >= -LIMIT) & (seq_log_ratio <= LIMIT)
-        seq_ratio = tl.exp(tl.minimum(tl.maximum(seq_log_ratio, -LIMIT), LIMIT))
+        seq_ratio = tl.exp(_clamp(seq_log_ratio, LIMIT))
         # d(row sum)/d ratio, then through ratio = exp(mean log-ratio) onto each masked token: × ratio / n.
         acc = tl.zeros((BLOCK_T,), tl.float32)
         for base in range(0, T, BLOCK_T):
-            cols, index, keep, logp, old, adv = _row_block(
-                base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t
-            )
+            cols, index, keep, logp, old = _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row)
+            adv = _row_values(adv_ptr, row, cols, keep, stride_adv_row, stride_adv_t)
             ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio
             token_grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL)
             if HAS_IS:
-                token_grad *= tl.load(is_ptr + row * stride_is_row + cols * stride_is_t, mask=keep, other=0.0).to(
-                    tl.float32
-                )
+                token_grad *= _row_values(is_ptr, row, cols, keep, stride_is_row, stride_is_t)
             acc += tl.where(keep, token_grad, 0.0)
         spread = tl.where(seq_inside, tl.sum(acc, 0) * seq_ratio / tl.maximum(n, 1.0), 0.0)
     for base in range(0, T, BLOCK_T):
-        cols, index, keep, logp, old, adv = _row_block(
-            base, offs, row, T, logp_ptr, old_ptr, adv_ptr, mask_ptr, stride_row, stride_adv_row, stride_adv_t
-        )
+        cols, index, keep, logp, old = _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row)
+        adv = _row_values(adv_ptr, row, cols, keep, stride_adv_row, stride_adv_t)
         inside = cols < T
         if SEQUENCE:
             grad = tl.zeros((BLOCK_T,), tl.float32) + spread
         else:
             log_ratio = logp - old
-            ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LIMIT), LIMIT))
+            ratio = tl.exp(_clamp(log_ratio, LIMIT))
             grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL) * ratio
             grad = tl.where((log_ratio >= -LIMIT) & (log_ratio <= LIMIT), grad, 0.0)
             if HAS_IS:
-                grad *= tl.load(is_ptr + row * stride_is_row + cols * stride_is_t, mask=keep, other=0.0).to(tl.float32)
+                grad *= _row_values(is_ptr, row, cols, keep, stride_is_row, stride_is_t)
         if HAS_REF:
             ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
             r = ref - logp
-            clamped = tl.minimum(tl.maximum(r, -LIMIT), LIMIT)
-            grad += kl_coef * _kl_grad(clamped, (r >= -LIMIT) & (r <= LIMIT), KL_KIND)
+            grad += kl_coef * _kl_grad(_clamp(r, LIMIT), (r >= -LIMIT) & (r <= LIMIT), KL_KIND)
         grad = tl.where(keep, grad * weight, 0.0)
         tl.store(grad_logp_ptr + index, grad.to(grad_logp_ptr.dtype.element_ty), mask=inside)
         if HAS_ENTROPY:
