@@ -18,9 +18,10 @@ import triton.language as tl
 from fastalign.kernels.triton.softmax_tile import autotune_configs
 
 # Kernels may read module globals only when they are constexpr (compiled Triton refuses other globals).
-(SIGMOID, HINGE, IPO, ROBUST, EXO_PAIR, NCA_PAIR, BCO_PAIR, SPPO_HARD, APO_ZERO, APO_DOWN, DISCOPOP,
- SIGMOID_NORM) = (tl.constexpr(kind) for kind in range(12))  # fmt: skip
 NUM_TYPES = tl.constexpr(12)
+SIGMOID, HINGE, IPO, ROBUST, EXO_PAIR, NCA_PAIR, BCO_PAIR, SPPO_HARD, APO_ZERO, APO_DOWN, DISCOPOP, SIGMOID_NORM = (
+    tl.constexpr(kind) for kind in range(NUM_TYPES)
+)
 
 _FWD_CONFIGS = autotune_configs(
     [
@@ -143,10 +144,26 @@ def _row_sums(token_ptr, mask_ptr, rows, row_ok, T, stride_row, BLOCK: tl.conste
 @triton.autotune(configs=_FWD_CONFIGS, key=["T_BUCKET", "TYPES", "AVERAGED"])
 @triton.jit
 def dpo_fwd_kernel(
-    token_ptr, mask_ptr, ref_ptr, weights_ptr, losses_ptr, sums_ptr, lengths_ptr, row_grad_ptr,
-    B, T, T_BUCKET, stride_row, beta, label_smoothing, tau,
-    TYPES: tl.constexpr, AVERAGED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    token_ptr,
+    mask_ptr,
+    ref_ptr,
+    weights_ptr,
+    losses_ptr,
+    sums_ptr,
+    lengths_ptr,
+    row_grad_ptr,
+    B,
+    T,
+    T_BUCKET,
+    stride_row,
+    beta,
+    label_smoothing,
+    tau,
+    TYPES: tl.constexpr,
+    AVERAGED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """``TYPES`` / ``AVERAGED``: bit ``k`` set when loss type ``k`` is used / takes length-averaged log-probs.
 
     ``ref_ptr``: ``[2B]`` summed reference log-probs; ``weights_ptr``: ``[NUM_TYPES]`` float32 weights.
@@ -191,7 +208,7 @@ def dpo_fwd_kernel(
 @triton.jit
 def dpo_bwd_kernel(
     mask_ptr, row_grad_ptr, grad_ptr, R, T, T_BUCKET, stride_row, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr
-):  # fmt: skip
+):
     """``grad[R, T] = row_grad[R]`` on masked tokens, 0 elsewhere (``row_grad`` already holds the upstream)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
