@@ -41,12 +41,15 @@ def test_a_malformed_jsonl_line_is_named_file_colon_line(tmp_path):
         ([{"prompt": "a", "completion": 5}, {"prompt": "c", "completion": 6}], 1, "column 'completion' holds int 5"),
         ([{"prompt": [1, 2], "completion": "b"}], 1, "column 'prompt' holds list [1, 2]"),
         ([{"prompt": "p", "chosen": 1.5, "rejected": "r"}], 1, "column 'chosen' holds float 1.5"),
-        ([{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": None, "rejected": "r"}], 2,
-         "column 'chosen' is null"),
+        (
+            [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": None, "rejected": "r"}],
+            2,
+            "column 'chosen' is null",
+        ),
         ([{"prompt": "p", "tests": ["assert f() == 1"]}, {"prompt": "p", "tests": 1}], 2, "column 'tests' holds int 1"),
         ([{"text": "a"}, [1, 2]], 2, "expected a JSON object"),
     ],
-)  # fmt: skip
+)
 def test_values_of_the_wrong_kind_name_the_line_and_the_column(tmp_path, rows, line, problem):
     path = _lines(tmp_path / "d.jsonl", *(json.dumps(row) for row in rows))
     with pytest.raises(ValueError) as error:
@@ -75,14 +78,23 @@ def test_a_json_array_file_and_a_parquet_file_name_their_rows(tmp_path):
 
 def test_datasets_built_in_python_name_the_row(tmp_path):
     for rows, message in [
-        ([{"prompt": "a", "completion": 7}], r"^row 0 \(dataset\[0\]\): column 'completion' holds int 7; expected "
-         r"a string or a non-empty list of \{'role', 'content'\} messages$"),
-        ([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}], r"^row 1 \(dataset\[1\]\): "
-         r"column 'completion' is null"),
-        ([{"prompt": "p", "tests": 1}], r"^row 0 \(dataset\[0\]\): column 'tests' holds int 1; expected a string or a "
-         r"list of strings"),
+        (
+            [{"prompt": "a", "completion": 7}],
+            r"^row 0 \(dataset\[0\]\): column 'completion' holds int 7; expected "
+            r"a string or a non-empty list of \{'role', 'content'\} messages$",
+        ),
+        (
+            [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}],
+            r"^row 1 \(dataset\[1\]\): "
+            r"column 'completion' is null",
+        ),
+        (
+            [{"prompt": "p", "tests": 1}],
+            r"^row 0 \(dataset\[0\]\): column 'tests' holds int 1; expected a string or a "
+            r"list of strings",
+        ),
         ([{"messages": MESSAGES}, {"messages": []}], r"^row 1 \(dataset\[1\]\): column 'messages' holds list \[\]"),
-    ]:  # fmt: skip
+    ]:
         dataset = datasets.Dataset.from_list(rows)
         with pytest.raises(ValueError, match=message):
             require_format(dataset, "grpo" if "tests" in rows[0] else "sft")
@@ -127,8 +139,11 @@ def test_a_missing_local_dataset_that_looks_like_a_hub_id_fails_at_once(tmp_path
 
     monkeypatch.setattr(datasets, "load_dataset", no_network)
     start = time.perf_counter()
-    with pytest.raises(FileNotFoundError, match=r"'data/prompts' not found: no such local file or folder \(the local "
-                                                r"folder 'data' exists"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'data/prompts' not found: no such local file or folder \(the local "
+        r"folder 'data' exists",
+    ):
         load_training_dataset("data/prompts")
     with pytest.raises(FileNotFoundError, match=r"did you mean 'prompts.jsonl'\?"):
         load_training_dataset("prompts")
@@ -143,6 +158,9 @@ def test_a_hub_dataset_while_offline_says_so(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'someone/prompts' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match=r"'someone/prompts' not found: no such local file or folder, and "
-                                                r"HF_HUB_OFFLINE is set"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'someone/prompts' not found: no such local file or folder, and "
+        r"HF_HUB_OFFLINE is set",
+    ):
         load_training_dataset("someone/prompts")

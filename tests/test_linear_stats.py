@@ -95,24 +95,42 @@ def test_is_top1_with_exact_ties(backend, dtype, scratch_budget):
     assert (expected & tied_rows & ~later_tie).any() and (expected & later_tie).any() and (~expected).any()
 
     stats, _ = linear_stats(
-        hidden, weight, None, targets, need_entropy=False, need_sum=False, need_top1=True, backend=backend,
+        hidden,
+        weight,
+        None,
+        targets,
+        need_entropy=False,
+        need_sum=False,
+        need_top1=True,
+        backend=backend,
         temperature=0.5,
-    )  # fmt: skip
+    )
     assert torch.equal(stats[4], expected)
 
 
 def test_is_top1_empty_and_refused_options():
     weight = torch.randn(11, 8)
     stats, _ = linear_stats(
-        torch.randn(0, 8), weight, None, torch.zeros(0, dtype=torch.long),
-        need_entropy=False, need_sum=False, need_top1=True, backend="torch",
-    )  # fmt: skip
+        torch.randn(0, 8),
+        weight,
+        None,
+        torch.zeros(0, dtype=torch.long),
+        need_entropy=False,
+        need_sum=False,
+        need_top1=True,
+        backend="torch",
+    )
     assert stats[4].shape == (0,) and stats[4].dtype == torch.bool
     common = {"need_entropy": False, "need_sum": False, "backend": "torch"}
     with pytest.raises(ValueError, match="need_top1 must be a bool"):
         linear_stats(torch.randn(3, 8), weight, None, torch.zeros(3, dtype=torch.long), need_top1=1, **common)
     with pytest.raises(ValueError, match="need_top1=True is not supported with a process_group"):
         linear_stats(
-            torch.randn(3, 8), weight, None, torch.zeros(3, dtype=torch.long), need_top1=True,
-            process_group=object(), **common,
-        )  # fmt: skip
+            torch.randn(3, 8),
+            weight,
+            None,
+            torch.zeros(3, dtype=torch.long),
+            need_top1=True,
+            process_group=object(),
+            **common,
+        )

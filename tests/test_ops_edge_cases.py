@@ -69,8 +69,12 @@ def test_huge_logits_stay_finite_and_accurate(backend):
     inputs["hidden"] = inputs["hidden"] * 1e3  # logits of order 1e4
     errors = assert_matches_reference(
         functools.partial(fastalign.linear_logprobs, backend=backend),
-        reference.linear_logprobs, inputs, torch.float32, against_eager=True, return_entropy=True,
-    )  # fmt: skip
+        reference.linear_logprobs,
+        inputs,
+        torch.float32,
+        against_eager=True,
+        return_entropy=True,
+    )
     assert all(math.isfinite(e) for e in errors.values())
     logits = torch.full((3, 40), 3e38)
     logits[:, 0] = -3e38
@@ -122,8 +126,9 @@ def test_policy_gradient_style_composition(backend):
     assert_matches_reference(
         lambda **kw: ppo_like(functools.partial(fastalign.linear_logprobs, backend=backend), **kw),
         lambda **kw: ppo_like(reference.linear_logprobs, **kw),
-        inputs, torch.float32,
-    )  # fmt: skip
+        inputs,
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

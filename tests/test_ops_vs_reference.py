@@ -123,5 +123,9 @@ def test_torch_backend_tiling(scratch_budget, budget):
     logits_inputs = {"logits": torch.randn(40, 1031, dtype=torch.float64), "targets": inputs["targets"]}
     assert_matches_reference(
         functools.partial(fastalign.logprobs_from_logits, backend="torch"),
-        reference.logprobs_from_logits, logits_inputs, torch.float32, return_entropy=True, temperature=0.8,
-    )  # fmt: skip
+        reference.logprobs_from_logits,
+        logits_inputs,
+        torch.float32,
+        return_entropy=True,
+        temperature=0.8,
+    )

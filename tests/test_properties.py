@@ -70,9 +70,15 @@ def test_softmax_laws(problem, backend):
     row = torch.randn(1, width, dtype=torch.float64).float().expand(vocab, width)
     bias = inputs["bias"].float() if "bias" in inputs else None
     logp, entropy = fastalign.linear_logprobs(
-        row, inputs["weight"].float(), torch.arange(vocab), bias=bias,
-        temperature=options["temperature"], softcap=options["softcap"], return_entropy=True, backend=backend,
-    )  # fmt: skip
+        row,
+        inputs["weight"].float(),
+        torch.arange(vocab),
+        bias=bias,
+        temperature=options["temperature"],
+        softcap=options["softcap"],
+        return_entropy=True,
+        backend=backend,
+    )
     assert (logp <= 1e-6).all()
     assert torch.logsumexp(logp.double(), 0).abs() < 1e-4
     assert (entropy >= 0).all() and (entropy <= math.log(vocab) + 1e-4).all()
