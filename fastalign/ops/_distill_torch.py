@@ -72,15 +72,28 @@ class _Online:
         self.max = torch.full((n,), -math.inf, dtype=like.dtype, device=like.device)
         self.sum = torch.zeros_like(self.max)
 
-    def update(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold a tile in; returns ``(rescale, e^(z − m_new))`` for accumulators weighted like the sum."""
+    def update(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold a tile in; returns ``(rescale, e^(z − m_new), m_new − m_old, the old sum)`` for accumulators
+        weighted like the sum (``m_new − m_old`` is 0 on the first tile)."""
         new_max = torch.maximum(self.max, logits.amax(dim=1))
         # Before the first tile max is -inf and the rescale exp(-inf) = 0: the logits are finite, so never NaN.
         rescale = torch.exp(self.max - new_max)
+        shift = torch.where(torch.isinf(self.max), 0.0, new_max - self.max)
         exps = torch.exp(logits - new_max.unsqueeze(1))
+        old_sum = self.sum
         self.sum = self.sum * rescale + exps.sum(dim=1)
         self.max = new_max
-        return rescale, exps
+        return rescale, exps, shift, old_sum
+
+
+def _centered_gap(gap, weighted: _Online, other: _Online, update, other_shift, z_weighted, z_other):
+    """Fold a tile into ``Σ e^(z_w − m_w) ((z_w − m_w) − (z_o − m_o))``, the gap around both heads' running maxima
+    (``w`` the head whose probabilities weight it). A shift of the maxima moves the old terms by ``shift_o −
+    shift_w`` each; around the maxima every term is a difference of log-probabilities plus ``log S``, not of logits,
+    so the KL's rounding does not grow with the logits' magnitude."""
+    rescale, exps, shift, old_sum = update
+    centered = z_weighted.sub_(weighted.max.unsqueeze(1)).sub_(z_other.sub_(other.max.unsqueeze(1)))
+    return rescale * (gap + (other_shift - shift) * old_sum) + exps.mul_(centered).sum(dim=1)
 
 
 def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: DistillOptions):
@@ -97,12 +110,11 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
             zs, zt = _logit_tiles(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, cols, opts)
             if student is None:
                 student, teacher = _Online(n, zs), _Online(n, zs)
-            s_rescale, s_exps = student.update(zs)
-            t_rescale, t_exps = teacher.update(zt)
+            s_update, t_update = student.update(zs), teacher.update(zt)
             if opts.mode == FORWARD_KL:
-                gap = gap * t_rescale + t_exps.mul_(zt.sub_(zs)).sum(dim=1)
+                gap = _centered_gap(gap, teacher, student, t_update, s_update[2], zt, zs)
             elif opts.mode == REVERSE_KL:
-                gap = gap * s_rescale + s_exps.mul_(zs.sub_(zt)).sum(dim=1)
+                gap = _centered_gap(gap, student, teacher, s_update, t_update[2], zs, zt)
         s_max[rows], s_log_sum[rows] = student.max, torch.log(student.sum)
         t_max[rows], t_log_sum[rows] = teacher.max, torch.log(teacher.sum)
         if opts.mode != MIXTURE:

@@ -61,7 +61,12 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
     s_max, s_log_sum, s_scale = _merge(partial[0], partial[1])
     t_max, t_log_sum, t_scale = _merge(partial[2], partial[3])
     if opts.mode != MIXTURE:
-        gap = (partial[4] * (t_scale if opts.mode == FORWARD_KL else s_scale)).sum(dim=0)
+        # Each split's gap is around its own maxima: move it to the merged ones, then rescale like its sum.
+        s_moved, t_moved = s_max - partial[0], t_max - partial[2]
+        if opts.mode == FORWARD_KL:
+            gap = (t_scale * (partial[4] + (s_moved - t_moved) * partial[3])).sum(dim=0)
+        else:
+            gap = (s_scale * (partial[4] + (t_moved - s_moved) * partial[1])).sum(dim=0)
         divergence, aux = kl_from_gap(opts.mode, gap, s_max, s_log_sum, t_max, t_log_sum)
         return DistillStats(s_max, s_log_sum, t_max, t_log_sum, divergence, aux)
     kl = torch.empty(2, splits, n_rows, dtype=torch.float32, device=device)

@@ -17,8 +17,9 @@ case follows from ``JSD_β = β Σ p_t log p_t + (1 − β) Σ p_s log p_s − �
 log m_k)``, and the softmax Jacobian ``∂p_s,k/∂z_j = p_s,k (δ_kj − p_s,j)`` turns it into the row above.
 
 How the backends sweep the vocabulary tiles: both KLs need only one sweep in the forward: each head's online
-log-sum-exp plus the gap ``Σ_j e^(z_t − m_t) (z_t − z_s)`` (``β = 0``, rescaled like the teacher's sum) or ``Σ_j
-e^(z_s − m_s) (z_s − z_t)`` (``β = 1``), from which ``KL = E[gap] − lse + lse'``. The mixture needs ``log m_j``, so
+log-sum-exp (running maximum ``m``, ``S = Σ_j e^(z_j − m)``) plus the gap ``Σ_j e^(z_t − m_t) ((z_t − m_t) − (z_s −
+m_s))`` (``β = 0``, rescaled like the teacher's sum) or its mirror image (``β = 1``), from which ``KL(p_t ‖ p_s) =
+gap / S_t − log S_t + log S_s`` (:func:`kl_from_gap`). The mixture needs ``log m_j``, so
 it needs both log-sum-exps first: a second sweep then adds up ``KL(p_t ‖ m)`` and ``KL(p_s ‖ m)`` per token. The
 backward recomputes each tile of both heads and turns it into the student's logit gradient, then ``d_hidden +=
 G W_s`` and ``d_weight += Gᵀ h_s``.
@@ -79,19 +80,19 @@ class DistillStats(NamedTuple):
 
 
 def kl_from_gap(
-    mode: int, weighted_gap: torch.Tensor, s_max, s_log_sum, t_max, t_log_sum
+    mode: int, centered_gap: torch.Tensor, s_max, s_log_sum, t_max, t_log_sum
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(divergence, aux)`` of a one-sweep KL mode from its gap accumulator.
+    """``(divergence, aux)`` of a one-sweep KL mode from its gap accumulator, taken around both row maxima.
 
-    ``weighted_gap`` is ``Σ_j e^(z_t − t_max)(z_t − z_s)`` (forward KL) or ``Σ_j e^(z_s − s_max)(z_s − z_t)``
-    (reverse KL); dividing by that head's sum gives ``E[z_t − z_s]`` under ``p_t`` (or ``E[z_s − z_t]`` under
-    ``p_s``), and ``KL(p_t ‖ p_s) = E_t[z_t − z_s] − lse_t + lse_s`` (and symmetrically).
+    Forward KL: ``centered_gap = Σ_j e^(z_t − t_max) ((z_t − t_max) − (z_s − s_max))``; divided by the teacher's sum
+    it is ``E_t[(z_t − t_max) − (z_s − s_max)]``, and ``log p_t − log p_s = (z_t − t_max − t_log_sum) − (z_s −
+    s_max − s_log_sum)`` gives ``KL(p_t ‖ p_s) = E_t[...] − t_log_sum + s_log_sum``. Reverse KL: the same with the
+    heads swapped.
     """
-    s_lse, t_lse = s_max + s_log_sum, t_max + t_log_sum
     if mode == FORWARD_KL:
-        divergence = weighted_gap / torch.exp(t_log_sum) - t_lse + s_lse
+        divergence = centered_gap / torch.exp(t_log_sum) - t_log_sum + s_log_sum
     else:
-        divergence = weighted_gap / torch.exp(s_log_sum) - s_lse + t_lse
+        divergence = centered_gap / torch.exp(s_log_sum) - s_log_sum + t_log_sum
     return divergence, divergence
 
 

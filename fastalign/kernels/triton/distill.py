@@ -2,8 +2,9 @@
 W_t^T``, computed in the kernel (a ``tl.dot`` over each head's width per tile) and never stored.
 
 * ``distill_stats_kernel``: grid ``(token blocks, vocabulary splits)``; each program walks its split tile by tile
-  and keeps both heads' online log-sum-exp, plus the KL modes' gap ``Σ e^(z_t − m_t)(z_t − z_s)`` (forward KL) or
-  ``Σ e^(z_s − m_s)(z_s − z_t)`` (reverse KL), writing per-split partials that the host merges.
+  and keeps both heads' online log-sum-exp, plus the KL modes' gap ``Σ e^(z_t − m_t)((z_t − m_t) − (z_s − m_s))``
+  (forward KL) or its mirror image (reverse KL), around each split's running maxima, writing per-split partials
+  that the host merges.
 * ``distill_mixture_kernel``: the mixture's second sweep, with both log-sum-exps known: per split, ``Σ p_s (log p_s
   − log m)`` and ``Σ p_t (log p_t − log m)`` for ``m = (1 − β) p_s + β p_t``.
 * ``distill_grad_kernel``: recomputes the tiles of one vocabulary slab and writes the gradient with respect to the
@@ -136,7 +137,7 @@ def distill_stats_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Partials of split ``program_id(1)``, each ``[splits, N]`` float32: both heads' maximum and ``Σ e^(z − m)``
-    around it, and (``MODE`` 0 / 1) the gap, weighted like the teacher's / the student's sum."""
+    around it, and (``MODE`` 0 / 1) the gap around both maxima, weighted like the teacher's / the student's sum."""
     pid_n = tl.program_id(0)
     pid_split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,18 +181,24 @@ def distill_stats_kernel(
         # the first rescale is exp(-inf) = 0.
         new_s_max = tl.maximum(s_max, tl.max(tl.where(col_mask[None, :], zs, float("-inf")), 1))
         s_rescale = tl.exp(s_max - new_s_max)
+        s_shift = tl.where(s_max == float("-inf"), 0.0, new_s_max - s_max)
         s_exps = tl.where(col_mask[None, :], tl.exp(zs - new_s_max[:, None]), 0.0)
-        s_sum = s_sum * s_rescale + tl.sum(s_exps, 1)
-        s_max = new_s_max
         new_t_max = tl.maximum(t_max, tl.max(tl.where(col_mask[None, :], zt, float("-inf")), 1))
         t_rescale = tl.exp(t_max - new_t_max)
+        t_shift = tl.where(t_max == float("-inf"), 0.0, new_t_max - t_max)
         t_exps = tl.where(col_mask[None, :], tl.exp(zt - new_t_max[:, None]), 0.0)
+        # The gap around both running maxima: a shift of the maxima moves each old term by the difference of
+        # the shifts (see fastalign.ops.distill.kl_from_gap).
+        if MODE == 0:
+            centered = (zt - new_t_max[:, None]) - (zs - new_s_max[:, None])
+            gap = t_rescale * (gap + (s_shift - t_shift) * t_sum) + tl.sum(t_exps * centered, 1)
+        elif MODE == 1:
+            centered = (zs - new_s_max[:, None]) - (zt - new_t_max[:, None])
+            gap = s_rescale * (gap + (t_shift - s_shift) * s_sum) + tl.sum(s_exps * centered, 1)
+        s_sum = s_sum * s_rescale + tl.sum(s_exps, 1)
+        s_max = new_s_max
         t_sum = t_sum * t_rescale + tl.sum(t_exps, 1)
         t_max = new_t_max
-        if MODE == 0:
-            gap = gap * t_rescale + tl.sum(t_exps * (zt - zs), 1)
-        elif MODE == 1:
-            gap = gap * s_rescale + tl.sum(s_exps * (zs - zt), 1)
 
     out = pid_split * N + rows
     tl.store(s_max_ptr + out, s_max, mask=row_mask)
