@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastalign.ops._checks import check_number
+
 GROUP_SCALES = ("group", "batch", "none")
 
 
@@ -16,8 +18,7 @@ def _check_same(name: str, value: object, shape: torch.Size) -> torch.Tensor:
 
 
 def _check_unit(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    check_number(name, value, at_least=0, at_most=1, finite=False)
     return float(value)
 
 
@@ -95,16 +96,14 @@ def group_advantages(
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
         raise ValueError(f"rewards must be a 1-D float tensor [N], got {getattr(rewards, 'shape', type(rewards))}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    check_number("group_size", group_size, integer=True, at_least=1)
     if rewards.shape[0] % group_size != 0:
         raise ValueError(f"the batch of {rewards.shape[0]} rewards is not a multiple of group_size={group_size}")
     if isinstance(scale, bool):
         scale = "group" if scale else "none"
     if scale not in GROUP_SCALES:
         raise ValueError(f"scale must be one of {GROUP_SCALES} (or a bool), got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_number("eps", eps, at_least=0, finite=False)
     rewards = rewards.detach()
     grouped = rewards.view(-1, group_size)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from fastalign.ops import _cuda_ext
+from fastalign.ops._checks import check_number
 
 BACKEND_NAMES = ("torch", "triton", "cuda")
 
@@ -139,8 +140,7 @@ def set_scratch_budget(nbytes: int | None) -> None:
     environment. The output, the saved per-token statistics and the gradients themselves are not counted.
     """
     global _scratch_override
-    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0):
-        raise ValueError(f"nbytes must be a positive int or None, got {nbytes!r}")
+    check_number("nbytes", nbytes, integer=True, above=0, optional=True)
     _scratch_override = nbytes
 
 

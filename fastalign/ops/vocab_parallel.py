@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastalign.ops._checks import check_number
 from fastalign.ops.stats import StatsOptions, _coefficients, accum_dtype, backend_module
 
 # Shard sizes travel inside the (float32) statistics all-gather, which holds integers exactly up to 2**24; the
@@ -53,10 +54,9 @@ def check_process_group(process_group: object, vocab_start: object, shard_rows: 
         raise ValueError(
             f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}"
         )
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(
-            f"vocab_start must be an int >= 0 (the vocabulary id of this rank's first weight row), got {vocab_start!r}"
-        )
+    check_number(
+        "vocab_start", vocab_start, integer=True, at_least=0, why="the vocabulary id of this rank's first weight row"
+    )
     if shard_rows > MAX_SHARD_ROWS:
         raise ValueError(f"a vocab-parallel weight shard holds at most 2**24 rows, got V_local = {shard_rows}")
 
