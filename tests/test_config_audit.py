@@ -232,12 +232,12 @@ def test_grpo_scale_rewards_and_mask_truncated_completions(tmp_path, scale):
     batch = grpo.engine.batches[0]
     ids = [i[m.bool()].tolist() for i, m in zip(batch.completion_ids, batch.completion_mask, strict=True)]
     rewards = torch.tensor(test_trainer_grpo.id_hash_reward(None, ids))
-    torch.testing.assert_close(inputs["advantages"].cpu(), group_advantages(rewards, 4, scale=scale))
+    torch.testing.assert_close(inputs.advantages.cpu(), group_advantages(rewards, 4, scale=scale))
     if scale == "none":  # Dr. GRPO: the reward minus its group's mean, unscaled
         centred = rewards - rewards.view(-1, 4).mean(1).repeat_interleave(4)
-        torch.testing.assert_close(inputs["advantages"].cpu(), centred)
+        torch.testing.assert_close(inputs.advantages.cpu(), centred)
     assert batch.truncated.any() and not batch.truncated.all()
-    mask = inputs["completion_mask"].cpu()
+    mask = inputs.completion_mask.cpu()
     assert (mask[batch.truncated] == 0).all()
     assert torch.equal(mask[~batch.truncated], batch.completion_mask[~batch.truncated])
 
@@ -275,21 +275,21 @@ def test_ppo_rollout_fields(tmp_path):
     assert ppo.engine.batch_size == 3
     assert ppo.args.rollout_batch_size == 16 and ppo._micro_batches_per_rollout == 2 * 4  # mini-batches × epochs
     assert ppo.args.max_steps == 4 * 4 * 2  # 64 episodes = 4 rollouts of 16, × 4 epochs × 2 mini-batches
-    inputs = {"input_ids": torch.zeros(8, 2)}
-    assert [part["input_ids"].shape[0] for part in ppo._chunks(inputs)] == [3, 3, 2]
+    batch = ppo.batch_type(*[torch.zeros(8, 2)] * 5)
+    assert [len(part) for part in ppo._chunks(batch)] == [3, 3, 2]
 
 
 def test_ppo_kl_penalty_estimator_reaches_the_loss(tmp_path, monkeypatch):
-    import fastalign.trainers.ppo as ppo_module
+    import fastalign.trainers.kl_penalty as kl_penalty
 
     used = []
-    real = ppo_module.kl_estimate
+    real = kl_penalty.kl_estimate
 
     def record(a, b, estimator):
         used.append(estimator)
         return real(a, b, estimator)
 
-    monkeypatch.setattr(ppo_module, "kl_estimate", record)
+    monkeypatch.setattr(kl_penalty, "kl_estimate", record)
     ppo = test_trainer_ppo.trainer(tmp_path, objective="kl_penalty", kl_penalty_estimator="k1", kl_coef=0.0)
     ppo.compute_loss(ppo.model, first_inputs(ppo))
     assert "k1" in used
@@ -377,7 +377,7 @@ def test_grpo_reward_weights(tmp_path):
     ids = [i[m.bool()].tolist() for i, m in zip(batch.completion_ids, batch.completion_mask, strict=True)]
     rewards = 2.0 * torch.tensor(test_trainer_grpo.id_hash_reward(None, ids))  # blue_reward weighs 0
     expected = rewards - rewards.view(-1, 4).mean(1).repeat_interleave(4)
-    torch.testing.assert_close(inputs["advantages"].cpu(), expected)
+    torch.testing.assert_close(inputs.advantages.cpu(), expected)
 
 
 class FakeVLLM(RecordingEngine):
@@ -416,9 +416,9 @@ def test_grpo_vllm_fields(tmp_path, monkeypatch, correction):
     with torch.no_grad():  # the sampler's log-probs now differ from the trainer's
         grpo.model.lm_head.weight.add_(0.5 * torch.randn_like(grpo.model.lm_head.weight))
     inputs = first_inputs(grpo)
-    assert ("is_weights" in inputs) == correction
+    assert (inputs.is_weights is not None) == correction
     if correction:
-        weights = inputs["is_weights"][inputs["completion_mask"].bool()]
+        weights = inputs.is_weights[inputs.completion_mask.bool()]
         assert weights.max() <= 1.5 and (weights == 1.5).any() and (weights < 1).any()  # truncated at the cap
 
 
@@ -428,7 +428,7 @@ def test_ppo_sampling_counts(tmp_path):
     inputs = first_inputs(ppo)
     ((prompts, params),) = ppo.engine.calls
     assert params.num_generations == 2 and len(prompts) * 2 == ppo.args.rollout_batch_size
-    assert inputs["completion_ids"].shape[0] == ppo.args.per_device_train_batch_size
+    assert inputs.completion_ids.shape[0] == ppo.args.per_device_train_batch_size
 
 
 # ------------------------------------------------------------------------------------------------ inventory

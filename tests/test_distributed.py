@@ -261,7 +261,7 @@ def fsdp2_grpo_step(case: str, out: Path) -> dict:
     dist.all_reduce(reported)
     weights = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
     return {"loss": float(reported) / WORLD, "weights": weights, "old_logps": old_logps,
-            "expected_old_logps": inputs["old_logps"]}  # fmt: skip
+            "expected_old_logps": inputs.old_logps}  # fmt: skip
 
 
 def fsdp2_generation() -> dict:
@@ -273,7 +273,7 @@ def fsdp2_generation() -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from fastalign.rollout import HFGenerateEngine, SamplingParams
-    from fastalign.trainers.grpo import _check_generation_under_fsdp2
+    from fastalign.trainers.online import check_generation_under_fsdp2
 
     rank = dist.get_rank()
     prompts = [[2, 11, 12, 13, 5]] if rank == 0 else [[2, 20, 21]]
@@ -286,11 +286,11 @@ def fsdp2_generation() -> dict:
         fully_shard(layer)
     fully_shard(model)
     try:
-        _check_generation_under_fsdp2(model.model, model)
+        check_generation_under_fsdp2(model.model, model)
         refusal = ""
     except ValueError as error:
         refusal = str(error)
-    _check_generation_under_fsdp2(model, model)
+    check_generation_under_fsdp2(model, model)
     got = HFGenerateEngine(model, pad_token_id=0, eos_token_id=EOS).generate(prompts, params, seed=rank)
     return {"expected": expected.completion_ids, "got": got.completion_ids, "refusal": refusal}
 

@@ -50,17 +50,17 @@ def trainer(tmp_path, reward=blue_reward, rows=PROMPTS, **overrides) -> GRPOTrai
 
 def eager_loss(model, inputs, temperature, epsilon_low, epsilon_high):
     """TRL's DAPO loss from full logits: token ratio, clip, token sum over the generation's tokens."""
-    completion = inputs["completion_ids"].shape[1]
+    completion = inputs.completion_ids.shape[1]
     logits = model(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"]
+        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
     ).logits
     logp = torch.log_softmax(logits[:, -completion - 1 : -1].float() / temperature, dim=-1)
-    logp = logp.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    ratio = torch.exp(logp - inputs["old_logps"])
-    advantages = inputs["advantages"].unsqueeze(-1)
+    logp = logp.gather(-1, inputs.completion_ids.unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(logp - inputs.old_logps)
+    advantages = inputs.advantages.unsqueeze(-1)
     per_token = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages)
-    mask = inputs["completion_mask"].float()
-    return (per_token * mask).sum() / inputs["generation_tokens"][0]
+    mask = inputs.completion_mask.float()
+    return (per_token * mask).sum() / inputs.generation_tokens
 
 
 @pytest.mark.parametrize("iterations", [1, 2])
@@ -88,8 +88,8 @@ def test_old_logps_are_the_policys_logps_at_sampling_time(tmp_path):
     grpo = trainer(tmp_path, temperature=0.7)
     inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
     recomputed = grpo._completion_logps(grpo.model, inputs)
-    mask = inputs["completion_mask"].bool()
-    torch.testing.assert_close(inputs["old_logps"][mask], recomputed[mask], rtol=1e-4, atol=1e-4)
+    mask = inputs.completion_mask.bool()
+    torch.testing.assert_close(inputs.old_logps[mask], recomputed[mask], rtol=1e-4, atol=1e-4)
 
 
 def test_mean_reward_rises_on_a_toy_rule_reward(tmp_path):
@@ -103,7 +103,7 @@ def test_mean_reward_rises_on_a_toy_rule_reward(tmp_path):
 def test_dynamic_sampling_keeps_groups_whose_rewards_differ(tmp_path):
     grpo = trainer(tmp_path, reward=constant_for_even_numbers, dynamic_sampling=True, per_device_train_batch_size=16)
     inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
-    advantages = inputs["advantages"].view(-1, 4)
+    advantages = inputs.advantages.view(-1, 4)
     assert advantages.shape[0] == 4 and bool((advantages.abs().sum(dim=1) > 0).all())
     assert grpo._metrics["train"]["dynamic_sampling/kept_groups"] == [4.0]
 
@@ -111,8 +111,8 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ(tmp_path):
 def test_kl_to_a_reference_model(tmp_path):
     grpo = trainer(tmp_path, beta=0.04)
     inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
-    mask = inputs["completion_mask"].bool()
-    torch.testing.assert_close(inputs["ref_logps"][mask], inputs["old_logps"][mask], rtol=1e-4, atol=1e-4)
+    mask = inputs.completion_mask.bool()
+    torch.testing.assert_close(inputs.ref_logps[mask], inputs.old_logps[mask], rtol=1e-4, atol=1e-4)
     grpo.train()
     assert any("kl_mean" in entry for entry in grpo.state.log_history)
 

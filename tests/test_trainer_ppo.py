@@ -35,7 +35,7 @@ def trainer(tmp_path, rows=PROMPTS, ref_model=None, **overrides) -> PPOTrainer:
     )  # fmt: skip
 
 
-def rollout(ppo: PPOTrainer) -> dict[str, torch.Tensor]:
+def rollout(ppo: PPOTrainer):
     """The full rollout batch (before it is cut into micro-batches)."""
     return ppo._generate_and_score(next(iter(ppo.get_train_dataloader())), "train")
 
@@ -45,13 +45,13 @@ def eager_losses(ppo, inputs, objective="clip", beta=None):
     objective) and of the clipped value loss."""
     args = ppo.args
     policy, value_model = ppo.model.policy, ppo.model.value_model
-    completion = inputs["completion_ids"].shape[1]
-    ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+    completion = inputs.completion_ids.shape[1]
+    ids, attention, positions = inputs.input_ids, inputs.attention_mask, inputs.position_ids
     logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
     logp = torch.log_softmax(logits[:, -completion - 1 : -1].float() / args.temperature, dim=-1)
-    logp = logp.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    mask = inputs["completion_mask"].float()
-    advantages, old = inputs["advantages"], inputs["old_logps"]
+    logp = logp.gather(-1, inputs.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = inputs.completion_mask.float()
+    advantages, old = inputs.advantages, inputs.old_logps
     ratio = torch.exp(logp - old)
     if objective == "clip":
         per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
@@ -59,7 +59,7 @@ def eager_losses(ppo, inputs, objective="clip", beta=None):
         per_token = -advantages * ratio + beta * (ratio - 1 - (logp - old))  # k3 of KL(π_old‖π)
     policy_loss = (per_token * mask).sum() / mask.sum()
     values = value_model(ids, attention, position_ids=positions)[:, -completion - 1 : -1]
-    old_values, returns = inputs["old_values"], inputs["returns"]
+    old_values, returns = inputs.old_values, inputs.returns
     clipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
     per_token = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     value_loss = 0.5 * (per_token * mask).sum() / mask.sum()
@@ -95,20 +95,20 @@ def test_one_update_equals_the_eager_full_logits_losses(tmp_path, objective):
 def test_rewards_carry_the_kl_per_token_and_the_score_at_the_last_token(tmp_path):
     ppo = trainer(tmp_path, ref_model=tiny_causal_lm(seed=1), kl_coef=0.1, missing_eos_penalty=1.0)
     inputs = rollout(ppo)
-    mask = inputs["completion_mask"].bool()
-    truncated = ~(inputs["completion_ids"] == ppo.eos_token_id).any(dim=1)
+    mask = inputs.completion_mask.bool()
+    truncated = ~(inputs.completion_ids == ppo.eos_token_id).any(dim=1)
     assert truncated.any() and (~truncated).any()
     texts = ppo.processing_class.batch_decode(
-        [ids[m].tolist() for ids, m in zip(inputs["completion_ids"], mask, strict=True)], skip_special_tokens=True
+        [ids[m].tolist() for ids, m in zip(inputs.completion_ids, mask, strict=True)], skip_special_tokens=True
     )
     expected_scores = torch.tensor(blue_reward(texts)) - 1.0 * truncated.float()
-    torch.testing.assert_close(inputs["scores"], expected_scores)
-    expected = -0.1 * (inputs["old_logps"] - inputs["ref_logps"])  # k1: log π_old − log π_ref
+    torch.testing.assert_close(inputs.scores, expected_scores)
+    expected = -0.1 * (inputs.old_logps - inputs.ref_logps)  # k1: log π_old − log π_ref
     last = mask.sum(dim=1) - 1
     expected[torch.arange(len(last)), last] += expected_scores
-    torch.testing.assert_close(inputs["rewards"][mask], expected[mask])
-    assert (inputs["rewards"][~mask] == 0).all()
-    assert (inputs["ref_logps"] - inputs["old_logps"])[mask].abs().max() > 0.1  # a different reference model
+    torch.testing.assert_close(inputs.rewards[mask], expected[mask])
+    assert (inputs.rewards[~mask] == 0).all()
+    assert (inputs.ref_logps - inputs.old_logps)[mask].abs().max() > 0.1  # a different reference model
 
 
 def reference_gae(rewards, values, mask, gamma, lam):
@@ -128,12 +128,12 @@ def reference_gae(rewards, values, mask, gamma, lam):
 def test_gae_advantages_and_returns_match_a_reference_loop(tmp_path, whiten_rewards):
     ppo = trainer(tmp_path, gamma=0.9, lam=0.8, whiten_advantages=False, whiten_rewards=whiten_rewards)
     inputs = rollout(ppo)
-    mask = inputs["completion_mask"].float()
-    rewards = masked_whiten(inputs["rewards"], mask, shift_mean=False) if whiten_rewards else inputs["rewards"]
-    advantages, returns = reference_gae(rewards, inputs["old_values"], mask, 0.9, 0.8)
-    assert inputs["old_values"][mask.bool()].abs().max() > 0  # the value model's own values, not zeros
-    torch.testing.assert_close(inputs["advantages"], advantages, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(inputs["returns"], returns, rtol=1e-5, atol=1e-6)
+    mask = inputs.completion_mask.float()
+    rewards = masked_whiten(inputs.rewards, mask, shift_mean=False) if whiten_rewards else inputs.rewards
+    advantages, returns = reference_gae(rewards, inputs.old_values, mask, 0.9, 0.8)
+    assert inputs.old_values[mask.bool()].abs().max() > 0  # the value model's own values, not zeros
+    torch.testing.assert_close(inputs.advantages, advantages, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs.returns, returns, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_whiten_matches_trl():
@@ -149,7 +149,7 @@ def test_masked_whiten_matches_trl():
 
 def test_advantages_are_whitened_by_default(tmp_path):
     inputs = rollout(trainer(tmp_path))
-    kept = inputs["advantages"][inputs["completion_mask"].bool()]
+    kept = inputs.advantages[inputs.completion_mask.bool()]
     assert abs(float(kept.mean())) < 1e-5 and abs(float(kept.std()) - 1) < 1e-3
 
 
@@ -198,7 +198,7 @@ def test_mean_score_rises_on_a_toy_rule_reward(tmp_path, objective):
 def test_kl_in_the_loss_and_saving(tmp_path):
     ppo = trainer(tmp_path, kl_in_reward=False, kl_coef=0.1, max_steps=4)
     inputs = rollout(ppo)
-    assert (inputs["rewards"].sum(dim=1) == inputs["scores"]).all()  # the reward holds the score only
+    assert (inputs.rewards.sum(dim=1) == inputs.scores).all()  # the reward holds the score only
     ppo.train()
     assert any("objective/kl_loss" in entry for entry in ppo.state.log_history)
     ppo.save_model(str(tmp_path / "saved"))

@@ -109,10 +109,8 @@ def test_grpo_stops_at_non_finite_advantages_naming_the_step_and_them(tmp_path, 
 def test_ppo_stops_at_non_finite_scores_naming_them(tmp_path, monkeypatch):
     import test_trainer_ppo
 
-    import fastalign.trainers.ppo as ppo_module
-
-    monkeypatch.setattr(ppo_module, "score_rollout", nan_at_call(ppo_module.score_rollout, 2))
     ppo = test_trainer_ppo.trainer(tmp_path, max_steps=8)
+    monkeypatch.setattr(ppo, "_score", nan_at_call(ppo._score, 2))
     with pytest.raises(
         FloatingPointError, match=r"step 5: the training loss is not finite.*scores \(from the rewards\)"
     ):
