@@ -134,7 +134,7 @@ class _Recorder:
     def recording(self, capability: int):
         import torch
 
-        from fastalign.ops import _triton_backend, dispatch, logprobs, policy
+        from fastalign.ops import _triton_backend, dispatch, logprobs, policy, preference
 
         def record(name):
             def run(*args, grid=None, warmup=False, **kwargs):
@@ -165,6 +165,7 @@ class _Recorder:
             (dispatch, "resolve_backend", resolve),
             (logprobs, "resolve_backend", resolve),
             (policy, "resolve_backend", resolve),
+            (preference, "resolve_backend", resolve),
             (
                 torch.cuda,
                 "get_device_properties",
@@ -256,7 +257,7 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                         _meta((b, t), torch.float32),
                         _meta((b,), torch.float32),
                         _meta((b, t), torch.bool),
-                        ref_logp=_meta((b, t), torch.float32),
+                        ref_logps=_meta((b, t), torch.float32),
                         entropy=entropy,
                         kl_coef=0.04,
                         entropy_coef=0.01,
