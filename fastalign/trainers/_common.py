@@ -12,6 +12,13 @@ from torch import nn
 
 from fastalign.models import CausalLMAdapter, load_causal_lm
 
+LossInputs = dict[str, torch.Tensor]
+"""A micro-batch as ``Trainer.compute_loss`` gets it from the collator."""
+LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+"""What ``compute_loss`` returns: the loss, or ``(loss, metrics)`` with ``return_outputs=True``."""
+ItemCount = torch.Tensor | int | None
+"""``compute_loss``'s ``num_items_in_batch``: Trainer's count of label tokens over the optimiser step, or None."""
+
 
 class TrainTokenCount:
     """Training tokens seen so far (TRL's ``num_tokens`` metric): added on the device every step, summed over
@@ -81,6 +88,19 @@ class FusedLossTrainerMixin:
         tokens = torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp_min(1)
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         return loss_sum * processes / tokens
+
+
+class LossOnlyPredictionMixin:
+    """For ``Trainer`` subclasses whose evaluation reads only the loss: ``prediction_step`` returns
+    ``(loss, None, None)`` (there are no logits to return: the fused losses never build them)."""
+
+    def prediction_step(
+        self, model: nn.Module, inputs: Any, prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
 
 def prepare_splits(train_dataset: Any, eval_dataset: Any, prepare: Callable[[Any], Any]) -> tuple[Any, Any]:

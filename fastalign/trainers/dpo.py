@@ -35,7 +35,16 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer
 from fastalign.data import IGNORE_INDEX, PreferenceCollator, tokenize_dataset
 from fastalign.models import CausalLMAdapter, load_causal_lm, shift_labels, unwrap_peft
 from fastalign.nn import LinearDPOLoss
-from fastalign.trainers._common import FusedLossTrainerMixin, disable_dropout, prepare_splits, set_pad_token
+from fastalign.trainers._common import (
+    FusedLossTrainerMixin,
+    ItemCount,
+    LossInputs,
+    LossOnlyPredictionMixin,
+    LossOutput,
+    disable_dropout,
+    prepare_splits,
+    set_pad_token,
+)
 from fastalign.trainers._guards import FiniteLossMixin, ResumeMixin
 from fastalign.trainers.configs import DPOConfig
 
@@ -124,7 +133,7 @@ def _dpo_loss_module(args: DPOConfig, adapter: CausalLMAdapter) -> LinearDPOLoss
     )  # fmt: skip
 
 
-class DPOTrainer(FiniteLossMixin, ResumeMixin, FusedLossTrainerMixin, Trainer):
+class DPOTrainer(FiniteLossMixin, ResumeMixin, LossOnlyPredictionMixin, FusedLossTrainerMixin, Trainer):
     """DPO and its variants with fastalign's fused log-probs (TRL's ``DPOTrainer`` keywords and metrics).
 
     Args:
@@ -300,12 +309,8 @@ class DPOTrainer(FiniteLossMixin, ResumeMixin, FusedLossTrainerMixin, Trainer):
     # ---------------------------------------------------------------------------------------------------- loss
 
     def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, model: nn.Module, inputs: LossInputs, return_outputs: bool = False, num_items_in_batch: ItemCount = None
+    ) -> LossOutput:
         """Mean over the micro-batch's pairs of the configured DPO loss(es); records TRL's metrics (detached,
         on device: nothing here waits for the device)."""
         mode = "train" if self.model.training else "eval"
@@ -338,15 +343,6 @@ class DPOTrainer(FiniteLossMixin, ResumeMixin, FusedLossTrainerMixin, Trainer):
         if mode == "train":
             self._watch_loss(loss, {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected})
         return (loss, metrics) if return_outputs else loss
-
-    def prediction_step(
-        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
-    ) -> tuple[torch.Tensor, None, None]:
-        """Evaluation: the DPO loss only (there are no logits to return)."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def _tokens_so_far(self) -> int:
         local = torch.as_tensor(self._total_train_tokens, device=self.args.device).double().reshape(1)

@@ -32,6 +32,9 @@ from fastalign.rollout import HFGenerateEngine, RolloutBatch, SamplingParams
 from fastalign.trainers._common import (
     BufferedMetricsMixin,
     FusedLossTrainerMixin,
+    ItemCount,
+    LossOnlyPredictionMixin,
+    LossOutput,
     data_seed,
     disable_dropout,
     load_policy_and_tokenizer,
@@ -208,7 +211,9 @@ def _rows(rows: list[dict]) -> list[dict]:
     return rows
 
 
-class OnlineTrainer(FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, FusedLossTrainerMixin, Trainer):
+class OnlineTrainer(
+    FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, LossOnlyPredictionMixin, FusedLossTrainerMixin, Trainer
+):
     """What GRPO and PPO share on ``transformers.Trainer``: the policy and its tokenizer, PEFT, the reward
     functions and weights, the reference model (a frozen copy of the policy, or under PEFT the base model with the
     adapters off), the rollout engine and its weight sync, the repeat-sampler dataloaders, rollouts and their
@@ -469,8 +474,8 @@ class OnlineTrainer(FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, FusedLos
         model: nn.Module,
         inputs: PolicyBatch | Mapping[str, torch.Tensor],
         return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        num_items_in_batch: ItemCount = None,
+    ) -> LossOutput:
         """Trainer's hook: the subclass's ``_loss`` on one micro-batch (``num_items_in_batch`` is unused: the
         subclass normalises). Its metrics are kept as tensors (read once, when logged); in training the loss and
         the inputs it names are watched for non-finite values."""
@@ -482,13 +487,6 @@ class OnlineTrainer(FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, FusedLos
         if model.training:
             self._watch_loss(loss, watched)
         return (loss, metrics) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: a rollout of ``inputs``' prompts and the loss on it (there are no logits to return)."""
-        batch = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, batch).detach()
-        return loss, None, None
 
     # -------------------------------------------------------------------------------------------------- logs
 

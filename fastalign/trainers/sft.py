@@ -18,6 +18,9 @@ from fastalign.data import SFTCollator, pack_sequences, require_format, tokenize
 from fastalign.models import shift_labels
 from fastalign.trainers._common import (
     FusedLossTrainerMixin,
+    ItemCount,
+    LossInputs,
+    LossOutput,
     NumTokensLogMixin,
     TrainTokenCount,
     load_policy_and_tokenizer,
@@ -103,12 +106,8 @@ class SFTTrainer(FiniteLossMixin, ResumeMixin, NumTokensLogMixin, FusedLossTrain
         self._train_tokens = TrainTokenCount()
 
     def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, model: nn.Module, inputs: LossInputs, return_outputs: bool = False, num_items_in_batch: ItemCount = None
+    ) -> LossOutput:
         """Mean next-token cross-entropy over the label tokens of the whole (gradient-accumulated) batch, with
         ``label_smoothing_factor`` as the fused op's label smoothing (``Trainer``'s ``LabelSmoother`` is the same
         ``(1 - ε)·nll + ε·mean over the vocabulary of -log p``).
