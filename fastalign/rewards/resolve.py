@@ -10,17 +10,16 @@ and ``fastalign``'s ``--reward_funcs`` accept, one item or a list of them:
   :class:`~fastalign.rewards.RewardModelFunction` with its own tokenizer, else the one given);
 - a reward model (``torch.nn.Module``), or any other callable (TRL's reward-function contract).
 
-Each mistake has one exception type, and its message names the argument: ``TypeError`` for an item or a weight of
-the wrong type, ``ValueError`` for everything else (no reward, an unknown name, a spec that cannot be imported, a
-weight count that does not match, a weight that is not finite), :class:`~fastalign.rewards.SandboxUnavailableError`
-for ``code_reward`` without a working sandbox.
+Each mistake has one exception type, and its message names the argument: ``TypeError`` for an item of the wrong
+type (or weights that are not a list), ``ValueError`` for everything else (no reward, an unknown name, a spec that
+cannot be imported, a weight count that does not match, a weight that is not a finite number: ops'
+``check_number``), :class:`~fastalign.rewards.SandboxUnavailableError` for ``code_reward`` without a working
+sandbox.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fastalign.ops._checks import check_number
 from fastalign.rewards.accuracy import accuracy_reward
 from fastalign.rewards.base import RewardFunction, RewardModelFunction
 from fastalign.rewards.code_execution import CodeReward, code_reward, unsandboxed_code_reward
@@ -129,8 +129,8 @@ def resolve_reward_weights(
     """``weights`` as ``count`` finite floats (``None``: 1 each).
 
     Raises:
-        TypeError: ``weights`` is not a sequence of real numbers. ValueError: not ``count`` of them, or one is not
-            finite.
+        TypeError: ``weights`` is not a sequence. ValueError: not ``count`` of them, or one is not a finite
+            number (a bool or a string is not a number).
     """
     if weights is None:
         return [1.0] * count
@@ -142,10 +142,7 @@ def resolve_reward_weights(
         order = " (the reward model first, then reward_funcs in order)" if reward_model_first else ""
         raise ValueError(f"reward_weights has {len(weights)} weights for {count} reward functions{order}")
     for index, weight in enumerate(weights):
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            raise TypeError(f"reward_weights[{index}] must be a real number, got {type(weight).__name__} {weight!r}")
-        if not math.isfinite(weight):
-            raise ValueError(f"reward_weights[{index}] must be a finite number, got {weight!r}")
+        check_number(f"reward_weights[{index}]", weight)
     return [float(weight) for weight in weights]
 
 
