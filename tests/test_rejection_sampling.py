@@ -90,8 +90,15 @@ def test_the_same_seed_gives_the_same_rows():
 def test_threshold_keeps_every_passing_completion_and_only_those():
     model, tokenizer = tiny_causal_lm(), word_tokenizer()
     recorder = Recorder(model, tokenizer)
-    out = sample(standard_rows(), engine=recorder, model=model, tokenizer=tokenizer, keep="threshold", threshold=1.0,
-                 deduplicate=False)  # fmt: skip
+    out = sample(
+        standard_rows(),
+        engine=recorder,
+        model=model,
+        tokenizer=tokenizer,
+        keep="threshold",
+        threshold=1.0,
+        deduplicate=False,
+    )
     scores = favourite_words(recorder.texts(tokenizer))
     assert 0 < len(out) == sum(s >= 1.0 for s in scores) < len(scores)
     assert all(r >= 1.0 for r in out["reward"])
@@ -166,11 +173,20 @@ def test_unscorable_and_truncated_completions_are_not_kept():
     assert out["completion"] == [" sky", " sky"] and out["reward"] == [4.0, 4.0]  # the others are unscorable
     out = rejection_sample(None, tokenizer, dataset, [favourite_words], params=params, engine=engine, progress=False)
     assert out["reward"] == [4.0, 4.0]  # " blue sky sky sky", truncated but kept by default
-    out = rejection_sample(None, tokenizer, dataset, [favourite_words], params=params, engine=engine,
-                           skip_truncated=True, progress=False)  # fmt: skip
+    out = rejection_sample(
+        None, tokenizer, dataset, [favourite_words], params=params, engine=engine, skip_truncated=True, progress=False
+    )
     assert out["completion"] == [" sky", " sky"] and out["reward"] == [1.0, 1.0]
-    weighted = rejection_sample(None, tokenizer, dataset, [favourite_words, only_short], [0.5, 1.0], params=params,
-                                engine=engine, progress=False)  # fmt: skip
+    weighted = rejection_sample(
+        None,
+        tokenizer,
+        dataset,
+        [favourite_words, only_short],
+        [0.5, 1.0],
+        params=params,
+        engine=engine,
+        progress=False,
+    )
     # NaN-aware weighted sums: 0.5 * 3 (+ None), 0.5 * 1 + 4, 0.5 * 4 (+ None)
     assert weighted["completion"] == [" sky", " sky"] and weighted["reward"] == [4.5, 4.5]
 
@@ -208,8 +224,9 @@ def test_bad_datasets_and_weights_are_refused():
     with pytest.raises(ValueError, match="missing column 'prompt'"):
         rejection_sample(None, tokenizer, datasets.Dataset.from_list([{"text": "x"}]), favourite_words, params=params)
     with pytest.raises(ValueError, match="reward_weights has 2 weights for 1 reward functions"):
-        rejection_sample(None, tokenizer, datasets.Dataset.from_list(standard_rows(1)), favourite_words, [1.0, 2.0],
-                         params=params)  # fmt: skip
+        rejection_sample(
+            None, tokenizer, datasets.Dataset.from_list(standard_rows(1)), favourite_words, [1.0, 2.0], params=params
+        )
     with pytest.raises(ValueError, match="reward_funcs is empty"):
         rejection_sample(None, tokenizer, datasets.Dataset.from_list(standard_rows(1)), [], params=params)
     with pytest.warns(DeprecationWarning, match="reward_weights"), pytest.raises(ValueError, match="has 2 weights"):

@@ -97,9 +97,19 @@ def test_accuracy_unparseable_gold_is_none():
 
 
 def test_accuracy_never_raises_and_is_fast():
-    weird = ["\\", "{{{{", "\\boxed{\\frac{", "#### ", "<answer></answer>", "\\boxed{1/0}",
-             "\\boxed{" + "x^" * 500 + "}", "\\boxed{\\sqrt{-1}}", "\\boxed{\\infty}", "\x00\\boxed{\ud800}",
-             "\\boxed{" + "9" * 5000 + "}"]  # fmt: skip
+    weird = [
+        "\\",
+        "{{{{",
+        "\\boxed{\\frac{",
+        "#### ",
+        "<answer></answer>",
+        "\\boxed{1/0}",
+        "\\boxed{" + "x^" * 500 + "}",
+        "\\boxed{\\sqrt{-1}}",
+        "\\boxed{\\infty}",
+        "\x00\\boxed{\ud800}",
+        "\\boxed{" + "9" * 5000 + "}",
+    ]
     start = time.perf_counter()
     out = accuracy_reward(weird, ["1"] * len(weird))
     assert out == [0.0] * len(weird)
@@ -234,8 +244,9 @@ def test_score_weights_and_none(caplog):
     assert total[:2].tolist() == [4.0, 2.0]
     assert math.isnan(total[2])  # every function returned None: unscorable (TRL 1.16)
     assert "every reward function returned None" in caplog.text
-    _, total0 = score([plus_one, by_column], None, ["p"] * 3, ["a", "b", "c"], None, {"level": [4, None, None]},
-                      unscorable="zero")  # fmt: skip
+    _, total0 = score(
+        [plus_one, by_column], None, ["p"] * 3, ["a", "b", "c"], None, {"level": [4, None, None]}, unscorable="zero"
+    )
     assert total0.tolist() == [5.0, 1.0, 0.0]
 
 
@@ -243,9 +254,13 @@ def test_score_builtins_together():
     completions = [conv("<think>2+2</think>\\boxed{4}"), conv("\\boxed{5}")]
     funcs = [accuracy_reward, think_format_reward, soft_overlong_punishment(4, 2)]
     per_function, total = score(
-        funcs, [1.0, 0.5, 1.0], [[{"role": "user", "content": "2+2?"}]] * 2, completions, [[1, 2], [1, 2, 3, 4]],
+        funcs,
+        [1.0, 0.5, 1.0],
+        [[{"role": "user", "content": "2+2?"}]] * 2,
+        completions,
+        [[1, 2], [1, 2, 3, 4]],
         {"solution": ["4", "4"]},
-    )  # fmt: skip
+    )
     assert per_function.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, -1.0]]
     assert total.tolist() == [1.5, -1.0]
     assert [reward_function_name(f) for f in funcs] == [
@@ -320,10 +335,18 @@ def test_completion_text():
 def tiny_reward_model() -> LlamaForSequenceClassification:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
-        eos_token_id=3, num_labels=1,
-    )  # fmt: skip
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        num_labels=1,
+    )
     return LlamaForSequenceClassification(config).train()
 
 

@@ -33,19 +33,32 @@ def constant_for_even_numbers(completions, completion_ids, number, **kwargs):
 
 def config(tmp_path, **overrides) -> GRPOConfig:
     options = {
-        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8, "num_generations": 4,
-        "max_completion_length": 6, "learning_rate": 1e-2, "max_steps": 2, "logging_steps": 1,
-        "save_strategy": "no", "report_to": [], "bf16": False, "gradient_checkpointing": False, "use_cpu": True,
-        "seed": 0, "disable_tqdm": True,
-    }  # fmt: skip
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "learning_rate": 1e-2,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
     return GRPOConfig(**{**options, **overrides})
 
 
 def trainer(tmp_path, reward=blue_reward, rows=PROMPTS, **overrides) -> GRPOTrainer:
     return GRPOTrainer(
-        tiny_causal_lm(), reward_funcs=reward, args=config(tmp_path, **overrides),
-        train_dataset=datasets.Dataset.from_list(rows), processing_class=word_tokenizer(),
-    )  # fmt: skip
+        tiny_causal_lm(),
+        reward_funcs=reward,
+        args=config(tmp_path, **overrides),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+    )
 
 
 def eager_loss(model, inputs, temperature, epsilon_low, epsilon_high):
@@ -162,9 +175,13 @@ def test_each_generation_samples_from_the_policy_after_the_last_optimizer_step(t
     model, tokenizer = tiny_causal_lm(), word_tokenizer()
     engine = OwnCopyEngine(model, tokenizer)
     grpo = GRPOTrainer(
-        model, reward_funcs=id_hash_reward, args=config(tmp_path, max_steps=4, num_iterations=iterations),
-        train_dataset=datasets.Dataset.from_list(PROMPTS), processing_class=tokenizer, rollout_engine=engine,
-    )  # fmt: skip
+        model,
+        reward_funcs=id_hash_reward,
+        args=config(tmp_path, max_steps=4, num_iterations=iterations),
+        train_dataset=datasets.Dataset.from_list(PROMPTS),
+        processing_class=tokenizer,
+        rollout_engine=engine,
+    )
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     record = RecordWeights(model)
     grpo.add_callback(record)
@@ -216,8 +233,12 @@ def test_an_unscorable_completion_gets_zero_advantage_and_leaves_the_baseline(tm
         expected = expected / (rewards[~rewards.isnan()].std() + 1e-4)
     assert got[1] == 0
     torch.testing.assert_close(got[[0, 2, 3]], expected.double(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got[4:], group_advantages(rewards[4:], 4, scale=scale) if scale != "batch" else
-                               (rewards[4:] - 2.5) / (rewards[~rewards.isnan()].std() + 1e-4))  # fmt: skip
+    torch.testing.assert_close(
+        got[4:],
+        group_advantages(rewards[4:], 4, scale=scale)
+        if scale != "batch"
+        else (rewards[4:] - 2.5) / (rewards[~rewards.isnan()].std() + 1e-4),
+    )
     clean = rewards.nan_to_num(2.0)
     torch.testing.assert_close(_advantages_of(clean, 4, scale), group_advantages(clean, 4, scale=scale))
 

@@ -21,18 +21,32 @@ def blue_reward(completions, **kwargs):
 
 def config(tmp_path, **overrides) -> PPOConfig:
     options = {
-        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8, "response_length": 6,
-        "learning_rate": 1e-2, "max_steps": 2, "logging_steps": 1, "save_strategy": "no", "report_to": [],
-        "bf16": False, "gradient_checkpointing": False, "use_cpu": True, "seed": 0, "disable_tqdm": True,
-    }  # fmt: skip
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "response_length": 6,
+        "learning_rate": 1e-2,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
     return PPOConfig(**{**options, **overrides})
 
 
 def trainer(tmp_path, rows=PROMPTS, ref_model=None, **overrides) -> PPOTrainer:
     return PPOTrainer(
-        tiny_causal_lm(), reward_funcs=blue_reward, args=config(tmp_path, **overrides),
-        train_dataset=datasets.Dataset.from_list(rows), processing_class=word_tokenizer(), ref_model=ref_model,
-    )  # fmt: skip
+        tiny_causal_lm(),
+        reward_funcs=blue_reward,
+        args=config(tmp_path, **overrides),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+        ref_model=ref_model,
+    )
 
 
 def rollout(ppo: PPOTrainer):
@@ -142,8 +156,9 @@ def test_masked_whiten_matches_trl():
     kept = values[mask.bool()]
     expected = (values - kept.mean()) / torch.sqrt(kept.var(unbiased=True) + 1e-8)
     torch.testing.assert_close(masked_whiten(values, mask)[mask.bool()], expected[mask.bool()])
-    torch.testing.assert_close(masked_whiten(values, mask, shift_mean=False)[mask.bool()],
-                               (expected + kept.mean())[mask.bool()])  # fmt: skip
+    torch.testing.assert_close(
+        masked_whiten(values, mask, shift_mean=False)[mask.bool()], (expected + kept.mean())[mask.bool()]
+    )
     assert (masked_whiten(values, mask)[~mask.bool()] == 0).all()
 
 
@@ -177,8 +192,15 @@ def test_the_trainer_adapts_beta_from_the_measured_kl_after_each_update(tmp_path
 
 @pytest.mark.parametrize("objective", ["clip", "kl_penalty"])
 def test_mean_score_rises_on_a_toy_rule_reward(tmp_path, objective):
-    ppo = trainer(tmp_path, objective=objective, max_steps=48, learning_rate=3e-2, temperature=1.0,
-                  per_device_train_batch_size=16, target_kl=0.05)  # fmt: skip
+    ppo = trainer(
+        tmp_path,
+        objective=objective,
+        max_steps=48,
+        learning_rate=3e-2,
+        temperature=1.0,
+        per_device_train_batch_size=16,
+        target_kl=0.05,
+    )
     ppo.train()
     history = ppo.state.log_history
     scores = [entry["objective/scores"] for entry in history if "objective/scores" in entry]
@@ -186,8 +208,14 @@ def test_mean_score_rises_on_a_toy_rule_reward(tmp_path, objective):
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert last > first + 0.2, scores
     logged = set().union(*history)
-    expected = {"objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
-                "policy/approxkl_avg"}  # fmt: skip
+    expected = {
+        "objective/kl",
+        "objective/rlhf_reward",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "policy/approxkl_avg",
+    }
     expected |= {"policy/clipfrac_avg"} if objective == "clip" else {"objective/kl_penalty_beta"}
     assert expected <= logged
     if objective == "kl_penalty":  # β adapted (up and down) from its initial 1.0
@@ -224,8 +252,12 @@ def test_configuration_and_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="prompt"):
         trainer(tmp_path, rows=[{"question": "what is one plus one ?"}])
     with pytest.raises(ValueError, match=r"reward_funcs or args\.reward_model_path"):
-        PPOTrainer(tiny_causal_lm(), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(PROMPTS),
-                   processing_class=word_tokenizer())  # fmt: skip
+        PPOTrainer(
+            tiny_causal_lm(),
+            args=config(tmp_path),
+            train_dataset=datasets.Dataset.from_list(PROMPTS),
+            processing_class=word_tokenizer(),
+        )
 
 
 def test_each_rollout_samples_from_the_policy_after_the_last_optimizer_step(tmp_path):
@@ -234,9 +266,13 @@ def test_each_rollout_samples_from_the_policy_after_the_last_optimizer_step(tmp_
     model, tokenizer = tiny_causal_lm(), word_tokenizer()
     engine = OwnCopyEngine(model, tokenizer)
     ppo = PPOTrainer(
-        model, reward_funcs=blue_reward, args=config(tmp_path, max_steps=6, num_ppo_epochs=2),
-        train_dataset=datasets.Dataset.from_list(PROMPTS), processing_class=tokenizer, rollout_engine=engine,
-    )  # fmt: skip
+        model,
+        reward_funcs=blue_reward,
+        args=config(tmp_path, max_steps=6, num_ppo_epochs=2),
+        train_dataset=datasets.Dataset.from_list(PROMPTS),
+        processing_class=tokenizer,
+        rollout_engine=engine,
+    )
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     record = RecordWeights(model)
     ppo.add_callback(record)

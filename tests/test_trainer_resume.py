@@ -65,10 +65,13 @@ def test_grpo_samples_from_the_checkpoints_weights_after_a_resume(tmp_path):
         model, tokenizer = tiny_causal_lm(), word_tokenizer()
         engine = OwnCopyEngine(model, tokenizer)
         grpo = GRPOTrainer(
-            model, reward_funcs=test_trainer_grpo.id_hash_reward, args=test_trainer_grpo.config(folder, **overrides),
-            train_dataset=datasets.Dataset.from_list(test_trainer_grpo.PROMPTS), processing_class=tokenizer,
+            model,
+            reward_funcs=test_trainer_grpo.id_hash_reward,
+            args=test_trainer_grpo.config(folder, **overrides),
+            train_dataset=datasets.Dataset.from_list(test_trainer_grpo.PROMPTS),
+            processing_class=tokenizer,
             rollout_engine=engine,
-        )  # fmt: skip
+        )
         return grpo, engine
 
     first, _ = make(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=2)
