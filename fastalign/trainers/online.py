@@ -255,6 +255,11 @@ class OnlineTrainer(
         trained_module: Callable[[nn.Module], nn.Module] | None = None,
         **kwargs: Any,
     ):
+        """The subclass's public arguments (TRL's), then what its config names its own way: ``kl_coef`` (no
+        reference model when 0), the sampling's ``max_completion_length`` / ``min_p`` / ``repetition_penalty``,
+        ``ref_model`` (default: a frozen copy of the policy, or the PEFT base with the adapters off),
+        ``reward_model`` (a path put before ``reward_funcs``), ``eos_token_id`` (default: the tokenizer's) and
+        ``trained_module`` (policy -> the module Trainer optimises; default: the policy)."""
         sampling = SamplingParams(
             num_generations=args.num_generations,
             max_completion_length=max_completion_length,
