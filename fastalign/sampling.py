@@ -24,6 +24,7 @@ import datasets
 
 from fastalign.data import detect_format, is_conversational, require_format, tokenize_prompt
 from fastalign.data.formats import CONVERSATIONAL_LM, PROMPT_COMPLETION
+from fastalign.ops._checks import check_number
 from fastalign.rewards import score
 from fastalign.rewards.resolve import resolve_reward_funcs
 from fastalign.rollout import HFGenerateEngine, SamplingParams
@@ -40,10 +41,7 @@ def _check_keep(keep: str, threshold: float | None) -> None:
         raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
     if keep == "threshold" and threshold is None:
         raise ValueError("keep='threshold' needs a threshold (the lowest reward a kept completion may have)")
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
-    ):
-        raise ValueError(f"threshold must be a finite number or None, got {threshold!r}")
+    check_number("threshold", threshold, optional=True)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

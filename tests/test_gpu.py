@@ -108,9 +108,9 @@ def test_policy_loss_kernels_on_gpu(case):
     results = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
         leaves = {k: v.to(device="cuda", dtype=dtype) for k, v in inputs.items()}
-        leaves["logp"].requires_grad_()
+        leaves["logps"].requires_grad_()
         loss, metrics = fastalign.policy_loss(**leaves, **options, backend=backend)
-        (grad,) = torch.autograd.grad(loss, leaves["logp"])
+        (grad,) = torch.autograd.grad(loss, leaves["logps"])
         results[backend] = (loss.double(), grad.double(), {k: v.double() for k, v in metrics.items()})
     (loss, grad, metrics), (want_loss, want_grad, want_metrics) = results["triton"], results["torch"]
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)

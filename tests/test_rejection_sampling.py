@@ -208,8 +208,8 @@ def test_threshold_deduplicates_identical_completions_unless_asked_not_to():
     [
         ({"keep": "threshold"}, "needs a threshold"),
         ({"keep": "worst"}, "keep must be one of"),
-        ({"keep": "threshold", "threshold": math.nan}, "threshold must be a finite number"),
-        ({"threshold": "1"}, "threshold must be a finite number"),
+        ({"keep": "threshold", "threshold": math.nan}, "threshold must be None or a finite number"),
+        ({"threshold": "1"}, "threshold must be None or a finite number"),
         ({"batch_size": 0}, "batch_size must be a positive int"),
     ],
 )

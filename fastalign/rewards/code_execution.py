@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import operator
 import os
 import re
@@ -47,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from fastalign.ops._checks import check_number
 from fastalign.rewards.base import completion_texts
 from fastalign.rewards.sandbox import PRELUDE, RUNNERS, Limits, SandboxUnavailableError, run_sandboxed
 
@@ -348,8 +348,7 @@ class CodeReward:
         site_packages: bool = False,
         sandbox: str = "bwrap",
     ) -> None:
-        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_number("timeout", timeout, above=0, why="seconds")
         if memory_mb < 64:
             raise ValueError(f"memory_mb must be at least 64 (the interpreter needs it), got {memory_mb}")
         if max_file_mb < 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
@@ -10,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from fastalign._padding import pad_rows
+from fastalign.ops._checks import check_number
 
 __all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams"]
 
@@ -51,26 +51,15 @@ class SamplingParams:
                 raise TypeError(f"SamplingParams.{name} must be an int, got {type(value).__name__} {value!r}")
             if value < 1:
                 raise ValueError(f"SamplingParams.{name} must be >= 1, got {value}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"SamplingParams.{name} must be a finite number, got {value!r}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_number("SamplingParams.temperature", self.temperature, at_least=0, why="0 = greedy")
+        check_number("SamplingParams.top_p", self.top_p, above=0, at_most=1)
+        check_number("SamplingParams.repetition_penalty", self.repetition_penalty, above=0)
         if self.top_k is not None:
             if not _is_int(self.top_k):
                 raise TypeError(f"SamplingParams.top_k must be an int or None, got {self.top_k!r}")
             if self.top_k < 1:
                 raise ValueError(f"SamplingParams.top_k must be >= 1 or None (no top-k filtering), got {self.top_k}")
-        min_p = self.min_p
-        if min_p is not None and (
-            isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1
-        ):
-            raise ValueError(f"SamplingParams.min_p must be in [0, 1] or None, got {self.min_p!r}")
+        check_number("SamplingParams.min_p", self.min_p, at_least=0, at_most=1, optional=True)
 
     @property
     def greedy(self) -> bool:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fastalign.ops._checks import check_number
 
 __all__ = ["truncated_importance_weights"]
 
@@ -34,8 +34,7 @@ def truncated_importance_weights(
         ``[N, C]`` float32, detached: the truncated ratio on masked-in tokens, exactly 1 where ``mask`` is 0 and
         where either log-prob is NaN (unavailable from the engine), as TRL does.
     """
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0 or math.isnan(cap):
-        raise ValueError(f"cap must be a positive number, got {cap!r}")
+    check_number("cap", cap, above=0, finite=False)
     if trainer_logps.shape != sampler_logps.shape or trainer_logps.shape != mask.shape:
         raise ValueError(
             f"shape mismatch: trainer_logps {tuple(trainer_logps.shape)}, sampler_logps "
