@@ -8,11 +8,12 @@ from fastalign.models.causal_lm import (
     shift_labels,
     unwrap_peft,
 )
-from fastalign.models.heads import ValueHeadModel, load_reward_model, sequence_rewards
+from fastalign.models.heads import PolicyAndValueModel, ValueHeadModel, load_reward_model, sequence_rewards
 from fastalign.models.patch import patch_model, unpatch_model
 
 __all__ = [
     "CausalLMAdapter",
+    "PolicyAndValueModel",
     "ValueHeadModel",
     "load_causal_lm",
     "load_reward_model",

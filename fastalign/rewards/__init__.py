@@ -28,6 +28,7 @@ from fastalign.rewards.base import (
     score,
 )
 from fastalign.rewards.code_execution import CodeReward, code_reward, extract_code, unsandboxed_code_reward
+from fastalign.rewards.resolve import load_reward_function, resolve_reward_funcs, resolve_reward_weights
 from fastalign.rewards.rules import SoftOverlongPunishment, soft_overlong_punishment, think_format_reward
 from fastalign.rewards.sandbox import SandboxUnavailableError
 
@@ -47,7 +48,10 @@ __all__ = [
     "extract_gold",
     "is_conversational_value",
     "is_equivalent",
+    "load_reward_function",
     "parse_answer",
+    "resolve_reward_funcs",
+    "resolve_reward_weights",
     "reward_function_name",
     "score",
     "soft_overlong_punishment",
