@@ -53,13 +53,24 @@ DEFAULT_OUTPUT = ROOT / "bench" / "results" / "aot-sm80-sm90.md"
 # Compute capability -> (name, the most shared memory one block may use, SMs of the reference part).
 TARGETS = {80: ("sm_80 (A100)", 163 * 1024, 108), 90: ("sm_90 (H100/H200)", 227 * 1024, 132)}
 # The Triton kernels whose dots should run on tensor cores (all but the IEEE float32 path).
-MATMUL_KERNELS = {"linear_stats_fwd_kernel", "linear_grad_logits_kernel", "matmul_accumulate_kernel"}
+MATMUL_KERNELS = {
+    "linear_stats_fwd_kernel",
+    "linear_grad_logits_kernel",
+    "matmul_accumulate_kernel",
+    "distill_stats_kernel",
+    "distill_mixture_kernel",
+    "distill_grad_kernel",
+}
 # Sizes users run: Qwen2.5-0.5B (D 896, V 151936), Llama-3-8B (D 4096, V 128256), Llama-2 (V 32000); 16384 tokens;
 # RL batches whose T is not a multiple of 16.
 LINEAR_SHAPES = [(16384, 4096, 128256), (16384, 896, 151936), (16384, 4096, 32000)]
 LOGITS_SHAPES = [(16384, 151936), (16384, 32000)]
 POLICY_SHAPES = [(64, 1021), (256, 4099)]
 DPO_SHAPES = [(32, 1021), (8, 4099)]
+# Distillation N, student D, teacher D, V: Qwen2.5-0.5B from Qwen2.5-7B (D 3584), Llama-3.2-1B from Llama-3-8B.
+DISTILL_SHAPES = [(16384, 896, 3584, 151936), (16384, 2048, 4096, 128256)]
+# beta 0, 1 and between: the forward KL, the reverse KL and the mixture (each a MODE of the distill kernels).
+DISTILL_BETAS = (0.0, 1.0, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +129,11 @@ class _Recorder:
     def __init__(self) -> None:
         from triton.runtime.autotuner import Autotuner
 
-        from fastalign.kernels.triton import dpo_loss, linear_stats, logits_stats, policy_loss
+        from fastalign.kernels.triton import distill, dpo_loss, linear_stats, logits_stats, policy_loss
 
         self.kernels = {
             name: obj
-            for module in (linear_stats, logits_stats, policy_loss, dpo_loss)
+            for module in (linear_stats, logits_stats, policy_loss, dpo_loss, distill)
             for name, obj in vars(module).items()
             if isinstance(obj, Autotuner)
         }
@@ -229,6 +240,24 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                         (logp.sum() + entropy.sum()).backward()
 
                 cases.append((label, f"linear N={n} D={d} V={v} {variant}", linear))
+        for n, ds, dt, v in DISTILL_SHAPES:
+            for beta in DISTILL_BETAS:
+
+                def distill(n=n, ds=ds, dt=dt, v=v, dtype=dtype, beta=beta):
+                    student_hidden, student_weight = _meta((n, ds), dtype, True), _meta((v, ds), dtype, True)
+                    teacher_hidden, teacher_weight = _meta((n, dt), dtype), _meta((v, dt), dtype)
+                    fastalign.linear_distill_loss(
+                        student_hidden,
+                        student_weight,
+                        teacher_hidden,
+                        teacher_weight,
+                        _meta((n,), torch.long),
+                        beta=beta,
+                        temperature=0.9,
+                        backend="triton",
+                    ).backward()
+
+                cases.append((label, f"distill N={n} Ds={ds} Dt={dt} V={v} beta={beta}", distill))
     for label in ("bf16", "fp16", "fp32-tf32"):
         dtype = dtypes[label]
         for n, v in LOGITS_SHAPES:
@@ -831,7 +860,9 @@ def markdown(
         + "; ".join(f"{b}, {t}" for b, t in POLICY_SHAPES)
         + "; DPO pairs, T = "
         + "; ".join(f"{b}, {t}" for b, t in DPO_SHAPES)
-        + ".",
+        + "; distillation N, student D, teacher D, V = "
+        + "; ".join(f"{n}, {ds}, {dt}, {v}" for n, ds, dt, v in DISTILL_SHAPES)
+        + f" at beta {', '.join(map(str, DISTILL_BETAS))}.",
         "",
         f"**Gate: {'PASSED' if not failures else 'FAILED'}** ({len(triton)} Triton compiles, {len(cuda)} CUDA "
         "kernels).",

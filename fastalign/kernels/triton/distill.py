@@ -19,30 +19,56 @@ import triton.language as tl
 from fastalign.kernels.triton.linear_stats import _dot_tiles, _tile_configs, configs_for
 from fastalign.kernels.triton.softmax_tile import autotune_configs
 
-# Tiles ``(rows, columns, inner, warps, stages)`` per precision and architecture, as in linear_stats.py. Two fp32
-# logit tiles are live at once (the student's and the teacher's), so the tiles hold half the elements of the
-# single-head kernels' to stay clear of spills; every one was compiled for its target by bench.aot.
+# Tiles ``(rows, columns, inner, warps, stages)`` per kernel, precision and architecture, as in linear_stats.py. Two
+# fp32 logit tiles are live at once (the student's and the teacher's), so the tiles hold at most half the elements
+# of the single-head kernels'. Every tile was compiled by bench.aot for its target in every variant (MODE 0, 1, 2)
+# without spills; the mixture's sweep, with the most live values per element, gets the narrowest inner tiles on
+# sm_80 (its 64 x 128 x 64 tile spills 428 B there).
 _TILES = {
-    ("half", 9): [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
-    ("half", 8): [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 32, 8, 4)],
-    ("tf32", 9): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
-    ("tf32", 8): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 128, 16, 8, 4)],
-    ("ieee", 9): [(64, 64, 16, 8, 2), (32, 128, 16, 8, 2), (32, 64, 16, 4, 2), (64, 64, 8, 4, 2)],
-    ("ieee", 8): [(64, 64, 16, 8, 2), (32, 128, 16, 8, 2), (32, 64, 16, 4, 2), (64, 64, 8, 4, 2)],
+    "stats": {
+        ("half", 9): [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 4)],
+        ("half", 8): [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 4)],
+        ("tf32", 9): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 16, 8, 4), (64, 128, 16, 8, 4)],
+        ("tf32", 8): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 16, 8, 4), (64, 128, 16, 8, 4)],
+        ("ieee", 9): [(32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+        ("ieee", 8): [(32, 128, 16, 8, 2), (64, 64, 16, 8, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+    },
+    "mixture": {
+        ("half", 9): [(64, 128, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3)],
+        ("half", 8): [(64, 128, 32, 8, 3), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3), (32, 128, 64, 8, 3)],
+        ("tf32", 9): [(64, 128, 32, 8, 3), (128, 64, 16, 8, 4), (64, 128, 16, 8, 4), (64, 64, 32, 8, 3)],
+        ("tf32", 8): [(64, 128, 16, 8, 4), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3)],
+        ("ieee", 9): [(32, 64, 16, 4, 2), (64, 32, 16, 4, 2), (16, 128, 16, 4, 2)],
+        ("ieee", 8): [(32, 128, 16, 8, 2), (64, 64, 16, 8, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+    },
+    "grad": {
+        ("half", 9): [(128, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4)],
+        ("half", 8): [(128, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4)],
+        ("tf32", 9): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 4), (128, 64, 16, 8, 4)],
+        ("tf32", 8): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 4), (128, 64, 16, 8, 4)],
+        ("ieee", 9): [(32, 128, 16, 8, 2), (64, 64, 16, 8, 2), (64, 64, 8, 4, 2)],
+        ("ieee", 8): [(32, 128, 16, 8, 2), (64, 64, 16, 8, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+    },
 }
-_KIND_CONFIGS = _tile_configs(_TILES, ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
-_CONFIGS = autotune_configs(
-    [config for configs in _KIND_CONFIGS.values() for config in configs],
-    triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}),
-)
+_KIND_CONFIGS = {kernel: _tile_configs(tiles, ("BLOCK_N", "BLOCK_V", "BLOCK_D")) for kernel, tiles in _TILES.items()}
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16})
 _KEY = ["DS", "DT", "V", "MODE", "DOT_PRECISION"]
 
 
-def _prune_tiles(configs, named_args, **kwargs):
-    return configs_for(_KIND_CONFIGS, named_args["student_hidden_ptr"], kwargs["DOT_PRECISION"])
+def _tuning(kernel: str) -> dict:
+    """``triton.autotune``'s arguments for one kernel: its configs, and the pruning to the launch's dtype and
+    device (architecture, shared memory)."""
+    kinds = _KIND_CONFIGS[kernel]
 
+    def prune(configs, named_args, **kwargs):
+        return configs_for(kinds, named_args["student_hidden_ptr"], kwargs["DOT_PRECISION"])
 
-_PRUNE = {"early_config_prune": _prune_tiles}
+    every = [config for configs in kinds.values() for config in configs]
+    return {
+        "configs": autotune_configs(every, _INTERPRETER_CONFIG),
+        "key": _KEY,
+        "prune_configs_by": {"early_config_prune": prune},
+    }
 
 
 @triton.jit
@@ -103,7 +129,7 @@ def _load_rows(ptr, rows, row_mask):
     return tl.load(ptr + rows, mask=row_mask, other=0.0)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(**_tuning("stats"))
 @triton.jit
 def distill_stats_kernel(
     student_hidden_ptr,
@@ -209,7 +235,7 @@ def distill_stats_kernel(
         tl.store(gap_ptr + out, gap, mask=row_mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(**_tuning("mixture"))
 @triton.jit
 def distill_mixture_kernel(
     student_hidden_ptr,
@@ -299,7 +325,7 @@ def distill_mixture_kernel(
     tl.store(kl_teacher_ptr + out, kl_teacher, mask=row_mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(**_tuning("grad"))
 @triton.jit
 def distill_grad_kernel(
     student_hidden_ptr,
