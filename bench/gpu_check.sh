@@ -21,7 +21,8 @@
 # packages the GPU image lacks hidden (bench/rehearsal/sitecustomize.py). Left out there: nvidia-smi,
 # compute-sanitizer itself and the CUDA kernels' launches; the pip install runs without the CUDA build, and the
 # CUDA build itself runs out of tree (with nvcc) so the checkout's built extension is not touched.
-# GPU_CHECK_SKIP="build peers" leaves steps out (tests/test_gpu_check.py rehearses the core mode without the build).
+# GPU_CHECK_SKIP="build peers" leaves steps out (tests/benchmarks/test_gpu_check.py rehearses the core mode
+# without the build).
 # PYTHON picks the interpreter (default python3).
 # shellcheck disable=SC2317  # the step functions are called by name, through `bash -c` under timeout
 set -uo pipefail
@@ -68,8 +69,10 @@ if (( workers > 1 )) && "$py" -c "import xdist" 2>/dev/null; then xdist_workers=
 peers_dir=${TMPDIR:-/tmp}/fastalign-peers
 peers_path=
 bench_hide=
-# The GPU test files: those with gpu-marked tests (other files may import what the GPU image lacks).
-mapfile -t gpu_files < <(grep -l "pytest.mark.gpu" tests/test_*.py | grep -v "tests/test_gpu_core.py")
+# The GPU test files, in every folder of tests/: those with gpu-marked tests (other files may import what the GPU
+# image lacks).
+mapfile -t gpu_files < <(grep -rl --include="test_*.py" "pytest.mark.gpu" tests | sort |
+  grep -vx "tests/kernels/test_gpu_core.py")
 export out root py check_device rehearse jobs xdist_workers peers_dir
 
 summary=$out/summary.txt
@@ -193,7 +196,7 @@ step_sanitize() {
   # ones), one process, stopping at the first error. The policy loss's option matrix runs in bfloat16 only
   # here (float32 takes the same code paths).
   local tests=(-m gpu -p no:cacheprovider -q -x -rfEs -k "cuda and not (matches_torch and float32)"
-    tests/test_cuda_logprobs.py tests/test_cuda_dpo.py tests/test_cuda_policy.py)
+    tests/kernels/test_cuda_logprobs.py tests/kernels/test_cuda_dpo.py tests/kernels/test_cuda_policy.py)
   if [[ $check_device == cpu ]]; then
     echo "rehearsal: the sanitizer's pytest selection alone (compute-sanitizer needs the GPU)"
     "$py" -m pytest "${tests[@]}"
@@ -231,7 +234,7 @@ step build build.log step_build || {
 }
 
 if [[ $mode == core ]]; then
-  step tests tests.log step_tests tests/test_gpu_core.py
+  step tests tests.log step_tests tests/kernels/test_gpu_core.py
   step bench bench.log step_bench --preset gpu-core
 else
   step suite suite.log step_tests "${gpu_files[@]}"

@@ -8,7 +8,7 @@ device; it needs CUDA.
 ``FASTALIGN_CHECK_DEVICE`` (set by ``bench/gpu_check.sh``): ``cuda`` makes a ``pytest -m gpu`` run that finds no
 CUDA device an error rather than a run of skips, and turns the step's timeout (SIGTERM) into pytest's own
 interruption, which still prints the summary. ``cpu`` is the check's rehearsal: the tests marked ``gpu_core``
-(tests/test_gpu_core.py) run on the CPU, Triton in its interpreter, and the other ``gpu`` tests are skipped.
+(tests/kernels/test_gpu_core.py) run on the CPU, Triton in its interpreter, and the other ``gpu`` tests are skipped.
 """
 
 import os
