@@ -1,7 +1,7 @@
 // The kernels' index arithmetic on the host, from the same header (fastalign/row_split.h) and the same loop
 // shapes as csrc/cuda/*.cu: for every case, every element is read and written exactly once, every vector access
-// is aligned to its width and inside its row. Built and run by tests/test_cuda_index_host.py with the system C++
-// compiler; prints one line per failure (the first 20) and "cases N failures F", exits 1 on any failure.
+// is aligned to its width and inside its row. Built and run by tests/kernels/test_cuda_index_host.py with the
+// system C++ compiler; prints one line per failure (the first 20) and "cases N failures F", exits 1 on any failure.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>

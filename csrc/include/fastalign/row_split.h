@@ -1,7 +1,7 @@
-// The index arithmetic of the kernels, shared with the host test of it (tests/test_cuda_index_host.py compiles
-// csrc/tests/index_check.cpp against this header with the system C++ compiler): how a row is cut into a scalar
-// head, aligned vectors and a scalar tail; which elements each thread and block of a launch touches; how many
-// blocks a launcher starts. Everything here is plain integer arithmetic, the same on the host and the GPU.
+// The index arithmetic of the kernels, shared with the host test of it (tests/kernels/test_cuda_index_host.py
+// compiles csrc/tests/index_check.cpp against this header with the system C++ compiler): how a row is cut into a
+// scalar head, aligned vectors and a scalar tail; which elements each thread and block of a launch touches; how
+// many blocks a launcher starts. Everything here is plain integer arithmetic, the same on the host and the GPU.
 #pragma once
 
 #include "fastalign/common.h"
