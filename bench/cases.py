@@ -27,6 +27,8 @@ OPS = (
     "policy_loss",
     # the DPO reduction + loss from per-token log-probs, for the CUDA kernels (issue 4)
     "dpo_loss",
+    # the distillation divergence between a student's and a teacher's head (issue 18)
+    "linear_distill",
 )
 # Ops with a CUDA C++ kernel: they get a fastalign-cuda row when fastalign._C is built and sees the GPU.
 CUDA_OPS = ("logprobs_from_logits", "policy_loss", "dpo_loss")
@@ -41,6 +43,10 @@ IGNORE_INDEX = -100  # the label of a token without loss (a prompt's)
 # The vocabulary chunk TRL 1.16's trainers pass to trl.kernels.ChunkedLogProbFunction
 # (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE; importing that module pulls in TRL's whole trainer stack).
 TRL_CHUNK_SIZE = 32768
+# linear_distill's generalized JSD (TRL's DistillationConfig.beta; 0.5 is TRL's default) and temperature. The
+# teacher's head has the student's width D, so one case's shape serves both heads.
+DISTILL_BETA = 0.5
+DISTILL_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -186,12 +192,33 @@ def eager_dpo_loss(token_logps, mask, ref_logps):
     return -F.logsigmoid(DPO_BETA * (sums[:pairs] - sums[pairs:])).mean()
 
 
+def _eager_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, targets):
+    """The generalized JSD as one would write it in PyTorch: both heads' full logits, their log-softmax, the
+    mixture ``m = (1 - β) p_s + β p_t`` by logsumexp, then ``β KL(p_t ‖ m) + (1 - β) KL(p_s ‖ m)`` per token."""
+    student = F.log_softmax((student_hidden @ student_weight.T).float() / DISTILL_TEMPERATURE, dim=-1)
+    teacher = F.log_softmax((teacher_hidden @ teacher_weight.T).float() / DISTILL_TEMPERATURE, dim=-1)
+    beta = torch.tensor(DISTILL_BETA)
+    mixture = torch.logsumexp(torch.stack([student + torch.log1p(-beta), teacher + torch.log(beta)]), dim=0)
+    per_token = beta * (teacher.exp() * (teacher - mixture)).sum(-1) + (1 - beta) * (
+        student.exp() * (student - mixture)
+    ).sum(-1)
+    valid = targets != IGNORE_INDEX
+    return torch.where(valid, per_token, 0.0).sum() / valid.sum().clamp_min(1)
+
+
 def _eager_linear_grpo(hidden, weight, targets, old_logp, advantages):
     logp = _eager_linear_logprobs(hidden, weight, targets)
     return _eager_token_policy_loss(logp, old_logp, advantages, torch.ones_like(logp))
 
 
 def _liger_linear(op: str):
+    if op == "linear_distill":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE
+        )
+        return lambda sh, sw, th, tw, targets: loss(sh, sw, th, tw, targets)
     if op == "linear_dpo":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -223,6 +250,8 @@ def _cce(op: str):
 def _trl_chunked(op: str):
     """TRL 1.16's chunked log-prob kernel (``trl.kernels.ChunkedLogProbFunction``: cuBLAS tiles of the logits,
     folded by a Triton kernel; torch ops off CUDA), log-probs only, with the chunk TRL's trainers pass."""
+    if op == "linear_distill":
+        return _trl_divergence()
     from trl.kernels import ChunkedLogProbFunction
 
     _trl_backward_without_datasets()
@@ -233,6 +262,28 @@ def _trl_chunked(op: str):
     if op == "linear_logprobs":
         return logprobs
     return lambda hidden, weight, targets: -logprobs(hidden, weight, targets).mean()
+
+
+def _trl_divergence() -> Callable:
+    """TRL 1.16's chunked generalized JSD (``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``), reduced
+    as its DistillationTrainer does: the mean over the counted tokens."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets):
+        divergence, _entropy = ChunkedDivergenceFunction.apply(
+            student_hidden,
+            student_weight,
+            None,
+            teacher_hidden,
+            teacher_weight,
+            None,
+            DISTILL_BETA,
+            DISTILL_TEMPERATURE,
+        )
+        valid = targets != IGNORE_INDEX
+        return torch.where(valid, divergence, 0.0).sum() / valid.sum().clamp_min(1)
+
+    return loss
 
 
 def _trl_backward_without_datasets() -> None:
@@ -286,6 +337,10 @@ def _fastalign(op: str, backend: str) -> Callable:
     if op == "linear_grpo":
         loss = fastalign.nn.LinearPolicyLoss(loss_type="dapo", clip_eps_high=0.28, backend=backend)
         return lambda h, w, t, old, adv: loss(h, w, t, old, adv)[0]
+    if op == "linear_distill":
+        return lambda sh, sw, th, tw, t: fastalign.linear_distill_loss(
+            sh, sw, th, tw, t, beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE, backend=backend
+        )
     if op == "dpo_loss":
         return lambda logps, mask, ref: fastalign.dpo_loss_from_token_logps(
             logps, mask, ref, beta=DPO_BETA, backend=backend
@@ -303,6 +358,7 @@ _EAGER = {
     "linear_grpo": _eager_linear_grpo,
     "policy_loss": _eager_token_policy_loss,
     "dpo_loss": eager_dpo_loss,
+    "linear_distill": _eager_linear_distill,
 }
 
 
@@ -318,10 +374,11 @@ def _candidates(op: str) -> dict[str, Callable[[], Callable]]:
             candidates[f"fastalign-{backend}"] = functools.partial(_fastalign, op, backend)
     if op in ("linear_logprobs", "linear_cross_entropy"):
         candidates[FLOOR_IMPL] = lambda: _lm_head_matmuls
+    if op in ("linear_logprobs", "linear_cross_entropy", "linear_distill"):
         candidates["trl-chunked"] = functools.partial(_trl_chunked, op)
     if op not in ("logprobs_from_logits", *TOKEN_LOSSES):
         candidates["liger-kernel"] = functools.partial(_liger_linear, op)
-        if op not in TRAINING_ONLY:
+        if op not in (*TRAINING_ONLY, "linear_distill"):
             candidates["cut-cross-entropy"] = functools.partial(_cce, op)
     return candidates
 
@@ -376,6 +433,9 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
         return randn(case.n, case.v, scale=2.0).requires_grad_(needs_grad), targets
     # A realistic logit scale (std about 1) for a freshly initialised head.
     weight = randn(case.v, case.d, scale=case.d**-0.5).requires_grad_(needs_grad)
+    if case.op == "linear_distill":
+        teacher_weight = randn(case.v, case.d, scale=2.0 * case.d**-0.5)  # a sharper teacher than the student
+        return randn(case.n, case.d).requires_grad_(needs_grad), weight, randn(case.n, case.d), teacher_weight, targets
     if case.op not in TRAINING_ONLY:
         return randn(case.n, case.d).requires_grad_(needs_grad), weight, targets
     rows = case.n // case.t
@@ -430,11 +490,12 @@ def output_tolerance(case: Case) -> float:
 
 
 def matmul_flops(case: Case) -> float:
-    """Matmul work of the linear ops: 2·N·D·V forward, 6·N·D·V forward+backward (+2·N·D·V for DPO's reference)."""
+    """Matmul work of the linear ops: 2·N·D·V forward, 6·N·D·V forward+backward (+2·N·D·V for DPO's reference
+    and for distillation's teacher, whose head runs forward only)."""
     if case.op in ("logprobs_from_logits", *TOKEN_LOSSES):
         return 0.0
     work = (2.0 if case.mode == "fwd" else 6.0) * case.n * case.d * case.v
-    return work + (2.0 * case.n * case.d * case.v if case.op == "linear_dpo" else 0.0)
+    return work + (2.0 * case.n * case.d * case.v if case.op in ("linear_dpo", "linear_distill") else 0.0)
 
 
 def min_bytes(case: Case) -> float:

@@ -241,7 +241,7 @@ else
   step sanitize sanitize.log step_sanitize
   # The ops the core benchmark did not time first, then the rest: a run cut short keeps the new ones.
   step bench bench.log step_bench --preset gpu \
-    --ops linear_dpo linear_grpo policy_loss dpo_loss linear_logprobs linear_cross_entropy logprobs_from_logits
+    --ops linear_distill linear_dpo linear_grpo policy_loss dpo_loss linear_logprobs linear_cross_entropy logprobs_from_logits
 fi
 
 printf '%-9s %-13s %7s\n' total "$([[ $failed == 0 ]] && echo ok || echo FAILED)" $((SECONDS - started)) >> "$summary"

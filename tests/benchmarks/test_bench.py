@@ -14,7 +14,7 @@ def test_benchmark_writes_tables_for_every_op(tmp_path, capsys):
     main(["--preset", "tiny", "--out", str(tmp_path), "--modes", "fwd+bwd"])
     rows = read_rows(tmp_path / "core_ops-tiny.csv")
     core_ops = {"linear_logprobs", "linear_cross_entropy", "logprobs_from_logits"}
-    expected_ops = core_ops | {"linear_dpo", "linear_grpo", "policy_loss", "dpo_loss"}
+    expected_ops = core_ops | {"linear_dpo", "linear_grpo", "policy_loss", "dpo_loss", "linear_distill"}
     assert {(r["op"], r["impl"]) for r in rows} == {
         (op, impl) for op in expected_ops for impl in ("eager", "fastalign-torch")
     }
