@@ -5,7 +5,7 @@ size 1.
 Every world size runs in freshly spawned processes (one gloo rank each, ``--threads`` torch threads each). Rank
 ``r`` holds an even share of the vocabulary rows; ``hidden`` and ``targets`` are the same everywhere, and every
 world size, 1 included, runs the vocab-parallel path (a group of one is bit-identical to no group, see
-tests/test_vocab_parallel.py). The weight is generated in fixed blocks of rows, so every rank builds exactly the
+tests/ops/test_vocab_parallel.py). The weight is generated in fixed blocks of rows, so every rank builds exactly the
 rows of the full weight it holds. The step is ``linear_logprobs(...).sum().backward()`` with gradients for
 ``hidden`` and the weight shard.
 

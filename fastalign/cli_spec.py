@@ -11,7 +11,7 @@ answers early, never differently.
 The snapshot is used only while its fingerprint matches: the installed transformers, accelerate and torch
 versions and a hash of the source files that define the flags. Otherwise the real parser answers (slowly, but
 right). After changing a command's flags, run ``make cli-spec`` (:func:`fastalign.cli.write_spec`) to rewrite the
-snapshot; ``tests/test_cli.py`` fails while it is stale.
+snapshot; ``tests/cli/test_cli.py`` fails while it is stale.
 """
 
 from __future__ import annotations
