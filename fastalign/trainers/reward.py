@@ -193,7 +193,10 @@ class RewardTrainer(FiniteLossMixin, ResumeMixin, Trainer):
         rewards = outputs.logits[:, 0].float()
         chosen, rejected = rewards.chunk(2)
         loss = reward_loss(
-            chosen, rejected, margin=inputs.get("margin"), center_rewards_coefficient=self.args.center_rewards_coefficient
+            chosen,
+            rejected,
+            margin=inputs.get("margin"),
+            center_rewards_coefficient=self.args.center_rewards_coefficient,
         )
         self._record(model, chosen.detach(), rejected.detach(), inputs["attention_mask"])
         if model.training:

@@ -16,8 +16,8 @@ Kernels do no argument checking and no autograd: ``fastalign.ops._distill_triton
 import triton
 import triton.language as tl
 
-from fastalign.kernels.triton.linear_stats import _dot_tiles, _tile_configs, configs_for
-from fastalign.kernels.triton.softmax_tile import autotune_configs
+from fastalign.kernels.triton.linear_stats import _tile_configs, configs_for, head_logits
+from fastalign.kernels.triton.softmax_tile import autotune_configs, slab_tile, split_tile, store_tile
 
 # Tiles ``(rows, columns, inner, warps, stages)`` per kernel, precision and architecture, as in linear_stats.py. Two
 # fp32 logit tiles are live at once (the student's and the teacher's), so the tiles hold at most half the elements
@@ -73,38 +73,36 @@ def _tuning(kernel: str) -> dict:
 
 @triton.jit
 def _head_tiles(
-    student_hidden_ptr,
-    student_weight_ptr,
-    teacher_hidden_ptr,
-    teacher_weight_ptr,
+    student,
+    teacher,
     rows,
     cols,
     row_mask,
     col_mask,
-    DS,
-    DT,
-    stride_shn,
-    stride_shd,
-    stride_swv,
-    stride_swd,
-    stride_thn,
-    stride_thd,
-    stride_twv,
-    stride_twd,
     inv_temperature,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The student's and the teacher's tempered float32 logits of one ``[BLOCK_N, BLOCK_V]`` tile (masked rows
-    and columns read zeros)."""
-    s_rows = student_hidden_ptr + rows.to(tl.int64) * stride_shn
-    s_cols = student_weight_ptr + cols.to(tl.int64) * stride_swv
-    zs = _dot_tiles(s_rows, s_cols, row_mask, col_mask, DS, stride_shd, stride_swd, UPCAST, DOT_PRECISION, BLOCK_D)
-    t_rows = teacher_hidden_ptr + rows.to(tl.int64) * stride_thn
-    t_cols = teacher_weight_ptr + cols.to(tl.int64) * stride_twv
-    zt = _dot_tiles(t_rows, t_cols, row_mask, col_mask, DT, stride_thd, stride_twd, UPCAST, DOT_PRECISION, BLOCK_D)
+    """The student's and the teacher's tempered float32 logits of one ``[BLOCK_N, BLOCK_V]`` tile; each head is
+    ``(hidden_ptr, weight_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd)`` (masked rows and columns read
+    zeros)."""
+    zs = head_logits(student, rows, cols, row_mask, col_mask, UPCAST, DOT_PRECISION, BLOCK_D)
+    zt = head_logits(teacher, rows, cols, row_mask, col_mask, UPCAST, DOT_PRECISION, BLOCK_D)
     return zs * inv_temperature, zt * inv_temperature
+
+
+@triton.jit
+def _online_step(z, col_mask, run_max):
+    """One tile of an online log-sum-exp: the new running maximum, the factor that rescales the old sum to it, the
+    shift of the maximum (0 before the first tile), and the tile's ``e^(z − new max)`` (0 in masked columns).
+    Every tile has a column in range and finite logits, so the maximum is finite after the first tile and the
+    first rescale is ``exp(-inf) = 0``."""
+    new_max = tl.maximum(run_max, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
+    rescale = tl.exp(run_max - new_max)
+    shift = tl.where(run_max == float("-inf"), 0.0, new_max - run_max)
+    exps = tl.where(col_mask[None, :], tl.exp(z - new_max[:, None]), 0.0)
+    return new_max, rescale, shift, exps
 
 
 @triton.jit
@@ -164,12 +162,9 @@ def distill_stats_kernel(
 ):
     """Partials of split ``program_id(1)``, each ``[splits, N]`` float32: both heads' maximum and ``Σ e^(z − m)``
     around it, and (``MODE`` 0 / 1) the gap around both maxima, weighted like the teacher's / the student's sum."""
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    col_start = pid_split * cols_per_split
-    col_stop = tl.minimum(V, col_start + cols_per_split)
+    rows, row_mask, col_start, col_stop = split_tile(N, V, cols_per_split, BLOCK_N)
+    student = (student_hidden_ptr, student_weight_ptr, DS, stride_shn, stride_shd, stride_swv, stride_swd)
+    teacher = (teacher_hidden_ptr, teacher_weight_ptr, DT, stride_thn, stride_thd, stride_twv, stride_twd)
 
     s_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -180,39 +175,10 @@ def distill_stats_kernel(
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < col_stop
         zs, zt = _head_tiles(
-            student_hidden_ptr,
-            student_weight_ptr,
-            teacher_hidden_ptr,
-            teacher_weight_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            DS,
-            DT,
-            stride_shn,
-            stride_shd,
-            stride_swv,
-            stride_swd,
-            stride_thn,
-            stride_thd,
-            stride_twv,
-            stride_twd,
-            inv_temperature,
-            UPCAST,
-            DOT_PRECISION,
-            BLOCK_D,
+            student, teacher, rows, cols, row_mask, col_mask, inv_temperature, UPCAST, DOT_PRECISION, BLOCK_D
         )
-        # Every tile has a column in range and finite logits, so the maxima are finite after the first tile and
-        # the first rescale is exp(-inf) = 0.
-        new_s_max = tl.maximum(s_max, tl.max(tl.where(col_mask[None, :], zs, float("-inf")), 1))
-        s_rescale = tl.exp(s_max - new_s_max)
-        s_shift = tl.where(s_max == float("-inf"), 0.0, new_s_max - s_max)
-        s_exps = tl.where(col_mask[None, :], tl.exp(zs - new_s_max[:, None]), 0.0)
-        new_t_max = tl.maximum(t_max, tl.max(tl.where(col_mask[None, :], zt, float("-inf")), 1))
-        t_rescale = tl.exp(t_max - new_t_max)
-        t_shift = tl.where(t_max == float("-inf"), 0.0, new_t_max - t_max)
-        t_exps = tl.where(col_mask[None, :], tl.exp(zt - new_t_max[:, None]), 0.0)
+        new_s_max, s_rescale, s_shift, s_exps = _online_step(zs, col_mask, s_max)
+        new_t_max, t_rescale, t_shift, t_exps = _online_step(zt, col_mask, t_max)
         # The gap around both running maxima: a shift of the maxima moves each old term by the difference of
         # the shifts (see fastalign.ops.distill.kl_from_gap).
         if MODE == 0:
@@ -226,7 +192,7 @@ def distill_stats_kernel(
         t_sum = t_sum * t_rescale + tl.sum(t_exps, 1)
         t_max = new_t_max
 
-    out = pid_split * N + rows
+    out = tl.program_id(1) * N + rows
     tl.store(s_max_ptr + out, s_max, mask=row_mask)
     tl.store(s_sum_ptr + out, s_sum, mask=row_mask)
     tl.store(t_max_ptr + out, t_max, mask=row_mask)
@@ -273,12 +239,9 @@ def distill_mixture_kernel(
 ):
     """Per split ``[splits, N]`` float32: ``Σ p_s (log p_s − log m)`` and ``Σ p_t (log p_t − log m)`` over its
     columns, from the rows' merged ``[N]`` statistics (``MODE`` is 2; it keys the autotuner like the others)."""
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    col_start = pid_split * cols_per_split
-    col_stop = tl.minimum(V, col_start + cols_per_split)
+    rows, row_mask, col_start, col_stop = split_tile(N, V, cols_per_split, BLOCK_N)
+    student = (student_hidden_ptr, student_weight_ptr, DS, stride_shn, stride_shd, stride_swv, stride_swd)
+    teacher = (teacher_hidden_ptr, teacher_weight_ptr, DT, stride_thn, stride_thd, stride_twv, stride_twd)
     s_max = _load_rows(s_max_ptr, rows, row_mask)
     s_log_sum = _load_rows(s_log_sum_ptr, rows, row_mask)
     t_max = _load_rows(t_max_ptr, rows, row_mask)
@@ -290,28 +253,7 @@ def distill_mixture_kernel(
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < col_stop
         zs, zt = _head_tiles(
-            student_hidden_ptr,
-            student_weight_ptr,
-            teacher_hidden_ptr,
-            teacher_weight_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            DS,
-            DT,
-            stride_shn,
-            stride_shd,
-            stride_swv,
-            stride_swd,
-            stride_thn,
-            stride_thd,
-            stride_twv,
-            stride_twd,
-            inv_temperature,
-            UPCAST,
-            DOT_PRECISION,
-            BLOCK_D,
+            student, teacher, rows, cols, row_mask, col_mask, inv_temperature, UPCAST, DOT_PRECISION, BLOCK_D
         )
         log_ps, log_pt = _log_probs(zs, zt, s_max, s_log_sum, t_max, t_log_sum)
         log_m = _log_mixture(log_ps, log_pt, log_student_weight, log_teacher_weight)
@@ -320,7 +262,7 @@ def distill_mixture_kernel(
         kl_student += tl.sum(ps * (log_ps - log_m), 1)
         kl_teacher += tl.sum(pt * (log_pt - log_m), 1)
 
-    out = pid_split * N + rows
+    out = tl.program_id(1) * N + rows
     tl.store(kl_student_ptr + out, kl_student, mask=row_mask)
     tl.store(kl_teacher_ptr + out, kl_teacher, mask=row_mask)
 
@@ -368,36 +310,11 @@ def distill_grad_kernel(
     col_offset + slab_cols)``: ``coef · (p_s − p_t)`` (``MODE`` 0), ``coef · p_s (log p_s − log p_t − aux)`` (1),
     ``coef · p_s (log p_s − log m − aux)`` (2); ``coef [N]`` folds the upstream gradient, ``1 / T`` and, for the
     mixture, ``1 − β``."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = col_offset + local_cols
-    col_mask = (local_cols < slab_cols) & (cols < V)
+    rows, row_mask, local_cols, cols, col_mask = slab_tile(N, V, col_offset, slab_cols, BLOCK_N, BLOCK_V)
+    student = (student_hidden_ptr, student_weight_ptr, DS, stride_shn, stride_shd, stride_swv, stride_swd)
+    teacher = (teacher_hidden_ptr, teacher_weight_ptr, DT, stride_thn, stride_thd, stride_twv, stride_twd)
     zs, zt = _head_tiles(
-        student_hidden_ptr,
-        student_weight_ptr,
-        teacher_hidden_ptr,
-        teacher_weight_ptr,
-        rows,
-        cols,
-        row_mask,
-        col_mask,
-        DS,
-        DT,
-        stride_shn,
-        stride_shd,
-        stride_swv,
-        stride_swd,
-        stride_thn,
-        stride_thd,
-        stride_twv,
-        stride_twd,
-        inv_temperature,
-        UPCAST,
-        DOT_PRECISION,
-        BLOCK_D,
+        student, teacher, rows, cols, row_mask, col_mask, inv_temperature, UPCAST, DOT_PRECISION, BLOCK_D
     )
     log_ps, log_pt = _log_probs(
         zs,
@@ -416,9 +333,4 @@ def distill_grad_kernel(
         log_m = _log_mixture(log_ps, log_pt, log_student_weight, log_teacher_weight)
         grad = ps * (log_ps - log_m - _load_rows(aux_ptr, rows, row_mask)[:, None])
     grad = grad * _load_rows(coef_ptr, rows, row_mask)[:, None]
-    mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(
-        grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + local_cols[None, :],
-        grad.to(grad_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    store_tile(grad_ptr, grad, rows, local_cols, row_mask, col_mask, stride_gn)

@@ -17,6 +17,9 @@ from fastalign.kernels.triton.softmax_tile import (
     autotune_configs,
     online_start,
     online_update,
+    slab_tile,
+    split_tile,
+    store_tile,
     tile_grad,
     transform_grad,
     transform_logits,
@@ -137,6 +140,18 @@ def _dot_tiles(
     return acc
 
 
+@triton.jit
+def head_logits(
+    head, rows, cols, row_mask, col_mask, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """``hidden[rows] @ weight[cols]ᵀ`` in float32 for ``head = (hidden_ptr, weight_ptr, D, stride_hn, stride_hd,
+    stride_wv, stride_wd)`` (masked rows and columns read zeros)."""
+    hidden_ptr, weight_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd = head
+    h_rows = hidden_ptr + rows.to(tl.int64) * stride_hn
+    w_cols = weight_ptr + cols.to(tl.int64) * stride_wv
+    return _dot_tiles(h_rows, w_cols, row_mask, col_mask, D, stride_hd, stride_wd, UPCAST, DOT_PRECISION, BLOCK_D)
+
+
 @triton.autotune(
     configs=_FWD_CONFIGS,
     key=["D", "V", "HAS_BIAS", "HAS_SOFTCAP", "NEED_ENTROPY", "NEED_SUM", "DOT_PRECISION"],
@@ -174,13 +189,8 @@ def linear_stats_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Partial statistics of split ``program_id(1)``: outputs are ``[splits, N]`` float32."""
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask, col_start, col_stop = split_tile(N, V, cols_per_split, BLOCK_N)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    col_start = pid_split * cols_per_split
-    col_stop = tl.minimum(V, col_start + cols_per_split)
     h_rows = hidden_ptr + rows.to(tl.int64) * stride_hn
     stats = online_start(BLOCK_N)
     for v_start in range(col_start, col_stop, BLOCK_V):
@@ -194,7 +204,7 @@ def linear_stats_fwd_kernel(
         stats = online_update(logits, cols, col_mask, targets, stats, NEED_ENTROPY, NEED_SUM)
     run_max, run_sum, run_centered, run_total, run_target = stats
 
-    out = pid_split * N + rows
+    out = tl.program_id(1) * N + rows
     tl.store(max_ptr + out, run_max, mask=row_mask)
     tl.store(sumexp_ptr + out, run_sum, mask=row_mask)
     tl.store(target_logit_ptr + out, run_target, mask=row_mask)
@@ -252,16 +262,9 @@ def linear_grad_logits_kernel(
 
     Also ``grad_bias[V]`` (float32) += column sums, atomically across token blocks.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = col_offset + local_cols
-    col_mask = (local_cols < slab_cols) & (cols < V)
-    h_rows = hidden_ptr + rows.to(tl.int64) * stride_hn
-    w_cols = weight_ptr + cols.to(tl.int64) * stride_wv
-    logits = _dot_tiles(h_rows, w_cols, row_mask, col_mask, D, stride_hd, stride_wd, UPCAST, DOT_PRECISION, BLOCK_D)
+    rows, row_mask, local_cols, cols, col_mask = slab_tile(N, V, col_offset, slab_cols, BLOCK_N, BLOCK_V)
+    head = (hidden_ptr, weight_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd)
+    logits = head_logits(head, rows, cols, row_mask, col_mask, UPCAST, DOT_PRECISION, BLOCK_D)
     if HAS_BIAS:
         logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     logits = transform_logits(logits, softcap, inv_temperature, HAS_SOFTCAP)
@@ -270,11 +273,7 @@ def linear_grad_logits_kernel(
     grad = tile_grad(logits, rows, cols, row_mask, stat_ptrs, coef_ptrs, HAS_BETA, HAS_GAMMA, HAS_KAPPA)
     grad = transform_grad(grad, logits, softcap, inv_temperature, HAS_SOFTCAP)
     grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
-    tl.store(
-        grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + local_cols[None, :],
-        grad.to(grad_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & col_mask[None, :],
-    )
+    store_tile(grad_ptr, grad, rows, local_cols, row_mask, col_mask, stride_gn)
     if HAS_BIAS_GRAD:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_mask)
 

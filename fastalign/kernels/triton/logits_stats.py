@@ -13,6 +13,7 @@ from fastalign.kernels.triton.softmax_tile import (
     autotune_configs,
     online_start,
     online_update,
+    store_tile,
     tile_grad,
     transform_grad,
     transform_logits,
@@ -124,8 +125,4 @@ def logits_grad_kernel(
     coef_ptrs = (alpha_ptr, beta_ptr, gamma_ptr, kappa_ptr)
     grad = tile_grad(logits, rows, cols, row_mask, stat_ptrs, coef_ptrs, HAS_BETA, HAS_GAMMA, HAS_KAPPA)
     grad = transform_grad(grad, logits, softcap, inv_temperature, HAS_SOFTCAP)
-    tl.store(
-        grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :],
-        grad.to(grad_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & col_mask[None, :],
-    )
+    store_tile(grad_ptr, grad, rows, cols, row_mask, col_mask, stride_gn)

@@ -15,10 +15,6 @@ import triton.language as tl
 
 from fastalign.kernels.triton.softmax_tile import autotune_configs
 
-# Rows of the per-row output buffer.
-LOSS, COUNT, LOW_CLIP, HIGH_CLIP, DUAL_CLIP, RATIO, KL, ENTROPY = range(8)
-STAT_ROWS = 8
-
 _CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]],
     triton.Config({"BLOCK_T": 4}),
@@ -163,6 +159,8 @@ def policy_loss_fwd_kernel(
         acc_low += tl.where(keep & (ratio < clip_low) & (adv < 0), 1.0, 0.0)
         acc_high += tl.where(keep & (ratio > clip_high) & (adv > 0), 1.0, 0.0)
         acc_ratio += tl.where(keep, ratio, 0.0)
+    # Rows 0..7 are fastalign.ops._policy_math's stats layout (LOSS, COUNT, LOW_CLIP, HIGH_CLIP, DUAL_CLIP, RATIO,
+    # KL, ENTROPY), spelled there once; test_policy_metrics fails if a row moves.
     tl.store(stats_ptr + 0 * B + row, tl.sum(acc_loss, 0))
     tl.store(stats_ptr + 1 * B + row, tl.sum(acc_count, 0))
     tl.store(stats_ptr + 2 * B + row, tl.sum(acc_low, 0))

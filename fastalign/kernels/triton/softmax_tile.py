@@ -1,5 +1,6 @@
-"""Device helpers shared by the Triton kernels: the logit transform and its gradient, the online softmax
-update, and the gradient of one logit tile. Tiles are ``[BLOCK_N rows, BLOCK_V columns]`` in float32.
+"""Device helpers shared by the Triton kernels: the index arithmetic of a split or slab tile and the tile store,
+the logit transform and its gradient, the online softmax update, and the gradient of one logit tile. Tiles are
+``[BLOCK_N rows, BLOCK_V columns]`` in float32.
 """
 
 import os
@@ -17,6 +18,35 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def split_tile(N, V, cols_per_split, BLOCK_N: tl.constexpr):
+    """The rows ``[BLOCK_N]`` of a ``(token block, vocabulary split)`` program, their mask, and the split's columns
+    ``[col_start, col_stop)``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_start = tl.program_id(1) * cols_per_split
+    return rows, rows < N, col_start, tl.minimum(V, col_start + cols_per_split)
+
+
+@triton.jit
+def slab_tile(N, V, col_offset, slab_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The tile of a gradient program over the slab of columns ``[col_offset, col_offset + slab_cols)``: its rows,
+    their mask, its columns within the slab and in the vocabulary, and their mask."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col_offset + local_cols
+    return rows, rows < N, local_cols, cols, (local_cols < slab_cols) & (cols < V)
+
+
+@triton.jit
+def store_tile(ptr, values, rows, cols, row_mask, col_mask, stride_row):
+    """``ptr[rows, cols] = values`` in ``ptr``'s dtype (64-bit row offsets: big gradients pass 2^31 elements)."""
+    tl.store(
+        ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :],
+        values.to(ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
 @triton.jit
