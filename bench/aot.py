@@ -66,6 +66,15 @@ MATMUL_KERNELS = {
 LINEAR_SHAPES = [(16384, 4096, 128256), (16384, 896, 151936), (16384, 4096, 32000)]
 LOGITS_SHAPES = [(16384, 151936), (16384, 32000)]
 POLICY_SHAPES = [(64, 1021), (256, 4099)]
+# The policy kernels' objective variants (each compiles to its own kernel): the clipped surrogate at token and
+# sequence level, and the token-level cispo / sapo / weighted log-prob (vespo) objectives.
+POLICY_VARIANTS = {
+    "token": {"importance_sampling_level": "token"},
+    "sequence": {"importance_sampling_level": "sequence"},
+    "cispo": {"loss_type": "cispo", "clip_eps_high": 5.0},
+    "sapo": {"loss_type": "sapo"},
+    "vespo": {"loss_type": "vespo"},
+}
 DPO_SHAPES = [(32, 1021), (8, 4099)]
 # Distillation N, student D, teacher D, V: Qwen2.5-0.5B from Qwen2.5-7B (D 3584), Llama-3.2-1B from Llama-3-8B.
 DISTILL_SHAPES = [(16384, 896, 3584, 151936), (16384, 2048, 4096, 128256)]
@@ -277,9 +286,9 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
 
                 cases.append((label, f"logits N={n} V={v}{' in-place' if inplace else ''}", from_logits))
         for b, t in POLICY_SHAPES:
-            for level in ("token", "sequence"):
+            for name, objective in POLICY_VARIANTS.items():
 
-                def policy(b=b, t=t, dtype=dtype, level=level):
+                def policy(b=b, t=t, dtype=dtype, objective=objective):
                     logp, entropy = _meta((b, t), dtype, True), _meta((b, t), dtype, True)
                     loss, _ = fastalign.policy_loss(
                         logp,
@@ -290,12 +299,12 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                         entropy=entropy,
                         kl_coef=0.04,
                         entropy_coef=0.01,
-                        importance_sampling_level=level,
                         backend="triton",
+                        **objective,
                     )
                     loss.backward()
 
-                cases.append((label, f"policy B={b} T={t} {level} kl+entropy", policy))
+                cases.append((label, f"policy B={b} T={t} {name} kl+entropy", policy))
         for pairs, t in DPO_SHAPES:
 
             def dpo(pairs=pairs, t=t, dtype=dtype):

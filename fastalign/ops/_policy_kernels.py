@@ -10,6 +10,7 @@ validates the arguments and picks the backend; the stats layout and the reductio
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Protocol
 
@@ -25,10 +26,13 @@ from fastalign.ops._policy_math import (
     PolicyArgs,
     args_row_weights,
     policy_metrics,
+    vespo_weights,
 )
 
-# The kernels' code of each KL estimator.
+# The kernels' code of each KL estimator, and of each objective (vespo: ``−A·logp`` times its weight φ, which the
+# host computes and passes as the importance weight).
 _KL_KIND = {"k1": 1, "k2": 2, "k3": 3}
+OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 
 Tensors = dict[str, torch.Tensor | None]
 
@@ -60,8 +64,21 @@ def contiguous_inputs(a: PolicyArgs) -> Tensors:
         "entropy": None if a.entropy is None else a.entropy.contiguous(),
         "mask": a.mask.contiguous(),
         "advantages": a.advantages.detach(),
-        "is_weights": None if a.is_weights is None else a.is_weights.detach(),
+        # VESPO's φ(w) is the row's weight (from the row's log-ratios and its importance weights).
+        "is_weights": vespo_weights(a) if a.options.objective == "vespo" else _detached(a.is_weights),
     }
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+def kernel_scalars(a: PolicyArgs) -> tuple[float, float, float]:
+    """``(clip_low, clip_high, delta)`` as the kernels read them: the clip range for the clipped surrogate, else
+    the bounds its clip metrics count against (cispo's ``clip_high`` is also its cap); ``delta`` is +inf when off."""
+    o = a.options
+    clip_low, clip_high = o.metric_clip_bounds
+    return float(clip_low), float(clip_high), math.inf if o.delta is None else float(o.delta)
 
 
 def _row_and_token_strides(tensor: torch.Tensor) -> tuple[int, int]:
@@ -72,15 +89,20 @@ def _row_and_token_strides(tensor: torch.Tensor) -> tuple[int, int]:
 def kernel_options(module: ModuleType, a: PolicyArgs) -> object:
     """``module.PolicyOptions`` of the arguments; ``module`` is ``fastalign._C`` or ``fastalign._host_math``."""
     o = a.options
+    clip_low, clip_high, delta = kernel_scalars(a)
     return module.PolicyOptions(
-        clip_low=o.clip_low,
-        clip_high=o.clip_high,
+        clip_low=clip_low,
+        clip_high=clip_high,
         dual_clip=None if o.dual_clip is None else float(o.dual_clip),
         kl_coef=float(o.kl_coef),
         kl_kind=_KL_KIND[o.kl_kind],
         entropy_coef=float(o.entropy_coef),
         log_ratio_limit=LOG_RATIO_LIMIT,
         sequence_level=o.sequence_level,
+        delta=delta,
+        sapo_temperature_pos=float(o.sapo_temperature_pos),
+        sapo_temperature_neg=float(o.sapo_temperature_neg),
+        objective=OBJECTIVE_CODES[o.objective],
     )
 
 
@@ -107,7 +129,18 @@ class TritonLaunch:
         ]
         # Floats always (an int would compile another kernel variant).
         dual_clip = 0.0 if o.dual_clip is None else float(o.dual_clip)
-        scalars = [o.clip_low, o.clip_high, dual_clip, float(o.kl_coef), float(o.entropy_coef), LOG_RATIO_LIMIT]
+        clip_low, clip_high, delta = kernel_scalars(a)
+        sapo = [float(o.sapo_temperature_pos), float(o.sapo_temperature_neg)]
+        scalars = [
+            clip_low,
+            clip_high,
+            dual_clip,
+            delta,
+            *sapo,
+            float(o.kl_coef),
+            float(o.entropy_coef),
+            LOG_RATIO_LIMIT,
+        ]
         flags = {
             "SEQUENCE": o.sequence_level,
             "HAS_REF": tensors["ref_logps"] is not None,
@@ -115,6 +148,7 @@ class TritonLaunch:
             "HAS_IS": weights is not None,
             "DUAL": o.dual_clip is not None,
             "KL_KIND": _KL_KIND[o.kl_kind],
+            "OBJECTIVE": OBJECTIVE_CODES[o.objective],
         }
         positional = [*sizes, *strides, *scalars]
         return positional, flags

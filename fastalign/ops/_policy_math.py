@@ -9,6 +9,7 @@ says which one is followed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -18,13 +19,25 @@ from fastalign.ops._checks import check_number
 from fastalign.ops._options import renamed_keywords
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# TRL's loss_type names for the same aggregations (dapo: token-mean over num_items_in_batch).
+# TRL's loss_type names, each with its aggregation (dapo, cispo, vespo: token-mean over num_items_in_batch; luspo:
+# the mean over rows of each row's token sum, i.e. a sequence-level loss scaled by the sequence's length).
 LOSS_TYPES = {
     "grpo": "seq-mean-token-mean",
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
+    "luspo": "seq-mean-token-sum",
+    "vespo": "token-mean",
 }
+# The per-token objective of each loss_type (the clipped surrogate unless named here).
+OBJECTIVES = ("clip", "cispo", "sapo", "vespo")
+_LOSS_TYPE_OBJECTIVES = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}
+# The loss types TRL normalises by the generation batch's token count (num_items_in_batch).
+GENERATION_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
+# VESPO's sequence weight is formed in log space, clamped to [log 1e-8, 20] as in TRL / the paper's code.
+VESPO_LOG_WEIGHT_FLOOR = math.log(1e-8)
 KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # Log-ratios are clamped like verl's, so exp() stays finite and no 0 * inf reaches a gradient.
@@ -63,6 +76,20 @@ class PolicyLossOptions:
       when given; ``max_completion_length``: the length ``seq-mean-token-sum-norm`` divides by (default ``T``).
     * ``importance_sampling_level``: ``"token"``, or ``"sequence"`` (GSPO).
     * ``entropy_coef``: weight of the entropy bonus.
+    * ``delta``: ``None`` or ``> 0``, INTELLECT-2's two-sided clip: the unclipped branch's ratio is capped at
+      ``delta`` (the clipped surrogate's loss types only).
+    * ``loss_type="cispo"`` (MiniMax-M1, ScaleRL): ``−sg(min(ratio, clip_eps_high)) · A · logps``; the cap is
+      ``clip_eps_high`` itself (ScaleRL's ε_max, 5.0 recommended), which must be given; no lower clip.
+    * ``loss_type="sapo"`` (SAPO): ``−(4/τ) σ(τ (ratio − 1)) · A`` with ``τ = sapo_temperature_pos`` (1.0) where
+      ``A > 0`` and ``sapo_temperature_neg`` (1.05) elsewhere; both ``> 0``.
+    * ``loss_type="luspo"`` (LUSPO): the clipped surrogate at sequence level, each sequence's loss scaled by its
+      length (``importance_sampling_level="sequence"`` required).
+    * ``loss_type="vespo"`` (VESPO): ``−φ(w) · A · logps`` with the detached gamma weight ``φ(w) = e^λ w^k e^(−λ w)``
+      of the sequence's importance ratio ``w = Π ratio`` (times its ``[B, T]`` ``is_weights``, which VESPO folds in
+      instead of multiplying the loss); ``k, λ = vespo_k_pos, vespo_lambda_pos`` (2, 3) where ``A ≥ 0``, else
+      ``vespo_k_neg, vespo_lambda_neg`` (3, 2); ``λ > 0``.
+    cispo, sapo and vespo are token-level objectives: they refuse ``importance_sampling_level="sequence"``, and
+    ``dual_clip`` / ``delta``, which belong to the clipped surrogate.
     """
 
     clip_eps_low: float = 0.2
@@ -75,6 +102,13 @@ class PolicyLossOptions:
     importance_sampling_level: str = "token"
     entropy_coef: float = 0.0
     max_completion_length: int | None = None
+    delta: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self):
         check_number("clip_eps_low", self.clip_eps_low, at_least=0)
@@ -99,6 +133,36 @@ class PolicyLossOptions:
             )
         resolve_aggregation(self.loss_agg_mode, self.loss_type)
         check_number("max_completion_length", self.max_completion_length, integer=True, above=0, optional=True)
+        check_number("delta", self.delta, above=0, finite=False, optional=True)
+        check_number("sapo_temperature_pos", self.sapo_temperature_pos, above=0)
+        check_number("sapo_temperature_neg", self.sapo_temperature_neg, above=0)
+        check_number("vespo_k_pos", self.vespo_k_pos)
+        check_number("vespo_k_neg", self.vespo_k_neg)
+        check_number("vespo_lambda_pos", self.vespo_lambda_pos, above=0)
+        check_number("vespo_lambda_neg", self.vespo_lambda_neg, above=0)
+        objective = self.objective
+        if objective != "clip":
+            if self.sequence_level:
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} is a token-level objective: importance_sampling_level='sequence' "
+                    "is refused (as liger-kernel does; TRL warns)"
+                )
+            for name in ("dual_clip", "delta"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to the clipped surrogate (grpo, bnpo, dr_grpo, dapo, luspo), not to "
+                        f"loss_type={self.loss_type!r}"
+                    )
+        if objective == "cispo" and self.clip_eps_high is None:
+            raise ValueError(
+                "loss_type='cispo' caps the ratio at clip_eps_high itself (ScaleRL's ε_max; 5.0 recommended): pass it "
+                "(TRL would fall back to epsilon = 0.2)"
+            )
+        if self.loss_type == "luspo" and not self.sequence_level:
+            raise ValueError(
+                "loss_type='luspo' scales each sequence's GSPO loss by its length: it needs "
+                "importance_sampling_level='sequence' (TRL warns and then averages over padding)"
+            )
 
     @property
     def clip_low(self) -> float:
@@ -123,6 +187,26 @@ class PolicyLossOptions:
     @property
     def sequence_level(self) -> bool:
         return self.importance_sampling_level == "sequence"
+
+    @property
+    def needs_whole_rows(self) -> bool:
+        """Whether a token's loss depends on its whole row (GSPO's sequence ratio, VESPO's sequence weight)."""
+        return self.sequence_level or self.objective == "vespo"
+
+    @property
+    def objective(self) -> str:
+        """``"clip" | "cispo" | "sapo" | "vespo"``: the per-token objective of the loss type."""
+        return _LOSS_TYPE_OBJECTIVES.get(self.loss_type, "clip")
+
+    @property
+    def metric_clip_bounds(self) -> tuple[float, float]:
+        """The ratio bounds the clip-fraction metrics count against: the clip range, cispo's cap (no lower clip),
+        or none (sapo, vespo: ``(0, inf)``, never crossed)."""
+        if self.objective == "clip":
+            return self.clip_low, self.clip_high
+        if self.objective == "cispo":
+            return 0.0, float(self.clip_eps_high)
+        return 0.0, math.inf
 
 
 def check_bt(name: str, value: object, shape: torch.Size | None = None, like: str = "logps") -> torch.Tensor:
@@ -221,6 +305,11 @@ def check_policy_args(
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if options.objective == "vespo" and is_weights is not None and is_weights.shape[1] == 1 and shape[1] != 1:
+        raise ValueError(
+            "loss_type='vespo' folds per-token importance weights into its sequence weight: is_weights must be "
+            f"[B, T] = {tuple(shape)} (TRL's token_truncate / token_mask modes), got one weight per sequence"
+        )
     if options.kl_coef != 0 and ref_logps is None:
         raise ValueError("kl_coef is nonzero but ref_logps is None: the KL term needs the reference log-probs")
     if options.entropy_coef != 0 and entropy is None:
@@ -313,6 +402,49 @@ class PolicyTerms:
     kl: torch.Tensor | None
 
 
+def _by_sign(positive: torch.Tensor, if_positive: float, otherwise: float, like: torch.Tensor) -> torch.Tensor:
+    """``if_positive`` where ``positive``, else ``otherwise``, in ``like``'s dtype and device (a float64 1.05, not
+    the float32 one ``torch.where`` makes of a Python number)."""
+    value = torch.full(positive.shape, otherwise, dtype=like.dtype, device=like.device)
+    return value.masked_fill(positive, if_positive)
+
+
+def vespo_weights(a: PolicyArgs) -> torch.Tensor:
+    """VESPO's detached gamma weight ``φ(w) = exp(λ + k log w − λ w)`` (``φ(1) = 1``), ``[B, 1]`` (``[B, T]`` with
+    per-token advantages: ``k, λ`` follow each token's sign), where ``log w`` is the row's sum of clamped
+    log-ratios plus that of its ``[B, T]`` ``is_weights`` (each in ``[log 1e-8, 20]``), clamped to
+    ``[log 1e-8, 20]``; non-finite weights are 0, as in TRL. In float32 or wider."""
+    o, keep = a.options, a.mask != 0
+    dtype = torch.promote_types(a.logps.dtype, torch.float32)
+    with torch.no_grad():
+        log_ratio = (a.logps.to(dtype) - a.old_logps.to(dtype)).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        log_w = torch.where(keep, log_ratio, 0.0).sum(-1, keepdim=True)
+        if a.is_weights is not None:
+            log_is = a.is_weights.to(dtype).log().clamp(VESPO_LOG_WEIGHT_FLOOR, LOG_RATIO_LIMIT)
+            log_w = log_w + torch.where(keep, log_is, 0.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(VESPO_LOG_WEIGHT_FLOOR, LOG_RATIO_LIMIT)
+        nonneg = a.advantages >= 0
+        k = _by_sign(nonneg, o.vespo_k_pos, o.vespo_k_neg, log_w)
+        lam = _by_sign(nonneg, o.vespo_lambda_pos, o.vespo_lambda_neg, log_w)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _objective_loss(a: PolicyArgs, ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The per-token objective of ``a.options.loss_type`` before the dual clip, importance weights, KL and
+    entropy terms."""
+    o = a.options
+    if o.objective == "cispo":
+        return -ratio.clamp(max=float(o.clip_eps_high)).detach() * advantages * a.logps
+    if o.objective == "sapo":
+        temperature = _by_sign(advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg, ratio)
+        return -(torch.sigmoid(temperature * (ratio - 1.0)) * 4.0 / temperature) * advantages
+    if o.objective == "vespo":
+        return -vespo_weights(a).to(a.logps.dtype) * advantages * a.logps
+    capped = ratio if o.delta is None else ratio.clamp(max=float(o.delta))
+    return torch.maximum(-advantages * capped, -advantages * ratio.clamp(o.clip_low, o.clip_high))
+
+
 def policy_terms(a: PolicyArgs) -> PolicyTerms:
     """The per-token loss before aggregation; autograd flows into ``a.logps`` and ``a.entropy``."""
     o = a.options
@@ -322,11 +454,11 @@ def policy_terms(a: PolicyArgs) -> PolicyTerms:
         log_ratio = log_ratio.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     advantages = a.advantages.detach()
-    clipped_loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(o.clip_low, o.clip_high))
+    clipped_loss = _objective_loss(a, ratio, advantages)
     per_token = clipped_loss
     if o.dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(clipped_loss, -advantages * o.dual_clip), clipped_loss)
-    if a.is_weights is not None:
+    if a.is_weights is not None and o.objective != "vespo":  # VESPO folds them into φ
         per_token = per_token * a.is_weights.detach()
     kl = None
     if a.ref_logps is not None:
@@ -351,8 +483,9 @@ def policy_stats(a: PolicyArgs, terms: PolicyTerms, reduce: Callable[[torch.Tens
     rows = [None] * STAT_ROWS
     rows[LOSS] = terms.per_token
     rows[COUNT] = keep
-    rows[LOW_CLIP] = (ratio < o.clip_low) & (advantages < 0)
-    rows[HIGH_CLIP] = (ratio > o.clip_high) & (advantages > 0)
+    clip_low, clip_high = o.metric_clip_bounds
+    rows[LOW_CLIP] = (ratio < clip_low) & (advantages < 0)
+    rows[HIGH_CLIP] = (ratio > clip_high) & (advantages > 0)
     if o.dual_clip is not None:
         rows[DUAL_CLIP] = (advantages < 0) & (terms.clipped_loss > -advantages * o.dual_clip)
     rows[RATIO] = ratio
@@ -401,7 +534,8 @@ class PolicyChunks:
 
     ``a`` holds everything but the log-probs and the entropy (placeholders shaped ``[B, T]``), which each chunk
     brings. At token level any set of tokens makes a chunk; at sequence level a chunk must cover whole rows, in
-    order (the sequence ratio needs all of a row's tokens): :attr:`units` are those rows.
+    order (the sequence ratio needs all of a row's tokens, and so does VESPO's weight): :attr:`units` are those
+    rows.
     """
 
     def __init__(self, a: PolicyArgs):
@@ -412,8 +546,9 @@ class PolicyChunks:
 
     @property
     def units(self) -> Sequence[torch.Tensor] | None:
-        """Token indices (into the flattened ``[B, T]``) of each row at sequence level, else ``None``."""
-        if not self.a.options.sequence_level:
+        """Token indices (into the flattened ``[B, T]``) of each row when a token's loss needs its whole row
+        (sequence level, VESPO), else ``None``."""
+        if not self.a.options.needs_whole_rows:
             return None
         rows, width = self.a.mask.shape
         device = self.a.mask.device
@@ -432,7 +567,7 @@ class PolicyChunks:
                 return tensor[rows]
             return tensor[rows, cols if tensor.shape[1] == width else 0].unsqueeze(0)
 
-        if a.options.sequence_level:
+        if a.options.needs_whole_rows:
             rows, cols = index.view(-1, width)[:, 0] // width, None
             logps, entropy = logps.view(-1, width), None if entropy is None else entropy.view(-1, width)
             token_weights = self.weights[rows].unsqueeze(-1)

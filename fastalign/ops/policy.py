@@ -14,6 +14,7 @@ from fastalign.ops._checks import check_number
 from fastalign.ops._options import options_from, renamed_keywords, with_option_fields
 from fastalign.ops._policy_kernels import LAUNCHES, policy_loss_kernels
 from fastalign.ops._policy_math import (
+    GENERATION_NORMALISED_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
     LOG_RATIO_LIMIT,
@@ -31,6 +32,7 @@ from fastalign.ops._policy_math import (
 from fastalign.ops.dispatch import resolve_backend
 
 __all__ = [
+    "GENERATION_NORMALISED_LOSS_TYPES",
     "IMPORTANCE_SAMPLING_LEVELS",
     "KL_ESTIMATORS",
     "LOG_RATIO_LIMIT",
@@ -59,14 +61,18 @@ def policy_loss(
     backend: str = "auto",
     **option_fields,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped-surrogate PPO / GRPO / DAPO / Dr. GRPO / GSPO policy loss.
+    """The PPO / GRPO / DAPO / Dr. GRPO / GSPO policy loss, and TRL's CISPO / SAPO / LUSPO / VESPO objectives.
 
     Per token, with ``ratio = exp(logps − old_logps)`` and ``A`` the advantage::
 
-        loss = max(−A·ratio, −A·clip(ratio, 1 − clip_eps_low, 1 + clip_eps_high))
+        loss = max(−A·min(ratio, delta), −A·clip(ratio, 1 − clip_eps_low, 1 + clip_eps_high))
         if dual_clip = c > 1 and A < 0: loss = min(loss, −A·c)          (verl's dual-clip PPO)
         loss *= is_weights                                               (rollout-engine correction)
         loss += kl_coef · KL(logps, ref_logps)  − entropy_coef · entropy
+
+    (``delta`` off: ``+inf``). ``loss_type`` ``"cispo"``, ``"sapo"`` and ``"vespo"`` replace the first line by
+    their objectives, and ``"luspo"`` scales GSPO's sequence loss by the length: see :class:`PolicyLossOptions`
+    and docs/losses.md for the formulas and papers.
 
     ``importance_sampling_level="sequence"`` (GSPO) replaces the token log-ratio by its masked mean over the
     sequence, gradient flowing through every token, as TRL does. The KL and entropy terms are not multiplied by
@@ -84,7 +90,9 @@ def policy_loss(
         options: a :class:`PolicyLossOptions`, or its fields as keywords (``clip_eps_low=0.2``,
             ``clip_eps_high=None``, ``dual_clip=None``, ``kl_coef=0.0``, ``kl_estimator="k3"``,
             ``loss_agg_mode="token-mean"``, ``loss_type=None``, ``importance_sampling_level="token"``,
-            ``entropy_coef=0.0``, ``max_completion_length=None``; see :class:`PolicyLossOptions`).
+            ``entropy_coef=0.0``, ``max_completion_length=None``, ``delta=None``, ``sapo_temperature_pos=1.0``,
+            ``sapo_temperature_neg=1.05``, ``vespo_k_pos=2.0``, ``vespo_lambda_pos=3.0``, ``vespo_k_neg=3.0``,
+            ``vespo_lambda_neg=2.0``; see :class:`PolicyLossOptions`).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     The keywords ``logp``, ``old_logp`` and ``ref_logp`` are the deprecated names of ``logps``, ``old_logps``

@@ -49,15 +49,32 @@ def policy_loss(
         tokens = [t for t in range(width) if mask[i, t] != 0]
         if sequence and tokens:
             seq_log_ratio = sum(logps[i, t] - old_logps[i, t].detach() for t in tokens) / len(tokens)
+        if o.loss_type == "vespo":
+            # log w = Σ clamp(log ratio) + Σ clamp(log is_weight), each and the sum in [log 1e-8, 20].
+            log_w = sum(float(torch.clamp(logps[i, t] - old_logps[i, t], -20.0, 20.0).detach()) for t in tokens)
+            if is_weights is not None:
+                log_w += sum(min(max(math.log(float(is_weights[i, t])), math.log(1e-8)), 20.0) for t in tokens)
+            log_w = min(max(log_w, math.log(1e-8)), 20.0)
         total = torch.zeros((), dtype=logps.dtype)
         for t in tokens:
             a = advantages[i] if advantages.dim() == 1 else advantages[i, t]
             log_ratio = seq_log_ratio if sequence else logps[i, t] - old_logps[i, t]
             ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
-            loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - low, 1 + high))
+            if o.loss_type == "cispo":
+                loss = -torch.clamp(ratio, max=high).detach() * a * logps[i, t]
+            elif o.loss_type == "sapo":
+                tau = o.sapo_temperature_pos if a > 0 else o.sapo_temperature_neg
+                loss = -(4.0 / tau) / (1.0 + torch.exp(-tau * (ratio - 1.0))) * a
+            elif o.loss_type == "vespo":
+                k, lam = (o.vespo_k_pos, o.vespo_lambda_pos) if a >= 0 else (o.vespo_k_neg, o.vespo_lambda_neg)
+                phi = math.exp(lam) * math.exp(log_w) ** k * math.exp(-lam * math.exp(log_w))
+                loss = -phi * a * logps[i, t]
+            else:
+                unclipped = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
+                loss = torch.maximum(-a * unclipped, -a * torch.clamp(ratio, 1 - low, 1 + high))
             if o.dual_clip is not None and a < 0:
                 loss = torch.minimum(loss, -a * o.dual_clip)
-            if is_weights is not None:
+            if is_weights is not None and o.loss_type != "vespo":
                 loss = loss * (is_weights[i] if is_weights.dim() == 1 else is_weights[i, t])
             if ref_logps is not None and o.kl_coef:
                 loss = loss + o.kl_coef * _kl(logps[i, t], ref_logps[i, t], o.kl_estimator)

@@ -405,7 +405,22 @@ class GRPOConfig(FastalignTrainingConfig):
     importance_sampling_level: str = field(default="token", metadata={"help": "'token' or 'sequence' (GSPO)."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
     scale_rewards: str = field(default="group", metadata={"help": "'group', 'batch' or 'none' (Dr. GRPO)."})
-    loss_type: str = field(default="dapo", metadata={"help": "'grpo', 'bnpo', 'dr_grpo' or 'dapo'."})
+    loss_type: str = field(
+        default="dapo",
+        metadata={
+            "help": "'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo' (ratio capped at epsilon_high, detached, times the "
+            "log-prob), 'sapo' (soft gate), 'luspo' (length-scaled GSPO) or 'vespo' (gamma-weighted)."
+        },
+    )
+    delta: float | None = field(
+        default=None, metadata={"help": "INTELLECT-2's two-sided clip: cap of the unclipped ratio (> 1 + epsilon)."}
+    )
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO's temperature where A > 0."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO's temperature where A <= 0."})
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "VESPO's power k where A >= 0."})
+    vespo_lambda_pos: float = field(default=3.0, metadata={"help": "VESPO's decay λ where A >= 0."})
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "VESPO's power k where A < 0."})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "VESPO's decay λ where A < 0."})
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Completions cut at max_completion_length carry no loss."}
     )
@@ -439,6 +454,13 @@ class GRPOConfig(FastalignTrainingConfig):
             importance_sampling_level=self.importance_sampling_level,
             entropy_coef=self.entropy_coef,
             max_completion_length=self.max_completion_length,
+            delta=self.delta,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
         )
 
     def __post_init__(self):

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import group_advantages
+from fastalign.ops.policy import GENERATION_NORMALISED_LOSS_TYPES
 from fastalign.rollout import HFGenerateEngine, RolloutBatch, truncated_importance_weights
 from fastalign.trainers._common import NumTokensLogMixin, TrainTokenCount, data_seed
 from fastalign.trainers.configs import GRPOConfig
@@ -206,16 +207,17 @@ class GRPOTrainer(NumTokensLogMixin, OnlineTrainer):
     def _normaliser(self, batch: GRPOBatch) -> torch.Tensor | None:
         """The token count of the token-mean loss types, per process.
 
-        dapo: the generation batch's completion tokens per optimiser step, so that the micro-batches' losses add
-        up to a token mean over the step; bnpo: the micro-batch's tokens. Both counts are summed over the
-        processes and divided by their number, because DDP / FSDP average the gradients over the processes: the
-        result is the gradient of one process's loss on the global batch (TRL divides dapo's gathered count the
-        same way; its bnpo normalises per process). grpo and dr_grpo average over rows, and every process holds
-        as many rows, so their per-process means average to the global one."""
+        dapo, cispo, vespo: the generation batch's completion tokens per optimiser step, so that the
+        micro-batches' losses add up to a token mean over the step (TRL's normaliser of all three); bnpo: the
+        micro-batch's tokens. Both counts are summed over the processes and divided by their number, because DDP /
+        FSDP average the gradients over the processes: the result is the gradient of one process's loss on the
+        global batch (TRL divides dapo's gathered count the same way; its bnpo normalises per process). grpo,
+        sapo, dr_grpo and luspo average over rows, and every process holds as many rows, so their per-process
+        means average to the global one."""
         processes = self.accelerator.num_processes
         if self.args.loss_type == "bnpo":
             return batch.batch_tokens.clamp_min(1) / processes
-        if self.args.loss_type != "dapo":
+        if self.args.loss_type not in GENERATION_NORMALISED_LOSS_TYPES:
             return None
         tokens = batch.generation_tokens * self.args.gradient_accumulation_steps
         return tokens / self.args.steps_per_generation / processes
@@ -234,7 +236,7 @@ class GRPOTrainer(NumTokensLogMixin, OnlineTrainer):
         loss, metrics = self._adapter(model).fused_forward(
             policy_loss, batch.input_ids, batch.attention_mask, batch.position_ids
         )
-        if self.args.loss_type != "dapo":
+        if self.args.loss_type not in GENERATION_NORMALISED_LOSS_TYPES:
             # Trainer does not divide by the accumulation steps here (loss_is_scaled_for_ga); these modes average
             # per micro-batch, so the step's loss is their mean.
             loss = loss / self.args.gradient_accumulation_steps

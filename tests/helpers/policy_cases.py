@@ -16,7 +16,19 @@ CASES = [
     {"importance_sampling_level": "sequence", "dual_clip": 2.5, "kl_coef": 0.02, "with_ref": True},
     {"with_is_weights": True, "num_items_in_batch": 40},
     {"with_is_weights": "per_row", "dual_clip": 3.0, "entropy_coef": 0.02, "with_entropy": True},
-]
+    # TRL's newer loss types and INTELLECT-2's two-sided clip (delta below 1 + clip_eps_high, so that it binds).
+    {"loss_type": "cispo", "clip_eps_high": 1.2},
+    {"loss_type": "cispo", "clip_eps_high": 5.0, "kl_coef": 0.05, "with_ref": True, "with_is_weights": True},
+    {"loss_type": "sapo", "per_token_advantages": True},
+    {"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0, "entropy_coef": 0.01,
+     "with_entropy": True},
+    {"loss_type": "vespo"},
+    {"loss_type": "vespo", "with_is_weights": True, "per_token_advantages": True, "vespo_k_neg": 1.5,
+     "kl_coef": 0.05, "with_ref": True},
+    {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    {"loss_type": "dapo", "delta": 1.1, "per_token_advantages": True},
+    {"delta": 1.5, "dual_clip": 3.0, "importance_sampling_level": "sequence", "per_token_advantages": True},
+]  # fmt: skip
 
 
 def case_id(case):

@@ -21,6 +21,7 @@ import fastalign
 from fastalign.kernels.triton import dpo_loss as dpo_kernels
 from fastalign.kernels.triton import linear_stats as linear_kernels
 from fastalign.kernels.triton import policy_loss as policy_kernels
+from fastalign.ops import _policy_math
 
 POLICY = [policy_kernels.policy_loss_fwd_kernel, policy_kernels.policy_loss_bwd_kernel]
 DPO = [dpo_kernels.dpo_fwd_kernel, dpo_kernels.dpo_bwd_kernel]
@@ -169,8 +170,9 @@ def test_policy_kernels_address_rows_past_two_to_the_31():
     scalars = {
         "B": rows, "T": width, "T_BUCKET": 256, "stride_row": stride, "stride_adv_row": stride, "stride_adv_t": 1,
         "stride_is_row": stride, "stride_is_t": 1, "clip_low": 0.8, "clip_high": 1.2, "dual_clip": 0.0,
-        "kl_coef": 0.0, "entropy_coef": 0.0, "LIMIT": 20.0, "SEQUENCE": False, "HAS_REF": True, "HAS_IS": True,
-        "DUAL": False, "KL_KIND": 3,
+        "delta": float("inf"), "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "kl_coef": 0.0,
+        "entropy_coef": 0.0, "LIMIT": 20.0, "SEQUENCE": False, "HAS_REF": True, "HAS_IS": True, "DUAL": False,
+        "KL_KIND": 3, "OBJECTIVE": 0,
     }  # fmt: skip
     # logp = old_logp = ref_logp (ratio 1, KL 0) = entropy = advantages = importance weights = mask = values v:
     # per token loss = -A·ratio·w = -v², entropy v.
@@ -179,10 +181,10 @@ def test_policy_kernels_address_rows_past_two_to_the_31():
     v = values.double()
     tokens = torch.full((rows,), float(width), dtype=torch.float64)
     expected = {
-        policy_kernels.LOSS: -(v**2).sum(1),
-        policy_kernels.COUNT: tokens,
-        policy_kernels.RATIO: tokens,
-        policy_kernels.ENTROPY: v.sum(1),
+        _policy_math.LOSS: -(v**2).sum(1),
+        _policy_math.COUNT: tokens,
+        _policy_math.RATIO: tokens,
+        _policy_math.ENTROPY: v.sum(1),
     }
     for stat, value in expected.items():  # float32 sums of 6 terms
         torch.testing.assert_close(stats[stat].double(), value, rtol=1e-6, atol=0)

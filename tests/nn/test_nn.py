@@ -47,6 +47,11 @@ POLICY_CASES = [
     {"loss_type": "grpo", "kl_coef": 0.05, "with_ref": True, "temperature": 0.7},
     {"importance_sampling_level": "sequence", "entropy_coef": 0.01},
     {"loss_agg_mode": "seq-mean-token-sum-norm", "dual_clip": 3.0, "softcap": 5.0},
+    {"loss_type": "cispo", "clip_eps_high": 1.1},
+    {"loss_type": "sapo", "kl_coef": 0.05, "with_ref": True},
+    # VESPO's weight needs each row whole: the fused path's chunks must keep rows together.
+    {"loss_type": "vespo", "temperature": 0.7},
+    {"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.1},
 ]
 
 
@@ -145,6 +150,24 @@ def test_linear_dpo_loss_module(backend, case, fused):
     )
     assert ("nll_loss" in metrics) == ("rpo_alpha" in options)
     assert 0 <= metrics["reward_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("budget", [1 << 10, 6 << 10], ids=["two-sweeps", "one-unit-per-chunk"])
+def test_vespo_weights_each_row_whole_under_a_small_budget(scratch_budget, budget):
+    """VESPO's weight is a function of a whole row's log-ratios: chunks smaller than a row must not split it."""
+    scratch_budget(budget)
+    hidden, weight, targets = make_batch(rows=6)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    old_logps = reference.linear_logprobs(hidden, weight, targets)
+    old_logps = old_logps + 0.3 * torch.randn(old_logps.shape, generator=gen, dtype=torch.float64)
+    advantages = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    policy = fastalign.nn.LinearPolicyLoss(loss_type="vespo", gradient_in_forward=True)
+    loss, _ = policy(h, w, targets, old_logps.float(), advantages.float())
+    rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logps = reference.linear_logprobs(rh, rw, targets)
+    ref = reference_losses.policy_loss(logps, old_logps, advantages, targets != -100, loss_type="vespo")
+    assert_close_all([loss, *grads_of(loss, h, w)], [ref, *grads_of(ref, rh, rw)], torch.float32)
 
 
 @pytest.mark.parametrize("budget", [1 << 10, 6 << 10], ids=["two-sweeps", "one-unit-per-chunk"])

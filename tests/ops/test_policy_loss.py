@@ -185,6 +185,22 @@ POLICY_ERRORS = [
         {"logps": torch.randn(2, 0), "old_logps": torch.randn(2, 0), "mask": torch.ones(2, 0), "loss_type": "dr_grpo"},
         "seq-mean-token-sum-norm (loss_type='dr_grpo') needs a length",
     ),
+    ({"loss_type": "cispo"}, "loss_type='cispo' caps the ratio at clip_eps_high itself"),
+    (
+        {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+        "loss_type='sapo' is a token-level objective: importance_sampling_level='sequence' is refused",
+    ),
+    ({"loss_type": "vespo", "dual_clip": 3.0}, "dual_clip applies to the clipped surrogate"),
+    ({"loss_type": "cispo", "clip_eps_high": 5.0, "delta": 2.0}, "delta applies to the clipped surrogate"),
+    ({"loss_type": "luspo"}, "loss_type='luspo' scales each sequence's GSPO loss by its length"),
+    ({"delta": 0.0}, "delta must be None or a number > 0"),
+    ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg must be a finite number > 0"),
+    ({"vespo_lambda_pos": -1.0}, "vespo_lambda_pos must be a finite number > 0"),
+    ({"vespo_k_neg": float("nan")}, "vespo_k_neg must be a finite number"),
+    (
+        {"loss_type": "vespo", "is_weights": torch.ones(2)},
+        "loss_type='vespo' folds per-token importance weights into its sequence weight: is_weights must be [B, T]",
+    ),
 ]
 
 

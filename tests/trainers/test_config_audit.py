@@ -214,6 +214,9 @@ def test_grpo_loss_fields_reach_the_loss(tmp_path):
     assert {name: getattr(loss.options, name) for name in expected} == expected
     assert loss.options == grpo.args.policy_loss_options()
     assert loss.temperature == 0.9
+    vespo = {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.5, "vespo_lambda_neg": 1.5}
+    grpo = trainer_grpo.trainer(tmp_path, loss_type="vespo", **vespo)
+    assert {name: getattr(grpo._loss_module().options, name) for name in vespo} == vespo
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -432,6 +435,7 @@ def test_ppo_sampling_counts(tmp_path):
 REFUSE = "refused"  # at any value but the default: a row of REFUSED
 HERE = "trainers/test_config_audit.py::"
 GRPO_TESTS, PPO_TESTS = "trainers/test_trainer_grpo.py::", "trainers/test_trainer_ppo.py::"
+NEWER_LOSSES = GRPO_TESTS + "test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps"
 DPO_TESTS = "trainers/test_trainer_dpo.py::"
 SAMPLING_TEST = HERE + "test_sampling_fields_and_max_prompt_length_reach_the_engine"
 TOKENS_TEST = HERE + "test_tokenisation_fields_reach_the_dataset_and_the_tokenizer"
@@ -511,6 +515,13 @@ AUDIT = {
         "reward_weights": HERE + "test_grpo_reward_weights",
         "scale_rewards": HERE + "test_grpo_scale_rewards_and_mask_truncated_completions",
         "loss_type": HERE + "test_grpo_loss_fields_reach_the_loss",
+        "delta": NEWER_LOSSES,
+        "sapo_temperature_pos": NEWER_LOSSES,
+        "sapo_temperature_neg": NEWER_LOSSES,
+        "vespo_k_pos": HERE + "test_grpo_loss_fields_reach_the_loss",
+        "vespo_lambda_pos": HERE + "test_grpo_loss_fields_reach_the_loss",
+        "vespo_k_neg": NEWER_LOSSES,
+        "vespo_lambda_neg": HERE + "test_grpo_loss_fields_reach_the_loss",
         "mask_truncated_completions": HERE + "test_grpo_scale_rewards_and_mask_truncated_completions",
         "entropy_coef": HERE + "test_grpo_loss_fields_reach_the_loss",
         "dynamic_sampling": GRPO_TESTS + "test_dynamic_sampling_keeps_groups_whose_rewards_differ",

@@ -11,6 +11,7 @@ from helpers.engines import OwnCopyEngine, RecordWeights
 from helpers.tiny import tiny_causal_lm, word_tokenizer
 from helpers.trainer_grpo import PROMPTS, blue_reward, config, id_hash_reward, trainer
 
+from fastalign.ops import reference_losses
 from fastalign.trainers.grpo import GRPOTrainer
 
 
@@ -52,6 +53,49 @@ def test_one_step_equals_the_eager_full_logits_loss(tmp_path, iterations):
     for name, p in model.named_parameters():
         error = (fused_grads[name] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-6)
         assert error < 1e-4, f"{name}: relative error {error:.2e}"
+
+
+NEW_LOSS_TYPES = {
+    "cispo": {"epsilon_high": 1.1},
+    "sapo": {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.3},
+    "luspo": {"importance_sampling_level": "sequence", "delta": 1.05},
+    "vespo": {"vespo_k_neg": 2.5},
+}
+
+
+@pytest.mark.parametrize("loss_type", NEW_LOSS_TYPES)
+def test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps(tmp_path, loss_type):
+    """cispo / vespo normalise by the generation's tokens (as dapo), sapo / luspo per micro-batch over the
+    accumulation steps (as grpo), and each field reaches the loss: the fused step equals the float32
+    reference of the formula on full-logits log-probs."""
+    fields = NEW_LOSS_TYPES[loss_type]
+    grpo = trainer(tmp_path, temperature=0.8, loss_type=loss_type, gradient_accumulation_steps=2, **fields)
+    inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
+    model = grpo.model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = grpo.compute_loss(model, inputs)
+    completion = inputs.completion_ids.shape[1]
+    logits = model(
+        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
+    ).logits
+    logp = torch.log_softmax(logits[:, -completion - 1 : -1].float() / 0.8, dim=-1)
+    logp = logp.gather(-1, inputs.completion_ids.unsqueeze(-1)).squeeze(-1)
+    options = grpo.args.policy_loss_options()
+    options = {name: getattr(options, name) for name in options.__dataclass_fields__}
+    if loss_type in ("cispo", "vespo"):
+        # The generation's tokens per optimiser step over its micro-batches: the step's losses add up to its mean.
+        tokens = inputs.generation_tokens * 2 / grpo.args.steps_per_generation
+        expected = reference_losses.policy_loss(
+            logp, inputs.old_logps, inputs.advantages, inputs.completion_mask, num_items_in_batch=tokens, **options
+        )
+    else:
+        expected = (
+            reference_losses.policy_loss(logp, inputs.old_logps, inputs.advantages, inputs.completion_mask, **options)
+            / 2
+        )
+    torch.testing.assert_close(fused, expected.to(fused.dtype), rtol=1e-5, atol=1e-6)
 
 
 def test_old_logps_are_the_policys_logps_at_sampling_time(tmp_path):

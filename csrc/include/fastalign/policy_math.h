@@ -1,7 +1,8 @@
 // The per-token math of the PPO / GRPO policy loss: the clamped ratio, the clipped and dual-clipped surrogate
-// with its derivative, the KL estimators, and one token's contribution to its row's sums and gradient. Mirrors
-// the Triton kernels (fastalign/kernels/triton/policy_loss.py) formula for formula: the same clamps, the same
-// tie rules (those of torch's max / min / clamp gradients), float32 throughout.
+// with its derivative, the cispo / sapo / weighted-log-prob objectives, the KL estimators, and one token's
+// contribution to its row's sums and gradient. Mirrors the Triton kernels (fastalign/kernels/triton/policy_loss.py)
+// formula for formula: the same clamps, the same tie rules (those of torch's max / min / clamp gradients), float32
+// throughout.
 #pragma once
 
 #include "fastalign/common.h"
@@ -27,9 +28,18 @@ enum Stat : int {
 // KL estimators of r = ref_logp - logp: k1 = -r, k2 = r^2 / 2, k3 = exp(r) - r - 1.
 enum KlKind : int { kK1 = 1, kK2 = 2, kK3 = 3 };
 
+// The per-token objective (fastalign.ops._policy_kernels.OBJECTIVE_CODES). cispo, sapo and the weighted
+// log-prob are token-level only, without dual clip or delta (PolicyLossOptions refuses the rest).
+enum Objective : int {
+  kClip = 0,       // PPO's clipped surrogate, the unclipped ratio capped at delta
+  kCispo = 1,      // -min(ratio, clip_high) A logp, the weight detached: clip_high is cispo's cap
+  kSapo = 2,       // -(4 / tau) sigmoid(tau (ratio - 1)) A, tau by the advantage's sign
+  kWeightedLogp = 3  // -A logp; VESPO's weight phi comes in as the importance weight
+};
+
 struct Options {
-  float clip_low;         // 1 - clip_eps_low
-  float clip_high;        // 1 + clip_eps_high
+  float clip_low;         // 1 - clip_eps_low (the clip metrics' lower bound for the other objectives: 0)
+  float clip_high;        // 1 + clip_eps_high (cispo: its cap; sapo / vespo: +inf, for the metrics)
   float dual_clip;        // c > 1; read only when has_dual
   float kl_coef;
   float entropy_coef;
@@ -37,6 +47,10 @@ struct Options {
   int kl_kind;            // KlKind
   bool has_dual;
   bool sequence_level;    // GSPO: one ratio per row, from the row's mean log-ratio
+  float delta;            // INTELLECT-2's cap of the unclipped ratio; +inf when off
+  float sapo_temperature_pos;  // tau where A > 0
+  float sapo_temperature_neg;  // tau elsewhere
+  int objective;          // Objective
 };
 
 FA_HD float clamp_log_ratio(float x, float limit) { return fminf(fmaxf(x, -limit), limit); }
@@ -46,10 +60,10 @@ FA_HD bool within_limit(float x, float limit) { return x >= -limit && x <= limit
 
 FA_HD float ratio_from_log_ratio(float log_ratio, float limit) { return expf(clamp_log_ratio(log_ratio, limit)); }
 
-// PPO's clipped surrogate max(-A r, -A clip(r, low, high)), before the dual clip.
+// PPO's clipped surrogate max(-A min(r, delta), -A clip(r, low, high)), before the dual clip.
 FA_HD float clipped_surrogate(float ratio, float adv, const Options& o) {
   const float clipped_ratio = fminf(fmaxf(ratio, o.clip_low), o.clip_high);
-  return fmaxf(-adv * ratio, -adv * clipped_ratio);
+  return fmaxf(-adv * fminf(ratio, o.delta), -adv * clipped_ratio);
 }
 
 // With verl's dual clip: for A < 0 the loss is capped at -A c.
@@ -59,20 +73,45 @@ FA_HD float surrogate_loss(float ratio, float adv, const Options& o) {
 }
 
 // d surrogate_loss / d ratio. torch.maximum / minimum send the gradient to the larger / smaller input and half
-// to each on a tie; inside the clip range (bounds included) both branches of the max have slope -A, outside it
-// the clipped branch is flat.
+// to each on a tie; each branch has slope -A where its clamp does not bind (bounds included, as torch.clamp's
+// gradient) and 0 elsewhere (inside the clip range, without delta, both branches are -A r: slope -A).
 FA_HD float surrogate_grad(float ratio, float adv, const Options& o) {
   const float clipped_ratio = fminf(fmaxf(ratio, o.clip_low), o.clip_high);
-  const float unclipped = -adv * ratio;
+  const float unclipped = -adv * fminf(ratio, o.delta);
   const float clipped = -adv * clipped_ratio;
-  const bool in_range = ratio >= o.clip_low && ratio <= o.clip_high;
-  float grad = in_range || unclipped > clipped ? -adv : (unclipped == clipped ? -0.5f * adv : 0.0f);
+  const float unclipped_slope = ratio <= o.delta ? -adv : 0.0f;
+  const float clipped_slope = ratio >= o.clip_low && ratio <= o.clip_high ? -adv : 0.0f;
+  float grad = unclipped > clipped   ? unclipped_slope
+               : clipped > unclipped ? clipped_slope
+                                     : 0.5f * (unclipped_slope + clipped_slope);
   if (o.has_dual && adv < 0.0f) {
     const float loss = fmaxf(unclipped, clipped);
     const float cap = -adv * o.dual_clip;
     grad *= loss < cap ? 1.0f : (loss == cap ? 0.5f : 0.0f);
   }
   return grad;
+}
+
+// The sapo gate sigmoid(tau (ratio - 1)), tau by the advantage's sign.
+FA_HD float sapo_gate(float ratio, float adv, const Options& o) {
+  const float tau = adv > 0.0f ? o.sapo_temperature_pos : o.sapo_temperature_neg;
+  return 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
+}
+
+// One token's objective, dual clip included (before the importance weight, KL and entropy terms).
+FA_HD float objective_loss(float ratio, float logp, float adv, const Options& o) {
+  switch (o.objective) {
+    case kCispo:
+      return -fminf(ratio, o.clip_high) * adv * logp;
+    case kSapo: {
+      const float tau = adv > 0.0f ? o.sapo_temperature_pos : o.sapo_temperature_neg;
+      return -(sapo_gate(ratio, adv, o) * 4.0f / tau) * adv;
+    }
+    case kWeightedLogp:
+      return -adv * logp;
+    default:
+      return surrogate_loss(ratio, adv, o);
+  }
 }
 
 // The clip-fraction metrics' events (policy_metrics in fastalign/ops/policy.py).
@@ -125,7 +164,8 @@ FA_HD void add_token_stats(float* sums, const Token& x, float seq_ratio, bool ha
   const float ratio = token_ratio(x, seq_ratio, o);
   const float kl = has_ref ? kl_value(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind) : 0.0f;
   const ClipFlags flags = clip_flags(ratio, x.advantage, o);
-  sums[kLoss] += surrogate_loss(ratio, x.advantage, o) * x.is_weight + o.kl_coef * kl - o.entropy_coef * x.entropy;
+  sums[kLoss] +=
+      objective_loss(ratio, x.logp, x.advantage, o) * x.is_weight + o.kl_coef * kl - o.entropy_coef * x.entropy;
   sums[kCount] += 1.0f;
   sums[kLowClip] += flags.low ? 1.0f : 0.0f;
   sums[kHighClip] += flags.high ? 1.0f : 0.0f;
@@ -154,7 +194,19 @@ FA_HD float token_grad(const Token& x, float spread, bool has_ref, const Options
   if (!o.sequence_level) {
     const float log_ratio = x.logp - x.old_logp;
     const float ratio = ratio_from_log_ratio(log_ratio, o.log_ratio_limit);
-    grad = within_limit(log_ratio, o.log_ratio_limit) ? surrogate_grad(ratio, x.advantage, o) * ratio : 0.0f;
+    // Through the ratio (x ratio; 0 where the log-ratio's clamp binds), or for cispo / the weighted log-prob
+    // (a detached weight times logp) the weight itself.
+    const bool through_ratio = within_limit(log_ratio, o.log_ratio_limit);
+    if (o.objective == kCispo) {
+      grad = -fminf(ratio, o.clip_high) * x.advantage;
+    } else if (o.objective == kSapo) {
+      const float gate = sapo_gate(ratio, x.advantage, o);
+      grad = through_ratio ? -4.0f * gate * (1.0f - gate) * x.advantage * ratio : 0.0f;
+    } else if (o.objective == kWeightedLogp) {
+      grad = -x.advantage;
+    } else {
+      grad = through_ratio ? surrogate_grad(ratio, x.advantage, o) * ratio : 0.0f;
+    }
     grad *= x.is_weight;
   }
   if (has_ref) grad += o.kl_coef * kl_grad(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind);

@@ -21,7 +21,7 @@ _CONFIGS = autotune_configs(
 )
 # What decides the best config: the row length, bucketed by the launcher (``T_BUCKET``: a GRPO batch's T changes
 # every step and would re-tune each time), and every variant flag (each compiles to a different kernel).
-_TUNING_KEY = ["T_BUCKET", "SEQUENCE", "HAS_REF", "HAS_ENTROPY", "HAS_IS", "DUAL", "KL_KIND"]
+_TUNING_KEY = ["T_BUCKET", "SEQUENCE", "HAS_REF", "HAS_ENTROPY", "HAS_IS", "DUAL", "KL_KIND", "OBJECTIVE"]
 
 
 @triton.jit
@@ -85,6 +85,26 @@ def _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, BLOCK_T
     return tl.sum(total, 0) / tl.maximum(n, 1.0), n
 
 
+@triton.jit
+def _objective_loss(
+    ratio, logp, adv, clip_low, clip_high, delta, sapo_temperature_pos, sapo_temperature_neg, OBJECTIVE: tl.constexpr
+):
+    """One token's objective before the dual clip: 0 the clipped surrogate (its unclipped ratio capped at
+    ``delta``, +inf when off), 1 cispo ``−min(ratio, clip_high)·A·logp`` (``clip_high`` is cispo's cap), 2 sapo
+    ``−(4/τ) σ(τ (ratio − 1))·A``, 3 ``−A·logp`` (vespo: its weight φ comes in as the importance weight)."""
+    if OBJECTIVE == 0:
+        clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        loss = tl.maximum(-adv * tl.minimum(ratio, delta), -adv * clipped_ratio)
+    elif OBJECTIVE == 1:
+        loss = -tl.minimum(ratio, clip_high) * adv * logp
+    elif OBJECTIVE == 2:
+        temperature = tl.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        loss = -(tl.sigmoid(temperature * (ratio - 1.0)) * 4.0 / temperature) * adv
+    else:
+        loss = -adv * logp
+    return loss
+
+
 @triton.autotune(configs=_CONFIGS, key=_TUNING_KEY)
 @triton.jit
 def policy_loss_fwd_kernel(
@@ -107,6 +127,9 @@ def policy_loss_fwd_kernel(
     clip_low,
     clip_high,
     dual_clip,
+    delta,
+    sapo_temperature_pos,
+    sapo_temperature_neg,
     kl_coef,
     entropy_coef,
     LIMIT,
@@ -116,6 +139,7 @@ def policy_loss_fwd_kernel(
     HAS_IS: tl.constexpr,
     DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
+    OBJECTIVE: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """Per-row sums into ``stats[8, B]`` (float32): loss·mask, mask, and the metric numerators."""
@@ -137,8 +161,9 @@ def policy_loss_fwd_kernel(
         cols, index, keep, logp, old = _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row)
         adv = _row_values(adv_ptr, row, cols, keep, stride_adv_row, stride_adv_t)
         ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio if SEQUENCE else tl.exp(_clamp(logp - old, LIMIT))
-        clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-        clipped_loss = tl.maximum(-adv * ratio, -adv * clipped_ratio)
+        clipped_loss = _objective_loss(
+            ratio, logp, adv, clip_low, clip_high, delta, sapo_temperature_pos, sapo_temperature_neg, OBJECTIVE
+        )
         loss = clipped_loss
         if DUAL:
             loss = tl.where(adv < 0, tl.minimum(clipped_loss, -adv * dual_clip), clipped_loss)
@@ -172,15 +197,21 @@ def policy_loss_fwd_kernel(
 
 
 @triton.jit
-def _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL: tl.constexpr):
+def _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, delta, DUAL: tl.constexpr):
     """d (clipped, dual-clipped) loss / d ratio for one token, matching torch's max/min/clamp gradients."""
     clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    unclipped = -adv * ratio
+    unclipped = -adv * tl.minimum(ratio, delta)
     clipped = -adv * clipped_ratio
-    in_range = (ratio >= clip_low) & (ratio <= clip_high)
-    # torch.maximum sends the gradient to the larger input (half to each when equal); inside the clip range
-    # both branches have slope -A, outside it the clipped branch is flat.
-    grad = tl.where(in_range | (unclipped > clipped), -adv, tl.where(unclipped == clipped, -0.5 * adv, 0.0))
+    # Each branch's slope: -A where its clamp does not bind (bounds included, as torch.clamp's gradient). The max
+    # sends the gradient to the larger branch, half to each on a tie (inside the clip range, without delta, both
+    # branches are -A·ratio: slope -A).
+    unclipped_slope = tl.where(ratio <= delta, -adv, 0.0)
+    clipped_slope = tl.where((ratio >= clip_low) & (ratio <= clip_high), -adv, 0.0)
+    grad = tl.where(
+        unclipped > clipped,
+        unclipped_slope,
+        tl.where(clipped > unclipped, clipped_slope, 0.5 * (unclipped_slope + clipped_slope)),
+    )
     if DUAL:
         clipped_loss = tl.maximum(unclipped, clipped)
         cap = -adv * dual_clip
@@ -212,6 +243,9 @@ def policy_loss_bwd_kernel(
     clip_low,
     clip_high,
     dual_clip,
+    delta,
+    sapo_temperature_pos,
+    sapo_temperature_neg,
     kl_coef,
     entropy_coef,
     LIMIT,
@@ -221,6 +255,7 @@ def policy_loss_bwd_kernel(
     HAS_IS: tl.constexpr,
     DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
+    OBJECTIVE: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """``grad_logp[B, T]`` (and ``grad_entropy``) = row weight × d(row's masked loss sum) / d input."""
@@ -238,7 +273,7 @@ def policy_loss_bwd_kernel(
             cols, index, keep, logp, old = _row_tokens(base, offs, row, T, logp_ptr, old_ptr, mask_ptr, stride_row)
             adv = _row_values(adv_ptr, row, cols, keep, stride_adv_row, stride_adv_t)
             ratio = tl.zeros((BLOCK_T,), tl.float32) + seq_ratio
-            token_grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL)
+            token_grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, delta, DUAL)
             if HAS_IS:
                 token_grad *= _row_values(is_ptr, row, cols, keep, stride_is_row, stride_is_t)
             acc += tl.where(keep, token_grad, 0.0)
@@ -252,8 +287,20 @@ def policy_loss_bwd_kernel(
         else:
             log_ratio = logp - old
             ratio = tl.exp(_clamp(log_ratio, LIMIT))
-            grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, DUAL) * ratio
-            grad = tl.where((log_ratio >= -LIMIT) & (log_ratio <= LIMIT), grad, 0.0)
+            # d loss / d logp: through the ratio (× ratio, 0 where the clamp of the log-ratio binds), or, for
+            # cispo / vespo (a detached weight times logp), the weight itself.
+            through_ratio = (log_ratio >= -LIMIT) & (log_ratio <= LIMIT)
+            if OBJECTIVE == 0:
+                grad = tl.where(
+                    through_ratio, _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, delta, DUAL) * ratio, 0.0
+                )
+            elif OBJECTIVE == 1:
+                grad = -tl.minimum(ratio, clip_high) * adv
+            elif OBJECTIVE == 2:
+                gate = tl.sigmoid(tl.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg) * (ratio - 1.0))
+                grad = tl.where(through_ratio, -4.0 * gate * (1.0 - gate) * adv * ratio, 0.0)
+            else:
+                grad = -adv
             if HAS_IS:
                 grad *= _row_values(is_ptr, row, cols, keep, stride_is_row, stride_is_t)
         if HAS_REF:
