@@ -7,6 +7,7 @@ fields that only fastalign has are marked as such in their help text.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from fastalign.ops._checks import check_number
 from fastalign.ops._dpo_math import DPOLossOptions
 from fastalign.ops._policy_math import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, PolicyLossOptions
 from fastalign.ops.advantages import GROUP_SCALES
+from fastalign.rollout.importance import check_importance_sampling_options
 
 
 @dataclass
@@ -394,9 +396,24 @@ class GRPOConfig(FastalignTrainingConfig):
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of GPU memory."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism."})
     vllm_importance_sampling_correction: bool = field(
-        default=True, metadata={"help": "Truncated importance weights for the sampler/trainer log-prob mismatch."}
+        default=True, metadata={"help": "Importance weights for the sampler/trainer log-prob mismatch (use_vllm)."}
     )
-    vllm_importance_sampling_cap: float = field(default=3.0, metadata={"help": "Cap of those weights."})
+    vllm_importance_sampling_mode: str = field(
+        default="sequence_mask",
+        metadata={
+            "help": "'token_truncate', 'token_mask', 'sequence_truncate' or 'sequence_mask': per token or per "
+            "sequence (product of the token ratios), clamped into [clip_min, clip_max] or zeroed outside it."
+        },
+    )
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=3.0, metadata={"help": "Upper bound of those weights (None: none)."}
+    )
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=None, metadata={"help": "Lower bound of those weights (None: none)."}
+    )
+    vllm_importance_sampling_cap: float | None = field(
+        default=None, metadata={"help": "Deprecated (TRL 1.6): vllm_importance_sampling_clip_max."}
+    )
     # loss
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (k3 to the reference); 0 loads no reference."})
     num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each generation (μ)."})
@@ -486,6 +503,33 @@ class GRPOConfig(FastalignTrainingConfig):
                 f"the generation batch ({self.generation_batch_size} completions) must be a multiple of "
                 f"num_generations ({self.num_generations}): whole groups only"
             )
+        if self.vllm_importance_sampling_cap is not None:
+            warnings.warn(
+                "vllm_importance_sampling_cap is deprecated: use vllm_importance_sampling_clip_max (it is set "
+                "from the cap)",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+        if self.vllm_importance_sampling_correction:
+            try:
+                check_importance_sampling_options(
+                    self.vllm_importance_sampling_mode,
+                    self.vllm_importance_sampling_clip_min,
+                    self.vllm_importance_sampling_clip_max,
+                )
+            except ValueError as error:
+                raise ValueError(f"vllm_importance_sampling_{error}") from None
+            if (
+                self.use_vllm
+                and self.loss_type == "vespo"
+                and not self.vllm_importance_sampling_mode.startswith("token")
+            ):
+                raise ValueError(
+                    "loss_type='vespo' folds the per-token importance weights into its sequence weight: "
+                    "vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask', got "
+                    f"{self.vllm_importance_sampling_mode!r}"
+                )
         choices = {
             "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
             "scale_rewards": GROUP_SCALES,

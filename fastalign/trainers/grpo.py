@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from fastalign.nn import LinearPolicyLoss
 from fastalign.ops.advantages import group_advantages
 from fastalign.ops.policy import GENERATION_NORMALISED_LOSS_TYPES
-from fastalign.rollout import HFGenerateEngine, RolloutBatch, truncated_importance_weights
+from fastalign.rollout import HFGenerateEngine, RolloutBatch, sampler_importance_weights
 from fastalign.trainers._common import NumTokensLogMixin, TrainTokenCount, data_seed
 from fastalign.trainers.configs import GRPOConfig
 from fastalign.trainers.dynamic_sampling import dynamic_sampling, endless_rows
@@ -43,7 +43,8 @@ class GRPOBatch(PolicyBatch):
     """A :class:`~fastalign.trainers.online.PolicyBatch` with GRPO's advantages ``[N]`` (one per completion) and:
 
     Attributes:
-        is_weights: ``[N, C]`` float32 truncated importance weights of the vLLM sampler, or None.
+        is_weights: float32 importance weights of the vLLM sampler (``[N, C]`` in the token modes of
+            ``vllm_importance_sampling_mode``, ``[N]`` in the sequence modes), or None.
         batch_tokens / generation_tokens: float32 scalars, the completion tokens of this micro-batch / of its
             whole generation batch summed over the processes (bnpo's / dapo's divisors).
     """
@@ -149,9 +150,14 @@ class GRPOTrainer(NumTokensLogMixin, OnlineTrainer):
         if args.beta != 0:
             batch.ref_logps = self._reference_logps(batch)
         if args.use_vllm and args.vllm_importance_sampling_correction and generated.sampler_logps is not None:
-            sampler_logps = generated.sampler_logps.to(batch.completion_mask.device)
-            cap = args.vllm_importance_sampling_cap
-            batch.is_weights = truncated_importance_weights(batch.old_logps, sampler_logps, batch.completion_mask, cap)
+            batch.is_weights = sampler_importance_weights(
+                batch.old_logps,
+                generated.sampler_logps.to(batch.completion_mask.device),
+                batch.completion_mask,
+                mode=args.vllm_importance_sampling_mode,
+                clip_min=args.vllm_importance_sampling_clip_min,
+                clip_max=args.vllm_importance_sampling_clip_max,
+            )
         batch.advantages = advantages.to(batch.completion_mask.device)
         self._log_generation(mode, rollout, all_rewards)
         if mode == "train" and args.log_completions:

@@ -1,9 +1,11 @@
 """fastalign.rollout: the HF-generate engine on a tiny Llama, SamplingParams, the vLLM engine's import guard and
-the truncated importance weights."""
+the importance weights of every mode."""
 
 from __future__ import annotations
 
 import importlib
+import math
+import re
 import sys
 
 import pytest
@@ -16,6 +18,7 @@ from fastalign.rollout import (
     RolloutEngine,
     SamplingParams,
     VLLMEngine,
+    sampler_importance_weights,
     truncated_importance_weights,
 )
 from fastalign.rollout._types import completion_mask_after_eos
@@ -315,6 +318,45 @@ def test_truncated_importance_weights_values_and_cap():
     assert w_bf16.dtype == torch.float32
     assert float(w_bf16[0, 2]) == pytest.approx(float(torch.exp(torch.tensor(2.5))), rel=2e-2)
     assert truncated_importance_weights(trainer, sampler, mask).max() <= 3.0  # TRL's default clip_max
+
+
+def test_sampler_importance_weights_in_each_mode():
+    """Δ = trainer − sampler on kept tokens (NaN: 0): per token exp(Δ), per sequence exp(ΣΔ); truncate clamps
+    into [clip_min, clip_max], mask zeroes outside it (bounds kept)."""
+    trainer = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.0, -1.0, -1.0, -1.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -3.0, float("nan")], [-1.0, -2.0, -0.5, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    e = math.exp
+    token = torch.tensor([[e(0.5), e(-1.0), e(2.5), 1.0], [1.0, e(1.0), e(-0.5), 1.0]])
+    sequence = torch.tensor([e(0.5 - 1.0 + 2.5), e(1.0 - 0.5)])  # exp(2) = 7.39, exp(0.5) = 1.65
+
+    def weights(mode, **bounds):
+        return sampler_importance_weights(trainer, sampler, mask, mode=mode, **bounds)
+
+    torch.testing.assert_close(weights("token_truncate", clip_min=0.5, clip_max=2.0), token.clamp(0.5, 2.0))
+    torch.testing.assert_close(
+        weights("token_mask", clip_min=0.5, clip_max=2.0), torch.where((token >= 0.5) & (token <= 2.0), token, 0.0)
+    )
+    torch.testing.assert_close(weights("sequence_truncate"), sequence.clamp(max=3.0))  # TRL's clip_max
+    torch.testing.assert_close(weights("sequence_mask"), torch.tensor([0.0, e(0.5)]))
+    torch.testing.assert_close(weights("sequence_mask", clip_max=None, clip_min=2.0), torch.tensor([e(2.0), 0.0]))
+    assert weights("sequence_mask").shape == (2,) and weights("token_mask").shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ({"mode": "token"}, "mode must be one of"),
+        ({"clip_min": 2.0, "clip_max": 2.0}, "clip_min (2.0) must be less than clip_max (2.0)"),
+        ({"mode": "token_truncate", "clip_max": None}, "at least one of clip_min or clip_max must be set"),
+        ({"clip_max": 0.0}, "clip_max must be None or a number > 0"),
+        ({"clip_min": -1.0}, "clip_min must be None or a finite number >= 0"),
+    ],
+)
+def test_sampler_importance_weights_errors(bounds, message):
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sampler_importance_weights(x, x, x, **bounds)
 
 
 def test_truncated_importance_weights_errors():

@@ -6,6 +6,7 @@ import ast
 import copy
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -404,7 +405,8 @@ def test_grpo_vllm_fields(tmp_path, monkeypatch, correction):
         "vllm_gpu_memory_utilization": 0.5,
         "vllm_tensor_parallel_size": 1,
         "vllm_importance_sampling_correction": correction,
-        "vllm_importance_sampling_cap": 1.5,
+        "vllm_importance_sampling_mode": "token_truncate",
+        "vllm_importance_sampling_clip_max": 1.5,
     }
     grpo = trainer_grpo.trainer(tmp_path, **options)
     ((_, kwargs),) = FakeVLLM.built
@@ -419,6 +421,37 @@ def test_grpo_vllm_fields(tmp_path, monkeypatch, correction):
     if correction:
         weights = inputs.is_weights[inputs.completion_mask.bool()]
         assert weights.max() <= 1.5 and (weights == 1.5).any() and (weights < 1).any()  # truncated at the cap
+        # The same rollout in TRL's default mode: one weight per sequence, exp of the summed log-ratio, zeroed
+        # outside [clip_min, clip_max].
+        grpo.args.vllm_importance_sampling_mode = "sequence_mask"
+        grpo.args.vllm_importance_sampling_clip_min = 0.5
+        inputs = first_inputs(grpo)
+        sequence = inputs.is_weights
+        assert sequence.shape == inputs.advantages.shape
+        assert ((sequence == 0) | ((sequence >= 0.5) & (sequence <= 1.5))).all() and (sequence == 0).any()
+
+
+def test_grpo_vllm_importance_sampling_checks(tmp_path):
+    with pytest.warns(FutureWarning, match="vllm_importance_sampling_cap is deprecated"):
+        config = trainer_grpo.config(tmp_path, vllm_importance_sampling_cap=2.5)
+    assert config.vllm_importance_sampling_clip_max == 2.5
+    errors = [
+        ({"vllm_importance_sampling_mode": "token"}, "vllm_importance_sampling_mode must be one of"),
+        ({"vllm_importance_sampling_clip_min": 3.0}, "vllm_importance_sampling_clip_min (3.0) must be less than"),
+        (
+            {"vllm_importance_sampling_mode": "sequence_truncate", "vllm_importance_sampling_clip_max": None},
+            "at least one of clip_min or clip_max must be set",
+        ),
+        (
+            {"use_vllm": True, "loss_type": "vespo"},
+            "vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask', got 'sequence_mask'",
+        ),
+    ]
+    for change, message in errors:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            trainer_grpo.config(tmp_path, **change)
+    # Without the correction, its mode and bounds are not used and not checked.
+    trainer_grpo.config(tmp_path, vllm_importance_sampling_correction=False, vllm_importance_sampling_mode="x")
 
 
 def test_ppo_sampling_counts(tmp_path):
@@ -506,7 +539,10 @@ AUDIT = {
         "vllm_gpu_memory_utilization": HERE + "test_grpo_vllm_fields",
         "vllm_tensor_parallel_size": HERE + "test_grpo_vllm_fields",
         "vllm_importance_sampling_correction": HERE + "test_grpo_vllm_fields",
-        "vllm_importance_sampling_cap": HERE + "test_grpo_vllm_fields",
+        "vllm_importance_sampling_mode": HERE + "test_grpo_vllm_fields",
+        "vllm_importance_sampling_clip_max": HERE + "test_grpo_vllm_fields",
+        "vllm_importance_sampling_clip_min": HERE + "test_grpo_vllm_fields",
+        "vllm_importance_sampling_cap": HERE + "test_grpo_vllm_importance_sampling_checks",
         "beta": GRPO_TESTS + "test_kl_to_a_reference_model",
         "num_iterations": GRPO_TESTS + "test_one_step_equals_the_eager_full_logits_loss",
         "epsilon": HERE + "test_grpo_loss_fields_reach_the_loss",
