@@ -91,9 +91,10 @@ class LinearPolicyLoss(torch.nn.Module):
     The loss options are a :class:`~fastalign.ops.PolicyLossOptions` (``options=``) or its fields as keywords.
 
     ``forward(hidden [B, T, D], weight [V, D], targets [B, T], old_logps [B, T], advantages [B] | [B, T], *,
-    mask=None, ref_logps=None, is_weights=None, num_items_in_batch=None, bias=None) -> (loss, metrics)``;
-    ``mask`` defaults to ``targets != ignore_index``. ``old_logp`` / ``ref_logp`` are the deprecated names of
-    ``old_logps`` / ``ref_logps``.
+    mask=None, ref_logps=None, is_weights=None, num_items_in_batch=None, bias=None, sampler_logps=None) -> (loss,
+    metrics)``; ``mask`` defaults to ``targets != ignore_index``. With ``top_entropy_quantile < 1`` the log-probs
+    and entropies are computed first (``linear_logprobs``) and the loss after them: the quantile needs them all.
+    ``old_logp`` / ``ref_logp`` are the deprecated names of ``old_logps`` / ``ref_logps``.
 
     Example:
         >>> import torch, fastalign
@@ -136,13 +137,17 @@ class LinearPolicyLoss(torch.nn.Module):
         is_weights: torch.Tensor | None = None,
         num_items_in_batch: int | float | torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        sampler_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        need_entropy = self.options.entropy_coef != 0
+        top_entropy = self.options.top_entropy_quantile < 1
+        need_entropy = self.options.entropy_coef != 0 or top_entropy
         if mask is None:
             mask = targets != self.ignore_index
         extra = {"ref_logps": ref_logps, "is_weights": is_weights, "num_items_in_batch": num_items_in_batch}
+        extra["sampler_logps"] = sampler_logps
         logprob_options = _logprob_options(self)
-        if not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
+        # The top-entropy mask ranks every token's entropy before any token's loss: one chunked sweep cannot.
+        if top_entropy or not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):
             out = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=need_entropy, **logprob_options)
             logps, entropy = out if need_entropy else (out, None)
             options = {"options": self.options, "backend": self.backend}

@@ -26,7 +26,7 @@ from fastalign.ops._policy_math import (
     PolicyArgs,
     args_row_weights,
     policy_metrics,
-    vespo_weights,
+    policy_weights,
 )
 
 # The kernels' code of each KL estimator, and of each objective (vespo: ``−A·logp`` times its weight φ, which the
@@ -64,13 +64,10 @@ def contiguous_inputs(a: PolicyArgs) -> Tensors:
         "entropy": None if a.entropy is None else a.entropy.contiguous(),
         "mask": a.mask.contiguous(),
         "advantages": a.advantages.detach(),
-        # VESPO's φ(w) is the row's weight (from the row's log-ratios and its importance weights).
-        "is_weights": vespo_weights(a) if a.options.objective == "vespo" else _detached(a.is_weights),
+        # The policy term's weight: the importance weights, VESPO's φ(w) in their place, the off-policy and
+        # top-entropy masks.
+        "is_weights": policy_weights(a),
     }
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
 
 
 def kernel_scalars(a: PolicyArgs) -> tuple[float, float, float]:

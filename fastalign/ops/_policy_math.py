@@ -88,6 +88,12 @@ class PolicyLossOptions:
       of the sequence's importance ratio ``w = Π ratio`` (times its ``[B, T]`` ``is_weights``, which VESPO folds in
       instead of multiplying the loss); ``k, λ = vespo_k_pos, vespo_lambda_pos`` (2, 3) where ``A ≥ 0``, else
       ``vespo_k_neg, vespo_lambda_neg`` (3, 2); ``λ > 0``.
+    * ``off_policy_mask_threshold``: ``None`` or a number, DeepSeek-V3.2's off-policy sequence mask: a sequence
+      with ``A < 0`` whose mean ``sampler_logps − logps`` (the sampler's k1 KL to the policy) is above it gets no
+      policy loss (the KL term stays; the denominators are unchanged).
+    * ``top_entropy_quantile``: ``ρ`` in ``[0, 1]`` ("Beyond the 80/20 rule"): only the tokens whose entropy is at
+      least the ``1 − ρ`` quantile of the call's masked-in entropies (``torch.quantile``'s linear
+      interpolation) keep their policy loss; needs ``entropy``; 1 keeps all.
     cispo, sapo and vespo are token-level objectives: they refuse ``importance_sampling_level="sequence"``, and
     ``dual_clip`` / ``delta``, which belong to the clipped surrogate.
     """
@@ -109,6 +115,8 @@ class PolicyLossOptions:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self):
         check_number("clip_eps_low", self.clip_eps_low, at_least=0)
@@ -140,6 +148,15 @@ class PolicyLossOptions:
         check_number("vespo_k_neg", self.vespo_k_neg)
         check_number("vespo_lambda_pos", self.vespo_lambda_pos, above=0)
         check_number("vespo_lambda_neg", self.vespo_lambda_neg, above=0)
+        check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
+        check_number("top_entropy_quantile", self.top_entropy_quantile, at_least=0)
+        if self.top_entropy_quantile > 1:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        if self.top_entropy_quantile < 1 and self.entropy_coef != 0:
+            raise ValueError(
+                "top_entropy_quantile < 1 with entropy_coef != 0 is refused: the entropy bonus would need the same "
+                "token mask, which the kernels do not apply to it"
+            )
         objective = self.objective
         if objective != "clip":
             if self.sequence_level:
@@ -190,8 +207,9 @@ class PolicyLossOptions:
 
     @property
     def needs_whole_rows(self) -> bool:
-        """Whether a token's loss depends on its whole row (GSPO's sequence ratio, VESPO's sequence weight)."""
-        return self.sequence_level or self.objective == "vespo"
+        """Whether a token's loss depends on its whole row (GSPO's sequence ratio, VESPO's sequence weight, the
+        off-policy mask's sequence KL)."""
+        return self.sequence_level or self.objective == "vespo" or self.off_policy_mask_threshold is not None
 
     @property
     def objective(self) -> str:
@@ -271,6 +289,7 @@ class PolicyArgs:
     is_weights: torch.Tensor | None
     num_items_in_batch: int | float | torch.Tensor | None
     options: PolicyLossOptions
+    sampler_logps: torch.Tensor | None = None
 
 
 def check_policy_args(
@@ -284,6 +303,7 @@ def check_policy_args(
     is_weights: object,
     num_items_in_batch: object,
     options: PolicyLossOptions,
+    sampler_logps: object = None,
 ) -> PolicyArgs:
     """Check the tensors against each other and against ``options`` (already checked on their own)."""
     logps = check_bt("logps", logps)
@@ -298,10 +318,15 @@ def check_policy_args(
         entropy = check_bt("entropy", entropy, shape)
     if is_weights is not None:
         is_weights = _check_per_row_or_token("is_weights", is_weights, shape)
-    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("entropy", entropy)):
+    if sampler_logps is not None:
+        sampler_logps = check_bt("sampler_logps", sampler_logps, shape)
+    if options.top_entropy_quantile < 1 and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 needs entropy (the per-token entropies it ranks)")
+    named = (("old_logps", old_logps), ("ref_logps", ref_logps), ("entropy", entropy), ("sampler_logps", sampler_logps))
+    for name, tensor in named:
         if tensor is not None:
             check_float(name, tensor)
-    tensors = (logps, old_logps, mask, advantages, ref_logps, entropy, is_weights)
+    tensors = (logps, old_logps, mask, advantages, ref_logps, entropy, is_weights, sampler_logps)
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -318,7 +343,9 @@ def check_policy_args(
     check_aggregation_args(mode, shape[1], options.max_completion_length, num_items_in_batch)
     if num_items_in_batch is not None and mode != "token-mean":
         raise ValueError(f"num_items_in_batch applies to token-mean aggregation only, not {mode!r}")
-    return PolicyArgs(logps, old_logps, advantages, mask, ref_logps, entropy, is_weights, num_items_in_batch, options)
+    return PolicyArgs(
+        logps, old_logps, advantages, mask, ref_logps, entropy, is_weights, num_items_in_batch, options, sampler_logps
+    )
 
 
 def row_weights(
@@ -430,6 +457,49 @@ def vespo_weights(a: PolicyArgs) -> torch.Tensor:
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def off_policy_mask(a: PolicyArgs) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask, ``[B, 1]`` (``[B, T]`` with per-token advantages) bool: keep where
+    ``A ≥ 0`` or the row's mean ``sampler_logps − logps`` (``old_logps`` without a sampler; NaN counts as 0) is at
+    most ``off_policy_mask_threshold``."""
+    keep = a.mask != 0
+    sampler = a.old_logps if a.sampler_logps is None else a.sampler_logps
+    with torch.no_grad():
+        gap = sampler.detach() - a.logps.detach()
+        gap = torch.where(keep & ~torch.isnan(gap), gap, 0.0)
+        kl = gap.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
+        return (a.advantages >= 0) | (kl <= a.options.off_policy_mask_threshold)
+
+
+def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """``[B, T]`` bool: masked-in tokens whose entropy is at least the ``1 − quantile`` quantile of all masked-in
+    entropies (linear interpolation, as ``torch.quantile``), without a host sync (a sort and gathers)."""
+    keep = mask != 0
+    with torch.no_grad():
+        values = entropy.detach().to(torch.promote_types(entropy.dtype, torch.float32))
+        ordered = torch.where(keep, values, math.inf).flatten().sort().values
+        position = (keep.sum() - 1).clamp_min(0).to(values.dtype) * (1.0 - quantile)
+        low, high = position.floor().long().view(1), position.ceil().long().view(1)
+        below, above = ordered.gather(0, low), ordered.gather(0, high)
+        threshold = below + (above - below).nan_to_num(0.0) * (position - low)
+        return keep & (values >= threshold)
+
+
+def policy_weights(a: PolicyArgs) -> torch.Tensor | None:
+    """What multiplies each token's policy term (not the KL or entropy terms), detached, or ``None`` for 1: the
+    importance weights (VESPO: its weight φ, which folds them in), times the off-policy sequence mask and the
+    top-entropy token mask when set. The kernels receive it as their importance weight."""
+    o = a.options
+    weights = vespo_weights(a) if o.objective == "vespo" else (None if a.is_weights is None else a.is_weights.detach())
+    masks = []
+    if o.off_policy_mask_threshold is not None:
+        masks.append(off_policy_mask(a))
+    if o.top_entropy_quantile < 1:
+        masks.append(top_entropy_mask(a.entropy, a.mask, o.top_entropy_quantile))
+    for keep in masks:
+        weights = keep.to(torch.float32) if weights is None else weights * keep
+    return weights
+
+
 def _objective_loss(a: PolicyArgs, ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """The per-token objective of ``a.options.loss_type`` before the dual clip, importance weights, KL and
     entropy terms."""
@@ -439,8 +509,8 @@ def _objective_loss(a: PolicyArgs, ratio: torch.Tensor, advantages: torch.Tensor
     if o.objective == "sapo":
         temperature = _by_sign(advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg, ratio)
         return -(torch.sigmoid(temperature * (ratio - 1.0)) * 4.0 / temperature) * advantages
-    if o.objective == "vespo":
-        return -vespo_weights(a).to(a.logps.dtype) * advantages * a.logps
+    if o.objective == "vespo":  # φ(w) comes in with the policy weights
+        return -advantages * a.logps
     capped = ratio if o.delta is None else ratio.clamp(max=float(o.delta))
     return torch.maximum(-advantages * capped, -advantages * ratio.clamp(o.clip_low, o.clip_high))
 
@@ -458,8 +528,9 @@ def policy_terms(a: PolicyArgs) -> PolicyTerms:
     per_token = clipped_loss
     if o.dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(clipped_loss, -advantages * o.dual_clip), clipped_loss)
-    if a.is_weights is not None and o.objective != "vespo":  # VESPO folds them into φ
-        per_token = per_token * a.is_weights.detach()
+    weights = policy_weights(a)
+    if weights is not None:
+        per_token = per_token * weights.to(per_token.dtype)
     kl = None
     if a.ref_logps is not None:
         kl = kl_estimate(a.logps, a.ref_logps.detach(), o.kl_kind)
@@ -586,6 +657,7 @@ class PolicyChunks:
             advantages=pick(a.advantages, rows, cols),
             ref_logps=pick(a.ref_logps, rows, cols),
             is_weights=pick(a.is_weights, rows, cols),
+            sampler_logps=pick(a.sampler_logps, rows, cols),
         )
         terms = policy_terms(sub)
         stats = policy_stats(sub, terms, reduce)

@@ -57,6 +57,7 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
+    sampler_logps: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
     backend: str = "auto",
     **option_fields,
@@ -68,6 +69,7 @@ def policy_loss(
         loss = max(−A·min(ratio, delta), −A·clip(ratio, 1 − clip_eps_low, 1 + clip_eps_high))
         if dual_clip = c > 1 and A < 0: loss = min(loss, −A·c)          (verl's dual-clip PPO)
         loss *= is_weights                                               (rollout-engine correction)
+        loss *= off-policy sequence mask · top-entropy token mask        (when set)
         loss += kl_coef · KL(logps, ref_logps)  − entropy_coef · entropy
 
     (``delta`` off: ``+inf``). ``loss_type`` ``"cispo"``, ``"sapo"`` and ``"vespo"`` replace the first line by
@@ -87,12 +89,15 @@ def policy_loss(
         num_items_in_batch: the global completion-token count ``token-mean`` divides by (a number or a
             1-element tensor; default: this batch's).
         is_weights: ``[B]`` or ``[B, T]`` truncated importance weights (no gradient).
+        sampler_logps: ``[B, T]`` the rollout engine's log-probs, for ``off_policy_mask_threshold`` (default:
+            ``old_logps``, as TRL without vLLM).
         options: a :class:`PolicyLossOptions`, or its fields as keywords (``clip_eps_low=0.2``,
             ``clip_eps_high=None``, ``dual_clip=None``, ``kl_coef=0.0``, ``kl_estimator="k3"``,
             ``loss_agg_mode="token-mean"``, ``loss_type=None``, ``importance_sampling_level="token"``,
             ``entropy_coef=0.0``, ``max_completion_length=None``, ``delta=None``, ``sapo_temperature_pos=1.0``,
             ``sapo_temperature_neg=1.05``, ``vespo_k_pos=2.0``, ``vespo_lambda_pos=3.0``, ``vespo_k_neg=3.0``,
-            ``vespo_lambda_neg=2.0``; see :class:`PolicyLossOptions`).
+            ``vespo_lambda_neg=2.0``, ``off_policy_mask_threshold=None``, ``top_entropy_quantile=1.0``; see
+            :class:`PolicyLossOptions`).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     The keywords ``logp``, ``old_logp`` and ``ref_logp`` are the deprecated names of ``logps``, ``old_logps``
@@ -121,6 +126,7 @@ def policy_loss(
         is_weights=is_weights,
         num_items_in_batch=num_items_in_batch,
         options=options,
+        sampler_logps=sampler_logps,
     )
     chosen = resolve_backend(backend, args.logps.device, args.logps.dtype, "policy_loss")
     if chosen == "torch":

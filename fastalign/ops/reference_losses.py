@@ -36,10 +36,15 @@ def policy_loss(
     entropy=None,
     num_items_in_batch=None,
     is_weights=None,
+    sampler_logps=None,
     **options,
 ) -> torch.Tensor:
     """The loss only (metrics are checked separately); ``options`` as :class:`PolicyLossOptions`' fields."""
     o = PolicyLossOptions(**options)
+    entropy_threshold = None
+    if o.top_entropy_quantile < 1:
+        kept = entropy.detach()[mask != 0]
+        entropy_threshold = float(torch.quantile(kept, 1 - o.top_entropy_quantile)) if kept.numel() else math.inf
     low = o.clip_eps_low
     high = low if o.clip_eps_high is None else o.clip_eps_high
     sequence = o.importance_sampling_level == "sequence"
@@ -55,6 +60,9 @@ def policy_loss(
             if is_weights is not None:
                 log_w += sum(min(max(math.log(float(is_weights[i, t])), math.log(1e-8)), 20.0) for t in tokens)
             log_w = min(max(log_w, math.log(1e-8)), 20.0)
+        if o.off_policy_mask_threshold is not None:
+            sampler = old_logps if sampler_logps is None else sampler_logps
+            gap = sum(float(sampler[i, t] - logps[i, t].detach()) for t in tokens) / max(len(tokens), 1)
         total = torch.zeros((), dtype=logps.dtype)
         for t in tokens:
             a = advantages[i] if advantages.dim() == 1 else advantages[i, t]
@@ -76,6 +84,10 @@ def policy_loss(
                 loss = torch.minimum(loss, -a * o.dual_clip)
             if is_weights is not None and o.loss_type != "vespo":
                 loss = loss * (is_weights[i] if is_weights.dim() == 1 else is_weights[i, t])
+            if o.off_policy_mask_threshold is not None and a < 0 and gap > o.off_policy_mask_threshold:
+                loss = loss * 0.0  # DeepSeek-V3.2: an off-policy sequence with a negative advantage
+            if entropy_threshold is not None and float(entropy[i, t].detach()) < entropy_threshold:
+                loss = loss * 0.0  # not among the top-entropy tokens
             if ref_logps is not None and o.kl_coef:
                 loss = loss + o.kl_coef * _kl(logps[i, t], ref_logps[i, t], o.kl_estimator)
             if entropy is not None and o.entropy_coef:

@@ -438,6 +438,17 @@ class GRPOConfig(FastalignTrainingConfig):
     vespo_lambda_pos: float = field(default=3.0, metadata={"help": "VESPO's decay λ where A >= 0."})
     vespo_k_neg: float = field(default=3.0, metadata={"help": "VESPO's power k where A < 0."})
     vespo_lambda_neg: float = field(default=2.0, metadata={"help": "VESPO's decay λ where A < 0."})
+    off_policy_mask_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "DeepSeek-V3.2's off-policy sequence mask: no policy loss for a sequence with A < 0 whose mean "
+            "log-ratio sampler / policy exceeds this (e.g. 0.5); None: off."
+        },
+    )
+    top_entropy_quantile: float = field(
+        default=1.0,
+        metadata={"help": "Keep the policy loss of the top ρ of tokens by entropy only (0.2 in the paper; 1: all)."},
+    )
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Completions cut at max_completion_length carry no loss."}
     )
@@ -478,6 +489,8 @@ class GRPOConfig(FastalignTrainingConfig):
             vespo_lambda_pos=self.vespo_lambda_pos,
             vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            top_entropy_quantile=self.top_entropy_quantile,
         )
 
     def __post_init__(self):

@@ -45,11 +45,13 @@ class GRPOBatch(PolicyBatch):
     Attributes:
         is_weights: float32 importance weights of the vLLM sampler (``[N, C]`` in the token modes of
             ``vllm_importance_sampling_mode``, ``[N]`` in the sequence modes), or None.
+        sampler_logps: ``[N, C]`` the vLLM engine's log-probs (the off-policy mask's sampler), or None.
         batch_tokens / generation_tokens: float32 scalars, the completion tokens of this micro-batch / of its
             whole generation batch summed over the processes (bnpo's / dapo's divisors).
     """
 
     is_weights: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
     batch_tokens: torch.Tensor | None = dataclasses.field(default=None, metadata=PER_BATCH)
     generation_tokens: torch.Tensor | None = dataclasses.field(default=None, metadata=PER_BATCH)
 
@@ -149,6 +151,8 @@ class GRPOTrainer(NumTokensLogMixin, OnlineTrainer):
         batch.old_logps = self._old_logps(batch, generated)
         if args.beta != 0:
             batch.ref_logps = self._reference_logps(batch)
+        if args.use_vllm and generated.sampler_logps is not None:  # the off-policy mask's sampler, as TRL
+            batch.sampler_logps = generated.sampler_logps.to(batch.completion_mask.device)
         if args.use_vllm and args.vllm_importance_sampling_correction and generated.sampler_logps is not None:
             batch.is_weights = sampler_importance_weights(
                 batch.old_logps,
@@ -231,6 +235,7 @@ class GRPOTrainer(NumTokensLogMixin, OnlineTrainer):
     def _loss(self, model: nn.Module, batch: GRPOBatch):
         loss_module, targets = self._loss_module(), completion_targets(batch)
         options = {"mask": batch.completion_mask, "ref_logps": batch.ref_logps, "is_weights": batch.is_weights}
+        options["sampler_logps"] = batch.sampler_logps
         options["num_items_in_batch"] = self._normaliser(batch)
 
         def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

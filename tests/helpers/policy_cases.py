@@ -28,6 +28,14 @@ CASES = [
     {"loss_type": "luspo", "importance_sampling_level": "sequence"},
     {"loss_type": "dapo", "delta": 1.1, "per_token_advantages": True},
     {"delta": 1.5, "dual_clip": 3.0, "importance_sampling_level": "sequence", "per_token_advantages": True},
+    # DeepSeek-V3.2's off-policy sequence mask (against the sampler's log-probs, or the old ones) and the
+    # top-entropy token mask; thresholds where some rows / tokens are dropped and some kept.
+    {"off_policy_mask_threshold": 0.0, "with_sampler": True, "with_is_weights": True},
+    {"off_policy_mask_threshold": -0.2, "per_token_advantages": True, "kl_coef": 0.05, "with_ref": True},
+    {"off_policy_mask_threshold": 0.0, "with_sampler": True, "importance_sampling_level": "sequence"},
+    {"top_entropy_quantile": 0.3, "with_entropy": True},
+    {"top_entropy_quantile": 0.0, "with_entropy": True, "loss_type": "vespo", "with_is_weights": True,
+     "off_policy_mask_threshold": 0.1, "with_sampler": True},
 ]  # fmt: skip
 
 
@@ -52,6 +60,10 @@ def make_inputs(case, rows=5, width=9, seed=0, spread=0.4):
         inputs["ref_logps"] = logps + 0.3 * torch.randn(rows, width, generator=gen, dtype=torch.float64)
     if case.pop("with_entropy", False):
         inputs["entropy"] = torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    if case.pop("with_sampler", False):
+        inputs["sampler_logps"] = inputs["old_logps"] + spread * torch.randn(
+            rows, width, generator=gen, dtype=torch.float64
+        )
     weights = case.pop("with_is_weights", False)
     if weights:
         shape = (rows,) if weights == "per_row" else (rows, width)

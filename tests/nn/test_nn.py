@@ -52,6 +52,9 @@ POLICY_CASES = [
     # VESPO's weight needs each row whole: the fused path's chunks must keep rows together.
     {"loss_type": "vespo", "temperature": 0.7},
     {"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.1},
+    # The off-policy mask needs whole rows in the fused chunks; the top-entropy mask runs the unfused path.
+    {"off_policy_mask_threshold": 0.0},
+    {"top_entropy_quantile": 0.4, "loss_type": "grpo"},
 ]
 
 
@@ -78,7 +81,7 @@ def test_linear_policy_loss_module(backend, case, fused):
     loss, metrics = module(h, w, targets, old_logps.float(), advantages.float(), ref_logps=ref_float)
 
     rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    need_entropy = options.get("entropy_coef", 0.0) != 0
+    need_entropy = options.get("entropy_coef", 0.0) != 0 or options.get("top_entropy_quantile", 1.0) < 1
     out = reference.linear_logprobs(
         rh, rw, targets, temperature=temperature, softcap=softcap, return_entropy=need_entropy
     )

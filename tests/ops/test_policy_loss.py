@@ -197,6 +197,14 @@ POLICY_ERRORS = [
     ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg must be a finite number > 0"),
     ({"vespo_lambda_pos": -1.0}, "vespo_lambda_pos must be a finite number > 0"),
     ({"vespo_k_neg": float("nan")}, "vespo_k_neg must be a finite number"),
+    ({"top_entropy_quantile": 0.5}, "top_entropy_quantile < 1 needs entropy"),
+    ({"top_entropy_quantile": 1.5}, "top_entropy_quantile must be in [0, 1]"),
+    (
+        {"top_entropy_quantile": 0.5, "entropy_coef": 0.01, "entropy": torch.rand(2, 3)},
+        "top_entropy_quantile < 1 with entropy_coef != 0 is refused",
+    ),
+    ({"off_policy_mask_threshold": float("inf")}, "off_policy_mask_threshold must be None or a finite number"),
+    ({"sampler_logps": torch.randn(2, 4)}, "sampler_logps must have shape (2, 3) like logps"),
     (
         {"loss_type": "vespo", "is_weights": torch.ones(2)},
         "loss_type='vespo' folds per-token importance weights into its sequence weight: is_weights must be [B, T]",

@@ -558,6 +558,8 @@ AUDIT = {
         "vespo_lambda_pos": HERE + "test_grpo_loss_fields_reach_the_loss",
         "vespo_k_neg": NEWER_LOSSES,
         "vespo_lambda_neg": HERE + "test_grpo_loss_fields_reach_the_loss",
+        "off_policy_mask_threshold": NEWER_LOSSES,
+        "top_entropy_quantile": NEWER_LOSSES,
         "mask_truncated_completions": HERE + "test_grpo_scale_rewards_and_mask_truncated_completions",
         "entropy_coef": HERE + "test_grpo_loss_fields_reach_the_loss",
         "dynamic_sampling": GRPO_TESTS + "test_dynamic_sampling_keeps_groups_whose_rewards_differ",

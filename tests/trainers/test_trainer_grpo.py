@@ -56,20 +56,23 @@ def test_one_step_equals_the_eager_full_logits_loss(tmp_path, iterations):
 
 
 NEW_LOSS_TYPES = {
-    "cispo": {"epsilon_high": 1.1},
-    "sapo": {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.3},
-    "luspo": {"importance_sampling_level": "sequence", "delta": 1.05},
-    "vespo": {"vespo_k_neg": 2.5},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.1},
+    "sapo": {"loss_type": "sapo", "sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.3},
+    "luspo": {"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.05},
+    "vespo": {"loss_type": "vespo", "vespo_k_neg": 2.5},
+    "off-policy-mask": {"loss_type": "dapo", "off_policy_mask_threshold": 0.0},
+    "top-entropy": {"loss_type": "grpo", "top_entropy_quantile": 0.3},
 }
 
 
-@pytest.mark.parametrize("loss_type", NEW_LOSS_TYPES)
-def test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps(tmp_path, loss_type):
+@pytest.mark.parametrize("case", NEW_LOSS_TYPES)
+def test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps(tmp_path, case):
     """cispo / vespo normalise by the generation's tokens (as dapo), sapo / luspo per micro-batch over the
     accumulation steps (as grpo), and each field reaches the loss: the fused step equals the float32
-    reference of the formula on full-logits log-probs."""
-    fields = NEW_LOSS_TYPES[loss_type]
-    grpo = trainer(tmp_path, temperature=0.8, loss_type=loss_type, gradient_accumulation_steps=2, **fields)
+    reference of the formula on full-logits log-probs (and entropies)."""
+    fields = NEW_LOSS_TYPES[case]
+    loss_type = fields["loss_type"]
+    grpo = trainer(tmp_path, temperature=0.8, gradient_accumulation_steps=2, **fields)
     inputs = grpo._prepare_inputs(next(iter(grpo.get_train_dataloader())))
     model = grpo.model
     with torch.no_grad():
@@ -80,21 +83,18 @@ def test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps(tm
     logits = model(
         input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
     ).logits
-    logp = torch.log_softmax(logits[:, -completion - 1 : -1].float() / 0.8, dim=-1)
-    logp = logp.gather(-1, inputs.completion_ids.unsqueeze(-1)).squeeze(-1)
+    logp_all = torch.log_softmax(logits[:, -completion - 1 : -1].float() / 0.8, dim=-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    logp = logp_all.gather(-1, inputs.completion_ids.unsqueeze(-1)).squeeze(-1)
     options = grpo.args.policy_loss_options()
     options = {name: getattr(options, name) for name in options.__dataclass_fields__}
-    if loss_type in ("cispo", "vespo"):
+    tensors = (logp, inputs.old_logps, inputs.advantages, inputs.completion_mask)
+    if loss_type in ("cispo", "vespo", "dapo"):
         # The generation's tokens per optimiser step over its micro-batches: the step's losses add up to its mean.
         tokens = inputs.generation_tokens * 2 / grpo.args.steps_per_generation
-        expected = reference_losses.policy_loss(
-            logp, inputs.old_logps, inputs.advantages, inputs.completion_mask, num_items_in_batch=tokens, **options
-        )
+        expected = reference_losses.policy_loss(*tensors, entropy=entropy, num_items_in_batch=tokens, **options)
     else:
-        expected = (
-            reference_losses.policy_loss(logp, inputs.old_logps, inputs.advantages, inputs.completion_mask, **options)
-            / 2
-        )
+        expected = reference_losses.policy_loss(*tensors, entropy=entropy, **options) / 2
     torch.testing.assert_close(fused, expected.to(fused.dtype), rtol=1e-5, atol=1e-6)
 
 
