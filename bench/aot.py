@@ -67,13 +67,15 @@ LINEAR_SHAPES = [(16384, 4096, 128256), (16384, 896, 151936), (16384, 4096, 3200
 LOGITS_SHAPES = [(16384, 151936), (16384, 32000)]
 POLICY_SHAPES = [(64, 1021), (256, 4099)]
 # The policy kernels' objective variants (each compiles to its own kernel): the clipped surrogate at token and
-# sequence level, and the token-level cispo / sapo / weighted log-prob (vespo) objectives.
+# sequence level, the token-level cispo / sapo / weighted log-prob (vespo) objectives, and the bias-corrected KL.
 POLICY_VARIANTS = {
     "token": {"importance_sampling_level": "token"},
     "sequence": {"importance_sampling_level": "sequence"},
     "cispo": {"loss_type": "cispo", "clip_eps_high": 5.0},
     "sapo": {"loss_type": "sapo"},
     "vespo": {"loss_type": "vespo"},
+    "token bias-corrected-kl": {"use_bias_correction_kl": True},
+    "sequence bias-corrected-kl": {"importance_sampling_level": "sequence", "use_bias_correction_kl": True},
 }
 DPO_SHAPES = [(32, 1021), (8, 4099)]
 # Distillation N, student D, teacher D, V: Qwen2.5-0.5B from Qwen2.5-7B (D 3584), Llama-3.2-1B from Llama-3-8B.

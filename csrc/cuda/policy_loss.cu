@@ -184,16 +184,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool has_ref = p.ref_logp.data != nullptr;
   const float weight = row_weights[row];
   float spread = 0.0f;
+  float seq_ratio = 1.0f;
   if (o.sequence_level) {
     const float2 seq = sequence_log_ratio(p, row);
-    const float seq_ratio = policy::ratio_from_log_ratio(seq.x, o.log_ratio_limit);
-    const Reads reads{false, true, false, false};
+    seq_ratio = policy::ratio_from_log_ratio(seq.x, o.log_ratio_limit);
+    const Reads reads{false, true, o.bias_correction_kl, false};
     float ratio_grad[1] = {0.0f};
 #pragma unroll 1
     for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
       const int64_t i = row * p.tokens + t;
       const policy::Token x = load_token(p, row, t, i, reads);
-      if (keeps(p.mask, i)) ratio_grad[0] += policy::sequence_ratio_grad(x, seq_ratio, o);
+      if (keeps(p.mask, i)) ratio_grad[0] += policy::sequence_ratio_grad(x, seq_ratio, has_ref, o);
     }
     block_sum(ratio_grad);
     spread = policy::sequence_spread(ratio_grad[0], seq.x, seq.y, o.log_ratio_limit);
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     const int64_t i = row * p.tokens + t;
     const policy::Token x = load_token(p, row, t, i, reads);
     const bool kept = keeps(p.mask, i);
-    const float grad = kept ? policy::token_grad(x, spread, has_ref, o) * weight : 0.0f;
+    const float grad = kept ? policy::token_grad(x, spread, seq_ratio, has_ref, o) * weight : 0.0f;
     store(grad_logp, p.logp.dtype, i, grad);
     if (grad_entropy != nullptr) store(grad_entropy, p.entropy.dtype, i, kept ? -o.entropy_coef * weight : 0.0f);
   }

@@ -143,7 +143,8 @@ void register_policy_math(py::module_& m) {
           for (py::ssize_t i = first; i < end; ++i)
             if (in.keeps(i)) {
               policy::add_token_stats(sums, in.token(i), seq_ratio, has_ref, o);
-              if (o.sequence_level) ratio_grad_sum += policy::sequence_ratio_grad(in.token(i), seq_ratio, o);
+              if (o.sequence_level)
+                ratio_grad_sum += policy::sequence_ratio_grad(in.token(i), seq_ratio, has_ref, o);
             }
           for (int k = 0; k < policy::kNumStats; ++k) stats.mutable_data()[k * rows + row] = sums[k];
           const float spread =
@@ -151,7 +152,8 @@ void register_policy_math(py::module_& m) {
                                : 0.0f;
           for (py::ssize_t i = first; i < end; ++i) {
             const bool kept = in.keeps(i);
-            grad_logp.mutable_data()[i] = kept ? policy::token_grad(in.token(i), spread, has_ref, o) : 0.0f;
+            grad_logp.mutable_data()[i] =
+                kept ? policy::token_grad(in.token(i), spread, seq_ratio, has_ref, o) : 0.0f;
             grad_entropy.mutable_data()[i] = kept ? -o.entropy_coef : 0.0f;
           }
         }

@@ -100,6 +100,7 @@ def kernel_options(module: ModuleType, a: PolicyArgs) -> object:
         sapo_temperature_pos=float(o.sapo_temperature_pos),
         sapo_temperature_neg=float(o.sapo_temperature_neg),
         objective=OBJECTIVE_CODES[o.objective],
+        bias_correction_kl=o.use_bias_correction_kl,
     )
 
 
@@ -146,6 +147,7 @@ class TritonLaunch:
             "DUAL": o.dual_clip is not None,
             "KL_KIND": _KL_KIND[o.kl_kind],
             "OBJECTIVE": OBJECTIVE_CODES[o.objective],
+            "BIAS_KL": o.use_bias_correction_kl and tensors["ref_logps"] is not None,
         }
         positional = [*sizes, *strides, *scalars]
         return positional, flags

@@ -94,6 +94,8 @@ class PolicyLossOptions:
     * ``top_entropy_quantile``: ``ρ`` in ``[0, 1]`` ("Beyond the 80/20 rule"): only the tokens whose entropy is at
       least the ``1 − ρ`` quantile of the call's masked-in entropies (``torch.quantile``'s linear
       interpolation) keep their policy loss; needs ``entropy``; 1 keeps all.
+    * ``use_bias_correction_kl`` (DeepSeek-V3.2's unbiased KL): the KL term (and ``kl_mean``) is the estimate
+      times the ratio (token or sequence, before ``delta``; not detached), as in TRL.
     cispo, sapo and vespo are token-level objectives: they refuse ``importance_sampling_level="sequence"``, and
     ``dual_clip`` / ``delta``, which belong to the clipped surrogate.
     """
@@ -117,6 +119,7 @@ class PolicyLossOptions:
     vespo_lambda_neg: float = 2.0
     off_policy_mask_threshold: float | None = None
     top_entropy_quantile: float = 1.0
+    use_bias_correction_kl: bool = False
 
     def __post_init__(self):
         check_number("clip_eps_low", self.clip_eps_low, at_least=0)
@@ -150,6 +153,8 @@ class PolicyLossOptions:
         check_number("vespo_lambda_neg", self.vespo_lambda_neg, above=0)
         check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, optional=True)
         check_number("top_entropy_quantile", self.top_entropy_quantile, at_least=0)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         if self.top_entropy_quantile > 1:
             raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         if self.top_entropy_quantile < 1 and self.entropy_coef != 0:
@@ -534,6 +539,8 @@ def policy_terms(a: PolicyArgs) -> PolicyTerms:
     kl = None
     if a.ref_logps is not None:
         kl = kl_estimate(a.logps, a.ref_logps.detach(), o.kl_kind)
+        if o.use_bias_correction_kl:
+            kl = kl * ratio
         if o.kl_coef != 0:
             per_token = per_token + o.kl_coef * kl
     if a.entropy is not None and o.entropy_coef != 0:

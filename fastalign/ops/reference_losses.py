@@ -89,7 +89,8 @@ def policy_loss(
             if entropy_threshold is not None and float(entropy[i, t].detach()) < entropy_threshold:
                 loss = loss * 0.0  # not among the top-entropy tokens
             if ref_logps is not None and o.kl_coef:
-                loss = loss + o.kl_coef * _kl(logps[i, t], ref_logps[i, t], o.kl_estimator)
+                kl = _kl(logps[i, t], ref_logps[i, t], o.kl_estimator)
+                loss = loss + o.kl_coef * (kl * ratio if o.use_bias_correction_kl else kl)
             if entropy is not None and o.entropy_coef:
                 loss = loss - o.entropy_coef * entropy[i, t]
             total = total + loss

@@ -449,6 +449,10 @@ class GRPOConfig(FastalignTrainingConfig):
         default=1.0,
         metadata={"help": "Keep the policy loss of the top ρ of tokens by entropy only (0.2 in the paper; 1: all)."},
     )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "DeepSeek-V3.2's unbiased KL: the KL term times the importance ratio (with beta != 0)."},
+    )
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Completions cut at max_completion_length carry no loss."}
     )
@@ -491,6 +495,7 @@ class GRPOConfig(FastalignTrainingConfig):
             vespo_lambda_neg=self.vespo_lambda_neg,
             off_policy_mask_threshold=self.off_policy_mask_threshold,
             top_entropy_quantile=self.top_entropy_quantile,
+            use_bias_correction_kl=self.use_bias_correction_kl,
         )
 
     def __post_init__(self):

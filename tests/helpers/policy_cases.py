@@ -34,6 +34,12 @@ CASES = [
     {"off_policy_mask_threshold": -0.2, "per_token_advantages": True, "kl_coef": 0.05, "with_ref": True},
     {"off_policy_mask_threshold": 0.0, "with_sampler": True, "importance_sampling_level": "sequence"},
     {"top_entropy_quantile": 0.3, "with_entropy": True},
+    # DeepSeek-V3.2's bias-corrected KL, at token and sequence level, with each estimator.
+    {"use_bias_correction_kl": True, "kl_coef": 0.3, "with_ref": True, "kl_estimator": "k3"},
+    {"use_bias_correction_kl": True, "kl_coef": 0.3, "with_ref": True, "kl_estimator": "k1", "loss_type": "cispo",
+     "clip_eps_high": 2.0, "per_token_advantages": True},
+    {"use_bias_correction_kl": True, "kl_coef": 0.3, "with_ref": True, "kl_estimator": "k2",
+     "importance_sampling_level": "sequence", "with_is_weights": True},
     {"top_entropy_quantile": 0.0, "with_entropy": True, "loss_type": "vespo", "with_is_weights": True,
      "off_policy_mask_threshold": 0.1, "with_sampler": True},
 ]  # fmt: skip

@@ -172,7 +172,7 @@ def test_policy_kernels_address_rows_past_two_to_the_31():
         "stride_is_row": stride, "stride_is_t": 1, "clip_low": 0.8, "clip_high": 1.2, "dual_clip": 0.0,
         "delta": float("inf"), "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "kl_coef": 0.0,
         "entropy_coef": 0.0, "LIMIT": 20.0, "SEQUENCE": False, "HAS_REF": True, "HAS_IS": True, "DUAL": False,
-        "KL_KIND": 3, "OBJECTIVE": 0,
+        "KL_KIND": 3, "OBJECTIVE": 0, "BIAS_KL": False,
     }  # fmt: skip
     # logp = old_logp = ref_logp (ratio 1, KL 0) = entropy = advantages = importance weights = mask = values v:
     # per token loss = -A·ratio·w = -v², entropy v.

@@ -560,6 +560,7 @@ AUDIT = {
         "vespo_lambda_neg": HERE + "test_grpo_loss_fields_reach_the_loss",
         "off_policy_mask_threshold": NEWER_LOSSES,
         "top_entropy_quantile": NEWER_LOSSES,
+        "use_bias_correction_kl": NEWER_LOSSES,
         "mask_truncated_completions": HERE + "test_grpo_scale_rewards_and_mask_truncated_completions",
         "entropy_coef": HERE + "test_grpo_loss_fields_reach_the_loss",
         "dynamic_sampling": GRPO_TESTS + "test_dynamic_sampling_keeps_groups_whose_rewards_differ",

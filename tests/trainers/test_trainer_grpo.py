@@ -62,6 +62,7 @@ NEW_LOSS_TYPES = {
     "vespo": {"loss_type": "vespo", "vespo_k_neg": 2.5},
     "off-policy-mask": {"loss_type": "dapo", "off_policy_mask_threshold": 0.0},
     "top-entropy": {"loss_type": "grpo", "top_entropy_quantile": 0.3},
+    "bias-corrected-kl": {"loss_type": "dapo", "beta": 0.5, "use_bias_correction_kl": True},
 }
 
 
@@ -89,12 +90,13 @@ def test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps(tm
     options = grpo.args.policy_loss_options()
     options = {name: getattr(options, name) for name in options.__dataclass_fields__}
     tensors = (logp, inputs.old_logps, inputs.advantages, inputs.completion_mask)
+    extra = {"entropy": entropy, "ref_logps": inputs.ref_logps}
     if loss_type in ("cispo", "vespo", "dapo"):
         # The generation's tokens per optimiser step over its micro-batches: the step's losses add up to its mean.
         tokens = inputs.generation_tokens * 2 / grpo.args.steps_per_generation
-        expected = reference_losses.policy_loss(*tensors, entropy=entropy, num_items_in_batch=tokens, **options)
+        expected = reference_losses.policy_loss(*tensors, **extra, num_items_in_batch=tokens, **options)
     else:
-        expected = reference_losses.policy_loss(*tensors, entropy=entropy, **options) / 2
+        expected = reference_losses.policy_loss(*tensors, **extra, **options) / 2
     torch.testing.assert_close(fused, expected.to(fused.dtype), rtol=1e-5, atol=1e-6)
 
 

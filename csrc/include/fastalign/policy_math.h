@@ -51,6 +51,7 @@ struct Options {
   float sapo_temperature_pos;  // tau where A > 0
   float sapo_temperature_neg;  // tau elsewhere
   int objective;          // Objective
+  bool bias_correction_kl;  // DeepSeek-V3.2: the KL term times the (token or sequence) ratio, not detached
 };
 
 FA_HD float clamp_log_ratio(float x, float limit) { return fminf(fmaxf(x, -limit), limit); }
@@ -162,7 +163,8 @@ FA_HD float token_ratio(const Token& x, float seq_ratio, const Options& o) {
 // - entropy_coef · entropy (the KL and entropy terms are not importance-weighted), and the metrics' numerators.
 FA_HD void add_token_stats(float* sums, const Token& x, float seq_ratio, bool has_ref, const Options& o) {
   const float ratio = token_ratio(x, seq_ratio, o);
-  const float kl = has_ref ? kl_value(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind) : 0.0f;
+  float kl = has_ref ? kl_value(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind) : 0.0f;
+  if (o.bias_correction_kl) kl *= ratio;
   const ClipFlags flags = clip_flags(ratio, x.advantage, o);
   sums[kLoss] +=
       objective_loss(ratio, x.logp, x.advantage, o) * x.is_weight + o.kl_coef * kl - o.entropy_coef * x.entropy;
@@ -175,9 +177,13 @@ FA_HD void add_token_stats(float* sums, const Token& x, float seq_ratio, bool ha
   sums[kEntropy] += x.entropy;
 }
 
-// At sequence level, one token's share of d(row's loss sum) / d(sequence ratio).
-FA_HD float sequence_ratio_grad(const Token& x, float seq_ratio, const Options& o) {
-  return surrogate_grad(seq_ratio, x.advantage, o) * x.is_weight;
+// At sequence level, one token's share of d(row's loss sum) / d(sequence ratio): the surrogate's, and with the
+// bias-corrected KL its kl_coef KL (the KL term is KL times the ratio).
+FA_HD float sequence_ratio_grad(const Token& x, float seq_ratio, bool has_ref, const Options& o) {
+  float grad = surrogate_grad(seq_ratio, x.advantage, o) * x.is_weight;
+  if (has_ref && o.bias_correction_kl)
+    grad += o.kl_coef * kl_value(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind);
+  return grad;
 }
 
 // What every kept token of a row receives at sequence level: d(row sum) / d ratio (ratio_grad_sum) through
@@ -188,8 +194,8 @@ FA_HD float sequence_spread(float ratio_grad_sum, float seq_log_ratio, float n, 
 }
 
 // d (token loss) / d logp for one kept token, before the row's weight. spread: sequence_spread at sequence
-// level (unused at token level).
-FA_HD float token_grad(const Token& x, float spread, bool has_ref, const Options& o) {
+// level (unused at token level); seq_ratio: the row's ratio at sequence level (unused at token level).
+FA_HD float token_grad(const Token& x, float spread, float seq_ratio, bool has_ref, const Options& o) {
   float grad = spread;
   if (!o.sequence_level) {
     const float log_ratio = x.logp - x.old_logp;
@@ -209,7 +215,20 @@ FA_HD float token_grad(const Token& x, float spread, bool has_ref, const Options
     }
     grad *= x.is_weight;
   }
-  if (has_ref) grad += o.kl_coef * kl_grad(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind);
+  if (has_ref) {
+    const float kl_slope = kl_grad(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind);
+    if (!o.bias_correction_kl) {
+      grad += o.kl_coef * kl_slope;
+    } else if (o.sequence_level) {
+      grad += o.kl_coef * kl_slope * seq_ratio;  // the ratio's own share came with the spread
+    } else {
+      // d(KL r)/dlogp = KL' r + KL dr/dlogp, dr/dlogp = r where the log-ratio's clamp does not bind.
+      const float log_ratio = x.logp - x.old_logp;
+      const float ratio = ratio_from_log_ratio(log_ratio, o.log_ratio_limit);
+      const float kl = kl_value(x.ref_logp - x.logp, o.log_ratio_limit, o.kl_kind);
+      grad += o.kl_coef * (kl_slope * ratio + (within_limit(log_ratio, o.log_ratio_limit) ? kl * ratio : 0.0f));
+    }
+  }
   return grad;
 }
 

@@ -21,7 +21,7 @@ _CONFIGS = autotune_configs(
 )
 # What decides the best config: the row length, bucketed by the launcher (``T_BUCKET``: a GRPO batch's T changes
 # every step and would re-tune each time), and every variant flag (each compiles to a different kernel).
-_TUNING_KEY = ["T_BUCKET", "SEQUENCE", "HAS_REF", "HAS_ENTROPY", "HAS_IS", "DUAL", "KL_KIND", "OBJECTIVE"]
+_TUNING_KEY = ["T_BUCKET", "SEQUENCE", "HAS_REF", "HAS_ENTROPY", "HAS_IS", "DUAL", "KL_KIND", "OBJECTIVE", "BIAS_KL"]
 
 
 @triton.jit
@@ -140,6 +140,7 @@ def policy_loss_fwd_kernel(
     DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
     OBJECTIVE: tl.constexpr,
+    BIAS_KL: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """Per-row sums into ``stats[8, B]`` (float32): loss·mask, mask, and the metric numerators."""
@@ -173,6 +174,8 @@ def policy_loss_fwd_kernel(
         if HAS_REF:
             ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
             kl = _kl_value(_clamp(ref - logp, LIMIT), KL_KIND)
+            if BIAS_KL:  # DeepSeek-V3.2's unbiased KL: times the (token or sequence) ratio
+                kl = kl * ratio
             loss += kl_coef * kl
             acc_kl += tl.where(keep, kl, 0.0)
         if HAS_ENTROPY:
@@ -256,6 +259,7 @@ def policy_loss_bwd_kernel(
     DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
     OBJECTIVE: tl.constexpr,
+    BIAS_KL: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """``grad_logp[B, T]`` (and ``grad_entropy``) = row weight × d(row's masked loss sum) / d input."""
@@ -263,6 +267,7 @@ def policy_loss_bwd_kernel(
     offs = tl.arange(0, BLOCK_T)
     weight = tl.load(row_weight_ptr + row)
     spread = 0.0
+    seq_ratio = 1.0
     if SEQUENCE:
         seq_log_ratio, n = _sequence_log_ratio(row, T, logp_ptr, old_ptr, mask_ptr, stride_row, BLOCK_T)
         seq_inside = (seq_log_ratio >= -LIMIT) & (seq_log_ratio <= LIMIT)
@@ -276,6 +281,9 @@ def policy_loss_bwd_kernel(
             token_grad = _clip_grad(ratio, adv, clip_low, clip_high, dual_clip, delta, DUAL)
             if HAS_IS:
                 token_grad *= _row_values(is_ptr, row, cols, keep, stride_is_row, stride_is_t)
+            if BIAS_KL:  # the KL term is KL · ratio: its share of d(row sum) / d ratio
+                ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
+                token_grad += kl_coef * _kl_value(_clamp(ref - logp, LIMIT), KL_KIND)
             acc += tl.where(keep, token_grad, 0.0)
         spread = tl.where(seq_inside, tl.sum(acc, 0) * seq_ratio / tl.maximum(n, 1.0), 0.0)
     for base in range(0, T, BLOCK_T):
@@ -306,7 +314,17 @@ def policy_loss_bwd_kernel(
         if HAS_REF:
             ref = tl.load(ref_ptr + index, mask=keep, other=0.0).to(tl.float32)
             r = ref - logp
-            grad += kl_coef * _kl_grad(_clamp(r, LIMIT), (r >= -LIMIT) & (r <= LIMIT), KL_KIND)
+            kl_slope = _kl_grad(_clamp(r, LIMIT), (r >= -LIMIT) & (r <= LIMIT), KL_KIND)
+            if not BIAS_KL:
+                grad += kl_coef * kl_slope
+            elif SEQUENCE:  # the ratio's own share came with the spread
+                grad += kl_coef * kl_slope * seq_ratio
+            else:  # d(KL r)/dlogp = KL' r + KL dr/dlogp, dr/dlogp = r inside the clamp
+                log_ratio = logp - old
+                ratio = tl.exp(_clamp(log_ratio, LIMIT))
+                inside_clamp = (log_ratio >= -LIMIT) & (log_ratio <= LIMIT)
+                kl = _kl_value(_clamp(r, LIMIT), KL_KIND)
+                grad += kl_coef * (kl_slope * ratio + tl.where(inside_clamp, kl * ratio, 0.0))
         grad = tl.where(keep, grad * weight, 0.0)
         tl.store(grad_logp_ptr + index, grad.to(grad_logp_ptr.dtype.element_ty), mask=inside)
         if HAS_ENTROPY:
