@@ -216,7 +216,11 @@ def _liger_linear(op: str):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         loss = LigerFusedLinearJSDLoss(
-            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE
+            weight_hard_loss=0.0,
+            weight_soft_loss=1.0,
+            beta=DISTILL_BETA,
+            temperature=DISTILL_TEMPERATURE,
+            compiled=torch.cuda.is_available(),  # its torch path as is on the CPU (no inductor build there)
         )
         return lambda sh, sw, th, tw, targets: loss(sh, sw, th, tw, targets)
     if op == "linear_dpo":
@@ -364,6 +368,10 @@ _EAGER = {
 
 # Where each peer comes from (the GPU machine has none of them unless their wheels are carried).
 PEER_MODULES = {"trl-chunked": "trl", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy"}
+# The peers that also run on the CPU set, per op: their CPU path is plain torch (TRL's chunked divergence falls
+# back to torch ops off CUDA; liger's chunked JSD loss is torch, uncompiled there), so the CPU preset can put
+# fastalign's distillation loss side by side with both.
+CPU_PEERS = {"linear_distill": ("trl-chunked", "liger-kernel")}
 
 
 def _candidates(op: str) -> dict[str, Callable[[], Callable]]:
@@ -385,14 +393,15 @@ def _candidates(op: str) -> dict[str, Callable[[], Callable]]:
 
 def available(op: str, device: str, kernels: bool | None = None) -> list[str]:
     """The implementations of ``op`` that run here. ``kernels`` (default: on CUDA): the GPU set — Triton, the
-    CUDA kernels where ``fastalign._C`` runs, the floor, and TRL / the peers where importable; otherwise eager
-    and fastalign's torch backend. A rehearsal asks for the GPU set on the CPU (Triton then interprets)."""
+    CUDA kernels where ``fastalign._C`` runs, the floor, and TRL / the peers where importable; otherwise eager,
+    fastalign's torch backend and the op's :data:`CPU_PEERS` where importable. A rehearsal asks for the GPU set
+    on the CPU (Triton then interprets)."""
     kernels = device == "cuda" if kernels is None else kernels
 
     def runs_here(name: str) -> bool:
         if name in ("eager", "fastalign-torch"):
             return True
-        if not kernels:
+        if not kernels and name not in CPU_PEERS.get(op, ()):
             return False
         if name == "fastalign-cuda":
             return device == "cuda" and fastalign.backends()["cuda"].available
