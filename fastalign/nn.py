@@ -143,8 +143,12 @@ class LinearPolicyLoss(torch.nn.Module):
         need_entropy = self.options.entropy_coef != 0 or top_entropy
         if mask is None:
             mask = targets != self.ignore_index
-        extra = {"ref_logps": ref_logps, "is_weights": is_weights, "num_items_in_batch": num_items_in_batch}
-        extra["sampler_logps"] = sampler_logps
+        extra = {
+            "ref_logps": ref_logps,
+            "is_weights": is_weights,
+            "num_items_in_batch": num_items_in_batch,
+            "sampler_logps": sampler_logps,
+        }
         logprob_options = _logprob_options(self)
         # The top-entropy mask ranks every token's entropy before any token's loss: one chunked sweep cannot.
         if top_entropy or not _fused_gradient(self.gradient_in_forward, hidden, weight, bias):

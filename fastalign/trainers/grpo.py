@@ -151,12 +151,15 @@ class GRPOTrainer(NumTokensLogMixin, OnlineTrainer):
         batch.old_logps = self._old_logps(batch, generated)
         if args.beta != 0:
             batch.ref_logps = self._reference_logps(batch)
-        if args.use_vllm and generated.sampler_logps is not None:  # the off-policy mask's sampler, as TRL
-            batch.sampler_logps = generated.sampler_logps.to(batch.completion_mask.device)
-        if args.use_vllm and args.vllm_importance_sampling_correction and generated.sampler_logps is not None:
+        sampler_logps = None
+        if args.use_vllm and generated.sampler_logps is not None:
+            sampler_logps = generated.sampler_logps.to(batch.completion_mask.device)
+        if args.off_policy_mask_threshold is not None:  # the mask's sampler, as TRL (None: old_logps)
+            batch.sampler_logps = sampler_logps
+        if sampler_logps is not None and args.vllm_importance_sampling_correction:
             batch.is_weights = sampler_importance_weights(
                 batch.old_logps,
-                generated.sampler_logps.to(batch.completion_mask.device),
+                sampler_logps,
                 batch.completion_mask,
                 mode=args.vllm_importance_sampling_mode,
                 clip_min=args.vllm_importance_sampling_clip_min,
