@@ -49,6 +49,7 @@ TRAINER_FORMATS: dict[str, tuple[str, ...]] = {
     "rl": (PROMPT_ONLY,),
     "grpo": (PROMPT_ONLY,),
     "ppo": (PROMPT_ONLY,),
+    "distill": (PROMPT_COMPLETION, PROMPT_ONLY),
 }
 
 _CONVERSATIONAL_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
@@ -93,7 +94,8 @@ def detect_format(dataset_or_columns: Any) -> str:
 
 
 def require_format(dataset_or_columns: Any, trainer: str) -> str:
-    """Check that a dataset fits ``trainer`` (``"sft"``, ``"reward"``, ``"dpo"``, ``"rl"``, ``"grpo"``, ``"ppo"``)
+    """Check that a dataset fits ``trainer`` (``"sft"``, ``"reward"``, ``"dpo"``, ``"rl"``, ``"grpo"``, ``"ppo"``,
+    ``"distill"``)
     and return its format.
 
     RL trainers accept any dataset with a ``prompt`` column (and return ``"prompt_only"``).

@@ -1,6 +1,7 @@
 """Thin trainers over the fused ops, on ``transformers.Trainer``, with TRL 1.x's names and defaults."""
 
 from fastalign.trainers.configs import (
+    DistillConfig,
     DPOConfig,
     GRPOConfig,
     ModelConfig,
@@ -9,6 +10,7 @@ from fastalign.trainers.configs import (
     ScriptArguments,
     SFTConfig,
 )
+from fastalign.trainers.distill import DistillTrainer
 from fastalign.trainers.dpo import DPOTrainer, prepare_dpo_dataset
 from fastalign.trainers.grpo import GRPOTrainer
 from fastalign.trainers.ppo import PPOTrainer
@@ -18,6 +20,8 @@ from fastalign.trainers.sft import SFTTrainer, prepare_sft_dataset
 __all__ = [
     "DPOConfig",
     "DPOTrainer",
+    "DistillConfig",
+    "DistillTrainer",
     "GRPOConfig",
     "GRPOTrainer",
     "ModelConfig",

@@ -720,3 +720,88 @@ class PPOConfig(FastalignTrainingConfig):
         if self.total_episodes is not None and self.max_steps <= 0:
             rollouts = -(-self.total_episodes // self.rollout_batch_size)
             self.max_steps = rollouts * self.num_ppo_epochs * self.num_mini_batches
+
+
+@dataclass
+class DistillConfig(FastalignTrainingConfig):
+    """Knowledge distillation from a frozen teacher (TRL 1.16's ``DistillationConfig``; ``lmbda`` is TRL's GKD
+    name).
+
+    Each optimiser step draws one *generation batch* of ``per_device_train_batch_size ×
+    gradient_accumulation_steps`` dataset rows; with probability ``lmbda`` its completions are sampled from the
+    student (on-policy, as TRL's ``DistillationTrainer`` always does), otherwise they are the dataset's
+    ``completion`` column (off-policy, GKD's supervised batches). The loss is the generalized JSD of
+    :func:`fastalign.linear_distill_loss` over the completion tokens, a token mean over the generation batch. TRL
+    fields not listed here (``model_init_kwargs``, ``teacher_model_init_kwargs``, ``generation_kwargs``,
+    ``chat_template_kwargs``, the vLLM server and tool-calling fields) are not implemented.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column (the trainer reads prompt and completion)."}
+    )
+    disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher: a local folder or a hub model name (same tokenizer)."}
+    )
+    teacher_model_revision: str | None = field(
+        default=None, metadata={"help": "The teacher's hub revision (branch, tag or commit)."}
+    )
+    lmbda: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the generation batches whose completions the student samples (on-policy); the "
+            "others train on the dataset's completion column (1: always on-policy, as TRL's DistillationTrainer)."
+        },
+    )
+    beta: float = field(
+        default=1.0,
+        metadata={"help": "The divergence: 0 forward KL(teacher‖student), 0.5 JSD, 1 reverse KL(student‖teacher)."},
+    )
+    max_completion_length: int = field(
+        default=512, metadata={"help": "Tokens per completion at most (sampled, or cut from the dataset's)."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "fastalign: prompts keep their last this many tokens (None: all)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature, also dividing both heads' logits in the loss."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (on-policy batches)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off; on-policy batches)."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p sampling threshold (on-policy batches)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty while sampling."})
+    log_completions: bool = field(
+        default=False, metadata={"help": "Print the last generation batch's prompts and completions when logging."}
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Rows of that sample printed (None: all of the last generation batch)."}
+    )
+
+    # What the online trainers' base reads: distillation samples one completion per prompt and has no rewards.
+    num_generations: ClassVar[int] = 1
+    reward_weights: ClassVar[None] = None
+
+    _UNHONOURED_FIELDS: ClassVar[dict[str, str]] = {
+        **_ONLINE_UNHONOURED,
+        "remove_unused_columns": "the trainer reads the prompt and completion columns itself",
+    }
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Rows of one generation batch: ``per_device_train_batch_size × gradient_accumulation_steps``."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("lmbda", self.lmbda, at_least=0, at_most=1)
+        check_number("beta", self.beta, at_least=0, at_most=1)
+        check_number("temperature", self.temperature, above=0)
+        check_number("max_completion_length", self.max_completion_length, integer=True, at_least=1)
+        if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be None or >= 1, got {self.num_completions_to_print}")
+        if self.backend == "cuda":
+            raise ValueError(
+                "backend='cuda': the distillation loss has torch and Triton kernels only; use 'auto', 'torch' or "
+                "'triton'"
+            )

@@ -1,4 +1,5 @@
-"""The base of the trainers that sample their own data (GRPO, PPO): what they share, and nothing of either's loss.
+"""The base of the trainers that sample their own data (GRPO, PPO, distillation): what they share, and none of
+their losses.
 
 One rollout: the :class:`RepeatSampler` hands over dataset rows, each prompt ``num_generations`` times in a row;
 :meth:`OnlineTrainer._rollout` samples their completions with the rollout engine and scores them (a
@@ -70,10 +71,17 @@ class RepeatSampler(Sampler[int]):
     ):
         self.size, self.num_generations = size, num_generations
         self.prompts_per_generation, self.repeat_count, self.processes = prompts_per_generation, repeat_count, processes
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Trainer's hook (through accelerate's loader) before each epoch: the order is a function of the seed and
+        the epoch, so a run resumed in epoch ``k`` sees the prompts the uninterrupted run saw."""
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=self.generator).tolist()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1  # iterated again without set_epoch (a plain loop): the next epoch's order
+        order = torch.randperm(self.size, generator=generator).tolist()
         per_round = self.prompts_per_generation * self.processes
         for r in range(len(order) // per_round):
             chunks = [
@@ -214,22 +222,24 @@ def _rows(rows: list[dict]) -> list[dict]:
 class OnlineTrainer(
     FiniteLossMixin, ResumeMixin, BufferedMetricsMixin, LossOnlyPredictionMixin, FusedLossTrainerMixin, Trainer
 ):
-    """What GRPO and PPO share on ``transformers.Trainer``: the policy and its tokenizer, PEFT, the reward
+    """What GRPO, PPO and distillation share on ``transformers.Trainer``: the policy and its tokenizer, PEFT, the reward
     functions and weights, the reference model (a frozen copy of the policy, or under PEFT the base model with the
     adapters off), the rollout engine and its weight sync, the repeat-sampler dataloaders, rollouts and their
     scores, the sequence tensors of a batch, completion log-probs, and micro-batches served from one rollout.
 
-    A subclass sets ``dataset_format`` (for :func:`fastalign.data.require_format`), ``batch_type`` and
-    ``unscorable`` (:func:`fastalign.rewards.score`'s); in ``__init__`` ``_rollout_rows`` / ``_eval_rows`` (the
-    rows of a training / evaluation rollout) and ``_micro_batches_per_rollout`` (the training steps one rollout
-    feeds); and defines ``_generate_and_score(rows, mode) -> batch``, ``_micro_batches(batch, mode)`` (the batch
-    cut for those steps) and ``_loss(model, batch) -> (loss, metrics, watched)``.
+    A subclass sets ``dataset_format`` (for :func:`fastalign.data.require_format`), ``batch_type``,
+    ``unscorable`` (:func:`fastalign.rewards.score`'s) and ``scored`` (False: no reward functions); in
+    ``__init__`` ``_rollout_rows`` / ``_eval_rows`` (the rows of a training / evaluation rollout) and
+    ``_micro_batches_per_rollout`` (the training steps one rollout feeds); and defines
+    ``_generate_and_score(rows, mode) -> batch``, ``_micro_batches(batch, mode)`` (the batch cut for those steps)
+    and ``_loss(model, batch) -> (loss, metrics, watched)``.
     """
 
     signature_columns = ()
     dataset_format: ClassVar[str]
     batch_type: ClassVar[type[PolicyBatch]] = PolicyBatch
     unscorable: ClassVar[str] = "nan"
+    scored: ClassVar[bool] = True
     _rollout_rows: int
     _eval_rows: int
     _micro_batches_per_rollout: int
@@ -278,13 +288,15 @@ class OnlineTrainer(
         for dataset in (train_dataset, eval_dataset):
             if dataset is not None:
                 require_format(dataset, self.dataset_format)
-        self.reward_funcs, self.reward_weights = resolve_reward_funcs(
-            reward_funcs,
-            args.reward_weights or None,
-            reward_model=reward_model,
-            tokenizer=processing_class,
-            max_completion_length=max_completion_length,
-        )
+        self.reward_funcs, self.reward_weights = [], []
+        if self.scored:
+            self.reward_funcs, self.reward_weights = resolve_reward_funcs(
+                reward_funcs,
+                args.reward_weights or None,
+                reward_model=reward_model,
+                tokenizer=processing_class,
+                max_completion_length=max_completion_length,
+            )
         peft = sys.modules.get("peft")
         self._reference_is_base = (
             ref_model is None and kl_coef != 0 and peft is not None and isinstance(model, peft.PeftModel)
@@ -375,9 +387,9 @@ class OnlineTrainer(
         self._stop_if_loss_was_not_finite()
         sync_engine_weights(self, self.policy)
 
-    def _rollout(self, rows: list[dict]) -> Rollout:
+    def _sample(self, rows: list[dict]) -> tuple[list[dict], RolloutBatch]:
         """Sample ``num_generations`` completions for each distinct prompt of ``rows`` (each given
-        ``num_generations`` times in a row) and score them."""
+        ``num_generations`` times in a row): the rows, one per completion, and the engine's batch."""
         group = self.args.num_generations
         if isinstance(self.engine, HFGenerateEngine):
             check_generation_under_fsdp2(self.engine.model, self.model)
@@ -387,7 +399,11 @@ class OnlineTrainer(
             for row in unique
         ]
         batch = self.engine.generate(prompts, self.sampling)
-        rows = [row for row in unique for _ in range(group)]
+        return [row for row in unique for _ in range(group)], batch
+
+    def _rollout(self, rows: list[dict]) -> Rollout:
+        """:meth:`_sample`, and the completions scored."""
+        rows, batch = self._sample(rows)
         return Rollout(rows, batch, *self._score(rows, batch))
 
     def _score(self, rows: list[dict], batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,13 +440,13 @@ class OnlineTrainer(
         return self.accelerator.reduce(tensor, reduction="sum")
 
     def _shuffled_parts(self, batch: PolicyBatch, parts: int, shuffles: int = 1) -> list[PolicyBatch]:
-        """``shuffles`` shuffles of the batch's rows (seeded by the step), each cut into ``parts`` equal
+        """``shuffles`` shuffles of the batch's rows (seeded by the optimiser step), each cut into ``parts`` equal
         micro-batches (shuffled as TRL does, so that a micro-batch mixes prompts)."""
         rows = len(batch)
         if rows % parts:
             raise ValueError(f"{rows} rows cannot be cut into {parts} equal micro-batches")
         size = rows // parts
-        generator = torch.Generator().manual_seed(self.args.seed + self._step)
+        generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
         out = []
         for _ in range(shuffles):
             order = torch.randperm(rows, generator=generator)

@@ -18,11 +18,11 @@ from helpers import trainer_dpo, trainer_grpo, trainer_ppo, trainer_reward, trai
 from helpers.tiny import addition_rows
 
 from fastalign.trainers import DPOTrainer
-from fastalign.trainers.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
+from fastalign.trainers.configs import DistillConfig, DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
 
 BASE = {"output_dir": "unused", "use_cpu": True, "report_to": [], "bf16": False}
-CONFIGS = (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, PPOConfig)
-ONLINE = (GRPOConfig, PPOConfig)
+CONFIGS = (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, PPOConfig, DistillConfig)
+ONLINE = (GRPOConfig, PPOConfig, DistillConfig)
 ONLINE_REFUSED = [
     ("train_sampling_strategy", "group_by_length"),
     ("dataloader_num_workers", 2),
@@ -56,6 +56,12 @@ REFUSED = [
     (GRPOConfig, "epsilon_high", -0.1, "epsilon_high must be None or a number >= 0"),
     (GRPOConfig, "num_completions_to_print", 0, "num_completions_to_print must be None or >= 1"),
     (PPOConfig, "dataset_num_proc", 4, "dataset_num_proc=4: PPOTrainer does not honour"),
+    (DistillConfig, "lmbda", 1.5, r"lmbda must be a finite number in \[0, 1\]"),
+    (DistillConfig, "beta", 1.5, r"beta must be a finite number in \[0, 1\]"),
+    (DistillConfig, "temperature", 0.0, "temperature must be a finite number > 0"),
+    (DistillConfig, "max_completion_length", 0, "max_completion_length must be an int >= 1"),
+    (DistillConfig, "num_completions_to_print", 0, "num_completions_to_print must be None or >= 1"),
+    (DistillConfig, "backend", "cuda", "the distillation loss has torch and Triton kernels only"),
     (PPOConfig, "stop_token", "</s>", "stop_token must be None or 'eos'"),
     (DPOConfig, "router_aux_loss_coef", 0.1, "router_aux_loss_coef=0.1: fastalign's DPOTrainer does not implement"),
     (DPOConfig, "ld_alpha", 0.5, "ld_alpha=0.5: fastalign's DPOTrainer does not implement"),
@@ -470,6 +476,8 @@ HERE = "trainers/test_config_audit.py::"
 GRPO_TESTS, PPO_TESTS = "trainers/test_trainer_grpo.py::", "trainers/test_trainer_ppo.py::"
 NEWER_LOSSES = GRPO_TESTS + "test_one_step_of_the_newer_loss_types_equals_the_reference_on_eager_logps"
 DPO_TESTS = "trainers/test_trainer_dpo.py::"
+DISTILL_TESTS = "trainers/test_trainer_distill.py::"
+DISTILL_SAMPLING = DISTILL_TESTS + "test_sampling_fields_reach_the_engine_and_length_limits_cut_the_dataset_rows"
 SAMPLING_TEST = HERE + "test_sampling_fields_and_max_prompt_length_reach_the_engine"
 TOKENS_TEST = HERE + "test_tokenisation_fields_reach_the_dataset_and_the_tokenizer"
 # Each field a fastalign config declares (beyond TrainingArguments') -> the test that shows it honoured, or REFUSE.
@@ -602,6 +610,24 @@ AUDIT = {
         "kl_penalty_coef": PPO_TESTS + "test_one_update_equals_the_eager_full_logits_losses",
         "kl_penalty_estimator": HERE + "test_ppo_kl_penalty_estimator_reaches_the_loss",
         "target_kl": PPO_TESTS + "test_the_trainer_adapts_beta_from_the_measured_kl_after_each_update",
+    },
+    DistillConfig: {
+        "backend": DISTILL_TESTS + "test_backend_reaches_the_fused_divergence",
+        "disable_dropout": DISTILL_TESTS + "test_disable_dropout_is_the_students_and_the_teacher_never_drops",
+        "teacher_model_name_or_path": DISTILL_TESTS
+        + "test_the_teacher_loads_from_its_folder_with_its_tokenizer_checked",
+        "teacher_model_revision": DISTILL_TESTS + "test_the_teacher_loads_from_its_folder_with_its_tokenizer_checked",
+        "lmbda": DISTILL_TESTS + "test_lmbda_draws_are_seeded_by_the_step_and_off_policy_batches_are_the_datasets",
+        "beta": DISTILL_TESTS + "test_one_step_equals_the_float64_divergence_of_the_full_logits",
+        "temperature": DISTILL_TESTS + "test_one_step_equals_the_float64_divergence_of_the_full_logits",
+        "max_completion_length": DISTILL_SAMPLING,
+        "max_prompt_length": DISTILL_SAMPLING,
+        "top_p": DISTILL_SAMPLING,
+        "top_k": DISTILL_SAMPLING,
+        "min_p": DISTILL_SAMPLING,
+        "repetition_penalty": DISTILL_SAMPLING,
+        "log_completions": DISTILL_TESTS + "test_log_completions_prints_prompts_completions_and_their_source",
+        "num_completions_to_print": DISTILL_TESTS + "test_log_completions_prints_prompts_completions_and_their_source",
     },
 }
 
