@@ -8,6 +8,7 @@ Flags are the field names of the stage's config (``SFTConfig`` ...), of ``ModelC
 
 ``fastalign grpo`` and ``fastalign ppo`` add TRL's GRPO script flags (``--reward_funcs``,
 ``--reward_model_name_or_path``);
+``fastalign distill`` distils a student from a frozen teacher (``--teacher_model_name_or_path``, same tokenizer);
 ``fastalign rejection-sample`` samples k completions per prompt, keeps the best (or those above a threshold) and
 writes an SFT dataset (:mod:`fastalign.sampling`). ``fastalign pipeline recipe.yaml`` chains stages
 (:mod:`fastalign.pipeline`).
@@ -50,6 +51,8 @@ def _top_level_help() -> str:
         "  fastalign sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name data.jsonl --output_dir out",
         "  fastalign grpo --model_name_or_path sft-out --dataset_name prompts.jsonl --output_dir grpo \\",
         "      --reward_funcs accuracy_reward think_format_reward --reward_weights 1.0 0.5",
+        "  fastalign distill --model_name_or_path small-sft --teacher_model_name_or_path grpo \\",
+        "      --dataset_name prompts.jsonl --lmbda 0.5 --beta 0.5 --output_dir distilled",
         "  fastalign rejection-sample --model_name_or_path grpo --dataset_name prompts.jsonl \\",
         "      --reward_funcs accuracy_reward --num_generations 8 --output_path r1-sft.jsonl",
         "  fastalign pipeline rlhf --output_dir runs/rlhf --set model_name_or_path=Qwen/Qwen2.5-0.5B \\",

@@ -43,7 +43,8 @@ class Command:
     which trains ``model`` (``"causal_lm"`` or ``"reward_model"``; ``from_scratch``: a folder holding only
     ``config.json`` is a random init). ``dataset_format`` is the trainer whose columns the dataset must have.
     ``completion_length`` names the config field that bounds a completion, for the commands scored by
-    ``--reward_funcs`` and ``--reward_model_name_or_path``."""
+    ``--reward_funcs`` and ``--reward_model_name_or_path``; ``teacher`` the config field holding a frozen
+    teacher's path (loaded with the student's ``ModelConfig``)."""
 
     summary: str
     config: str
@@ -54,6 +55,7 @@ class Command:
     model: str = "causal_lm"
     from_scratch: bool = False
     completion_length: str | None = None
+    teacher: str | None = None
 
 
 COMMANDS: dict[str, Command] = {
@@ -102,6 +104,16 @@ COMMANDS: dict[str, Command] = {
         trainer="PPOTrainer",
         script="GRPOScriptArguments",
         completion_length="response_length",
+    ),
+    # The teacher is --teacher_model_name_or_path (a DistillConfig field), loaded like the student (--dtype ...);
+    # a student folder holding only config.json starts from a random init, a teacher must have weights.
+    "distill": Command(
+        "distil a student from a frozen teacher (--teacher_model_name_or_path), on its samples and/or the data's",
+        config="DistillConfig",
+        dataset_format="distill",
+        trainer="DistillTrainer",
+        teacher="teacher_model_name_or_path",
+        from_scratch=True,
     ),
     "rejection-sample": Command(
         "sample k completions per prompt, keep the best by reward, write prompt-completion JSONL for sft",
@@ -292,15 +304,27 @@ def configs(name: str, values: Mapping[str, Any], source: str) -> tuple[Any, Mod
 # ------------------------------------------------------------------------------------------------------- inputs
 
 
-def _check_model_paths(*paths: str | None) -> None:
-    """A missing local model folder (``--model_name_or_path``, ``--reward_model_name_or_path``) fails here, before
-    any data or model loads, instead of as transformers' hub repo-id error."""
+def _check_model_paths(*paths: str | None, teacher: str | None = None) -> None:
+    """A missing local model folder (``--model_name_or_path``, ``--reward_model_name_or_path``,
+    ``--teacher_model_name_or_path``) fails here, before any data or model loads, instead of as transformers' hub
+    repo-id error."""
     from fastalign.models.paths import missing_model_folder
 
-    for flag, path in zip(("--model_name_or_path", "--reward_model_name_or_path"), paths, strict=False):
+    flags = ("--model_name_or_path", "--reward_model_name_or_path")
+    for flag, path in [*zip(flags, paths, strict=False), ("--teacher_model_name_or_path", teacher)]:
         problem = missing_model_folder(path) if path is not None else None
         if problem is not None:
             raise SystemExit(f"{flag}: {problem}")
+
+
+def _teacher_path(command: Command, config: Any) -> str | None:
+    """The teacher's path of a distillation command (required), else None."""
+    if command.teacher is None:
+        return None
+    path = getattr(config, command.teacher)
+    if path is None:
+        raise SystemExit(f"--{command.teacher} is required (the frozen teacher: a local folder or a hub model name)")
+    return path
 
 
 def _load_dataset(flag: str, name: str, split: str, **options: Any):
@@ -359,7 +383,11 @@ def check_inputs(
         config, "reward_model_name_or_path", None
     )
     models = (model_args.model_name_or_path, reward_model)
-    _check_model_paths(*(None if path is None or produced(path) else path for path in models))
+    teacher = _teacher_path(command, config)
+    _check_model_paths(
+        *(None if path is None or produced(path) else path for path in models),
+        teacher=None if teacher is None or produced(teacher) else teacher,
+    )
 
     def checkable(dataset: str | None) -> bool:
         if dataset is None or produced(dataset):
@@ -373,9 +401,15 @@ def check_inputs(
             if dataset is None:
                 continue
             try:
-                require_format(dataset, command.dataset_format)
+                found = require_format(dataset, command.dataset_format)
             except ValueError as error:
                 raise SystemExit(f"{flag} {script.dataset_name}: {error}") from None
+            if command.teacher is not None and config.lmbda < 1 and found != "prompt_completion":
+                raise SystemExit(
+                    f"{flag} {script.dataset_name}: --lmbda {config.lmbda} trains on the dataset's completions in "
+                    f"{1 - config.lmbda:.0%} of the batches, but it has no 'completion' column (columns: "
+                    f"{sorted(dataset.column_names)}); add one or give --lmbda 1"
+                )
     mix = getattr(config, "mix_dataset", None)
     if checkable(mix):
         try:
@@ -496,6 +530,14 @@ def _load_tokenizer(model_args: ModelConfig):
     )
 
 
+def _teacher_tokenizer(model_args: ModelConfig):
+    """The tokenizer saved with the teacher (for the same-tokenizer check), or None when it has none."""
+    try:
+        return _load_tokenizer(model_args)
+    except (OSError, ValueError):
+        return None
+
+
 def _load_model(command: Command, model_args: ModelConfig):
     """The model ``command`` trains (or samples from); with ``from_scratch``, a folder holding only
     ``config.json`` gives a random init (pre-training)."""
@@ -553,12 +595,20 @@ def run(name: str, script: Any, model_args: ModelConfig, config: Any) -> None:
     named = None
     if command.completion_length is not None:
         named = _reward_setup(script, config.reward_weights, getattr(config, command.completion_length))
-    _check_model_paths(model_args.model_name_or_path, getattr(script, "reward_model_name_or_path", None))
+    teacher = _teacher_path(command, config)
+    _check_model_paths(
+        model_args.model_name_or_path, getattr(script, "reward_model_name_or_path", None), teacher=teacher
+    )
     train, evaluate = _datasets(script, config)
     tokenizer = _load_tokenizer(model_args)
     rewards = {}
     if named is not None:
         rewards["reward_funcs"] = _with_reward_model(script, named, model_args, tokenizer, config.device)
+    if teacher is not None:  # loaded as the student is (dtype, attention), at the teacher's revision
+        revision = getattr(config, "teacher_model_revision", None) or "main"
+        teacher_args = dataclasses.replace(model_args, model_name_or_path=teacher, model_revision=revision)
+        rewards["teacher_model"] = _load_model(dataclasses.replace(command, from_scratch=False), teacher_args)
+        rewards["teacher_processing_class"] = _teacher_tokenizer(teacher_args)
     trainer = getattr(trainers, command.trainer)(
         _load_model(command, model_args),
         args=config,

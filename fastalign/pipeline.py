@@ -9,7 +9,7 @@ A recipe is a YAML file (or the name of a built-in one in ``fastalign/recipes/``
       learning_rate: 1.0e-5
     stages:
       - name: sft           # a stage name: letters, digits, _ and -
-        command: sft        # a fastalign command (sft, reward, dpo, grpo, ppo, rejection-sample, pretrain)
+        command: sft        # a fastalign command (sft, reward, dpo, grpo, ppo, distill, rejection-sample, pretrain)
         args:               # the command's fields, as in its --config YAML
           model_name_or_path: "{model_name_or_path}"
           dataset_name: "{sft_dataset}"
@@ -17,6 +17,9 @@ A recipe is a YAML file (or the name of a built-in one in ``fastalign/recipes/``
         command: ppo
         args:
           model_name_or_path: "{sft.output_dir}"   # an earlier stage's resolved field
+
+A stage with ``when: NAME`` runs only when variable ``NAME`` is set (an optional stage: the r1 recipe's
+``distill`` runs when ``student_model_name_or_path`` is given).
 
 ``{NAME}`` is a variable (``{output_dir}`` is the pipeline's folder); ``{STAGE.FIELD}`` is a field of an earlier
 stage's resolved args (``output_dir``, ``output_path``, ...). A string that is a single placeholder takes the
@@ -179,9 +182,11 @@ def plan(
             raise SystemExit(f"fastalign pipeline: stage {index + 1} needs a `name:` of letters, digits, _ and -")
         if names.count(name) > 1:
             raise SystemExit(f"fastalign pipeline: two stages are named {name!r}")
-        unknown = sorted(set(spec) - {"name", "command", "args"})
+        unknown = sorted(set(spec) - {"name", "command", "args", "when"})
         if unknown:
-            raise SystemExit(f"fastalign pipeline: stage {name!r} has unknown keys {unknown} (name, command, args)")
+            raise SystemExit(
+                f"fastalign pipeline: stage {name!r} has unknown keys {unknown} (name, command, args, when)"
+            )
         if spec.get("command") not in commands.COMMANDS:
             raise SystemExit(
                 f"fastalign pipeline: stage {name!r} has unknown command {spec.get('command')!r}; "
@@ -204,6 +209,21 @@ def plan(
         else:
             raise SystemExit(f"fastalign pipeline: --set {key}: no stage named {scope!r} (stages: {', '.join(names)})")
     variables.setdefault("output_dir", str(root))
+    for spec in specs:
+        when = spec.get("when")
+        if when is not None and (not isinstance(when, str) or when not in variables):
+            raise SystemExit(
+                f"fastalign pipeline: stage {spec['name']!r}: `when: {when}` must name a variable of the recipe "
+                f"({', '.join(variables)})"
+            )
+    skipped = {spec["name"] for spec in specs if spec.get("when") is not None and variables[spec["when"]] is None}
+    if skipped & set(stage_sets):
+        name = sorted(skipped & set(stage_sets))[0]
+        raise SystemExit(
+            f"fastalign pipeline: --set {name}.…: stage {name!r} is left out (its `when:` variable "
+            f"{next(s['when'] for s in specs if s['name'] == name)!r} is not set)"
+        )
+    specs = [spec for spec in specs if spec["name"] not in skipped]
     fields = {spec["command"]: commands.field_names(spec["command"]) for spec in specs}
     known_anywhere = set().union(*fields.values())
     stray = sorted(set(defaults) - known_anywhere)
@@ -240,8 +260,10 @@ def plan(
                     )
                 return variables[head]
             if head not in done:
-                later = head in names
+                later = head in names and head not in skipped
                 reason = "runs at or after this stage" if later else "is not a stage of this recipe"
+                if head in skipped:
+                    reason = "is left out (its `when:` variable is not set)"
                 raise SystemExit(
                     f"fastalign pipeline: {where}: placeholder {{{head}.{field_name}}}: stage {head!r} "
                     f"{reason}; a placeholder can refer to earlier stages only"

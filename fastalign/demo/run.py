@@ -4,12 +4,13 @@ The demo writes the synthetic addition task (:mod:`fastalign.demo.task`), builds
 config, and runs the built-in ``r1`` recipe with one stage in front of it:
 
     pretrain -> cold_start (SFT) -> reasoning_rl (GRPO, rule rewards) -> rejection (sampling) -> reasoning_sft
-    -> rm (reward model) -> final_rl (GRPO, reward model + rules)
+    -> rm (reward model) -> final_rl (GRPO, reward model + rules) -> distill (a smaller student from final_rl)
 
 through :func:`fastalign.pipeline.run_pipeline`, with the recipe's stages scaled down to the tiny model
 (:data:`STAGE_ARGS`). After each stage it evaluates the result on held-out problems that no stage trained on:
 greedy answers of a policy (accuracy, format rate, the recipe's rule reward), or the reward model's pairwise
-accuracy; training speed comes from each trainer's own log (``trainer_state.json``). It prints one table row per
+accuracy (the distilled student's row also names its teacher's accuracy and both models' sizes); training
+speed comes from each trainer's own log (``trainer_state.json``). It prints one table row per
 stage, writes ``OUTPUT_DIR/report.json`` and a plot ``OUTPUT_DIR/report.png``.
 
     fastalign demo --output_dir runs/demo          # or: make demo
@@ -92,6 +93,19 @@ STAGE_ARGS: dict[str, dict[str, Any]] = {
         "beta": 0.02,
         "scale_rewards": "none",
     },
+    # The student (STUDENT_SHAPE) starts from scratch: it learns from final_rl's full next-token distributions on
+    # the rejection-sampled solutions and, in a quarter of the steps, on its own samples.
+    "distill": {
+        "per_device_train_batch_size": 32,
+        "learning_rate": 3.0e-3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,
+        "max_steps": 400,
+        "logging_steps": 20,
+        "lmbda": 0.25,
+        "max_completion_length": MAX_COMPLETION_TOKENS,
+        "max_prompt_length": 16,
+    },
 }
 
 DEFAULTS = {"disable_tqdm": True, "seed": 0}
@@ -109,6 +123,10 @@ class ModelShape:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     intermediate_size: int = 384
+
+
+STUDENT_SHAPE = ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192)
+"""The distill stage's student: a quarter of the teacher's parameters, from scratch."""
 
 
 @dataclass
@@ -149,8 +167,9 @@ def write_base_model(folder: Path, shape: ModelShape) -> Path:
     return folder
 
 
-def demo_recipe(root: Path, files: dict[str, Path], base: Path) -> tuple[dict[str, Any], list[str]]:
-    """The built-in r1 recipe with a pre-training stage in front and the demo's sizes; and its --set values."""
+def demo_recipe(root: Path, files: dict[str, Path], base: Path, student: Path) -> tuple[dict[str, Any], list[str]]:
+    """The built-in r1 recipe with a pre-training stage in front, its distill stage on, the demo's sizes; and its
+    --set values."""
     recipe, _ = load_recipe("r1")
     recipe = copy.deepcopy(recipe)
     pretrain = {
@@ -168,6 +187,7 @@ def demo_recipe(root: Path, files: dict[str, Path], base: Path) -> tuple[dict[st
         f"reasoning_prompts={files['prompts']}",
         f"general_dataset={files['general']}",
         f"preference_dataset={files['preferences']}",
+        f"student_model_name_or_path={student}",
     ]
     return recipe, sets
 
@@ -215,6 +235,28 @@ def evaluate_stage(stage: Stage, files: dict[str, Path]) -> StageRow:
     row.notes = {"examples": result.samples[:3]}
     (folder / "heldout_completions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in result.samples))
     return row
+
+
+def distill_notes(stage: Stage, rows: Sequence[StageRow]) -> dict[str, Any]:
+    """The distill row's comparison: its teacher (the stage it was distilled from), the teacher's held-out
+    accuracy from that stage's row, and both models' parameter counts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher_folder = Path(stage.args["teacher_model_name_or_path"])
+    teacher = next((r for r in rows if r.name == teacher_folder.name), None)
+
+    def parameters(folder: Path) -> int:
+        with torch.device("meta"):  # counted only: no memory, no initialisation
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        return sum(p.numel() for p in model.parameters())
+
+    return {
+        "teacher": teacher_folder.name,
+        "teacher_heldout_accuracy": None if teacher is None else teacher.heldout_accuracy,
+        "teacher_parameters": parameters(teacher_folder),
+        "student_parameters": parameters(Path(stage.args["output_dir"])),
+    }
 
 
 def _cell(value: float | None, digits: int) -> str:
@@ -281,7 +323,14 @@ def plot_report(rows: Sequence[StageRow], histories: dict[str, list[dict]], path
     return path
 
 
-def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shape: ModelShape = ModelShape()) -> dict:
+def run_demo(
+    output_dir: str | Path,
+    *,
+    smoke: bool = False,
+    seed: int = 0,
+    shape: ModelShape = ModelShape(),
+    student_shape: ModelShape = STUDENT_SHAPE,
+) -> dict:
     """Runs the demo into ``output_dir`` (finished stages of an earlier run are reused); returns the report."""
     if importlib.util.find_spec("matplotlib") is None:  # checked before minutes of training, not after
         raise SystemExit("fastalign demo: the report's plot needs matplotlib: pip install 'fastalign[demo]'")
@@ -290,12 +339,15 @@ def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shap
     sizes = SMOKE_SIZES if smoke else TaskSizes()
     files = write_task(root / "data", sizes, seed=seed)
     base = write_base_model(root / "base", shape)
-    recipe, sets = demo_recipe(root, files, base)
+    student = write_base_model(root / "student_base", student_shape)
+    recipe, sets = demo_recipe(root, files, base, student)
     stages = plan(recipe, "r1", str(root), sets, smoke=smoke)
     rows: list[StageRow] = []
 
     def report_stage(stage: Stage, ran: bool) -> None:
         row = evaluate_stage(stage, files)
+        if stage.command == "distill":
+            row.notes.update(distill_notes(stage, rows))
         rows.append(row)
         print(f"\n{format_table([row])}\n", file=sys.stderr, flush=True)
 
@@ -308,6 +360,7 @@ def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shap
         "smoke": smoke,
         "task": asdict(sizes),
         "model": asdict(shape),
+        "student_model": asdict(student_shape),
     }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_report(rows, histories, root / "report.png")
@@ -315,6 +368,14 @@ def run_demo(output_dir: str | Path, *, smoke: bool = False, seed: int = 0, shap
     for gain in report["rl_gains"]:
         verdict = "raised" if gain["raised"] else "did NOT raise"
         print(f"{gain['to']} {verdict} held-out accuracy: {gain['from']} {gain['before']:.3f} -> {gain['after']:.3f}")
+    for row in rows:
+        if row.command == "distill" and row.heldout_accuracy is not None:
+            notes = row.notes
+            print(
+                f"{row.name}: the student ({notes['student_parameters']:,} parameters, from scratch) answers "
+                f"{row.heldout_accuracy:.3f} of the held-out problems, its teacher {notes['teacher']} "
+                f"({notes['teacher_parameters']:,}) {_cell(notes['teacher_heldout_accuracy'], 3)}"
+            )
     print(f"report: {root / 'report.json'}, plot: {root / 'report.png'} ({report['seconds']:.0f} s in all)")
     return report
 

@@ -246,6 +246,48 @@ def test_grpo_with_a_reward_model_from_the_command_line(rl_workspace):
     assert (tmp_path / "grpo-rm" / "model.safetensors").exists()
 
 
+def test_distill_from_the_command_line_with_a_wider_teacher(workspace):
+    """A narrower student distilled from the workspace's model on its own samples and the data's completions;
+    a missing teacher, a prompt-only dataset with lmbda < 1 and a teacher with another tokenizer are refused
+    before training, each naming the flag."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp_path, config = workspace
+    settings = yaml.safe_load(config.read_text())
+    teacher = settings["model_name_or_path"]
+    student = tmp_path / "student"
+    LlamaForCausalLM(
+        LlamaConfig(**{**tiny_causal_lm().config.to_dict(), "hidden_size": 16, "num_hidden_layers": 1})
+    ).save_pretrained(student)
+    word_tokenizer().save_pretrained(student)
+    for key in ("max_length", "save_steps"):
+        del settings[key]
+    settings.update({"model_name_or_path": str(student), "save_strategy": "no", "max_completion_length": 4})
+    distill = tmp_path / "distill.yaml"
+    distill.write_text(yaml.safe_dump(settings))
+    flags = ["distill", "--config", str(distill), "--teacher_model_name_or_path", teacher, "--lmbda", "0.5"]
+    main([*flags, "--beta", "0.5", "--output_dir", str(tmp_path / "distilled")])
+    state = json.loads((tmp_path / "distilled" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and "divergence" in state["log_history"][0]
+    assert (tmp_path / "distilled" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match="--teacher_model_name_or_path is required"):
+        main(["distill", "--config", str(distill)])
+    with pytest.raises(SystemExit, match="--teacher_model_name_or_path: "):
+        main(["distill", "--config", str(distill), "--teacher_model_name_or_path", str(tmp_path / "nowhere")])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": row["prompt"]}) for row in addition_rows()))
+    from fastalign.commands import check_inputs
+
+    parsed = parse("distill", [*flags[1:], "--dataset_name", str(prompts)])
+    with pytest.raises(SystemExit, match=r"--lmbda 0.5 trains on the dataset's completions in 50% .* no 'completion'"):
+        check_inputs("distill", *parsed)
+    other = word_tokenizer()
+    other.add_tokens(["extra"])
+    other.save_pretrained(teacher)
+    with pytest.raises(ValueError, match="tokenizer differs from the student's in 1 tokens"):
+        main([*flags, "--output_dir", str(tmp_path / "refused")])
+
+
 def test_reward_names_and_counts_are_checked_before_any_model_loads(rl_workspace):
     from fastalign.commands import reward_functions_from_names
     from fastalign.rewards import SoftOverlongPunishment, think_format_reward

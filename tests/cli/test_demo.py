@@ -174,7 +174,7 @@ def test_demo_covers_every_stage_of_the_r1_recipe():
 
 def test_demo_smoke_runs_the_pipeline_end_to_end_and_writes_the_report(tmp_path, capsys):
     report = run_demo(tmp_path / "demo", smoke=True)
-    names = ["pretrain", "cold_start", "reasoning_rl", "rejection", "reasoning_sft", "rm", "final_rl"]
+    names = ["pretrain", "cold_start", "reasoning_rl", "rejection", "reasoning_sft", "rm", "final_rl", "distill"]
     written = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert written["stages"] == report["stages"]
     assert [s["name"] for s in written["stages"]] == names
@@ -184,6 +184,10 @@ def test_demo_smoke_runs_the_pipeline_end_to_end_and_writes_the_report(tmp_path,
         assert 0.0 <= stage["heldout_accuracy"] <= 1.0 and 0.0 <= stage["format_rate"] <= 1.0
         assert stage["tokens_per_second"] > 0 and stage["train_seconds"] > 0
     assert 0.0 <= by_name["rm"]["heldout_accuracy"] <= 1.0
+    distill = by_name["distill"]  # the student next to its teacher
+    assert 0.0 <= distill["heldout_accuracy"] <= 1.0 and distill["notes"]["teacher"] == "final_rl"
+    assert distill["notes"]["teacher_heldout_accuracy"] == by_name["final_rl"]["heldout_accuracy"]
+    assert 0 < distill["notes"]["student_parameters"] < distill["notes"]["teacher_parameters"] / 3
     assert by_name["rejection"]["notes"]["rows_written"] > 0
     assert [(g["from"], g["to"]) for g in written["rl_gains"]] == [
         ("cold_start", "reasoning_rl"),

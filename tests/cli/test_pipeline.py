@@ -1,6 +1,7 @@
 """``fastalign pipeline``: the built-in recipes end to end in smoke mode on a tiny model saved to disk,
 placeholders, resuming stage by stage, ``--from_stage`` and the errors a recipe author sees."""
 
+import itertools
 import json
 
 import pytest
@@ -116,6 +117,54 @@ def test_r1_smoke(data):
     sft = json.loads((out / "reasoning_sft" / MARKER).read_text())["args"]
     assert sft["dataset_name"] == str(samples) and sft["model_name_or_path"] == values["model_name_or_path"]
     assert (out / "final_rl" / "model.safetensors").exists()
+
+
+def test_r1_distills_into_a_smaller_student_only_when_one_is_given(data, capsys):
+    """The r1 recipe's optional last stage: with student_model_name_or_path (here a config-only folder: a random
+    init) a narrower model is distilled from final_rl on the rejection-sampled data; without it the stage is left
+    out, and setting its fields or referring to it says so."""
+    from transformers import LlamaConfig
+
+    tmp_path, values = data
+    out = tmp_path / "r1"
+    argv = ["r1", "--output_dir", str(out), "--smoke", *CPU, *_sets(values, "r1")]
+    sets = [value for flag, value in itertools.pairwise(argv) if flag == "--set"]
+    assert "distill" not in [stage.name for stage in plan(load_recipe("r1")[0], "r1", str(out), sets)]
+    with pytest.raises(SystemExit, match=r"stage 'distill' is left out .*'student_model_name_or_path' is not set"):
+        pipeline_main([*argv, "--set", "distill.lmbda=1.0"])
+    student = tmp_path / "student"
+    LlamaConfig(**{**tiny_causal_lm().config.to_dict(), "hidden_size": 16, "num_hidden_layers": 1}).save_pretrained(
+        student
+    )
+    word_tokenizer().save_pretrained(student)
+    ran = pipeline_main([*argv, "--set", f"student_model_name_or_path={student}"])
+    assert ran == ["cold_start", "reasoning_rl", "rejection", "reasoning_sft", "rm", "final_rl", "distill"]
+    assert "initialising llama from its config" in capsys.readouterr().err
+    args = json.loads((out / "distill" / MARKER).read_text())["args"]
+    assert args["teacher_model_name_or_path"] == str(out / "final_rl")
+    assert args["dataset_name"] == str(out / "rejection" / "samples.jsonl") and args["lmbda"] == 0.5
+    state = json.loads((out / "distill" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and any("divergence" in entry for entry in state["log_history"])
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out / "distill").hidden_size == 16
+
+
+def test_when_names_a_variable(tmp_path, data):
+    _, values = data
+    recipe = {
+        "variables": {"model_name_or_path": values["model_name_or_path"], "extra": None},
+        "stages": [
+            {"name": "sft", "command": "sft", "args": {"model_name_or_path": "{model_name_or_path}"}},
+            {"name": "more", "command": "sft", "when": "extra", "args": {"model_name_or_path": "{extra}"}},
+            {"name": "last", "command": "sft", "args": {"model_name_or_path": "{more.output_dir}"}},
+        ],
+    }
+    with pytest.raises(SystemExit, match=r"placeholder \{more.output_dir\}: stage 'more' is left out"):
+        plan(recipe, "r", str(tmp_path))
+    recipe["stages"][1]["when"] = "nothing"
+    with pytest.raises(SystemExit, match="`when: nothing` must name a variable of the recipe"):
+        plan(recipe, "r", str(tmp_path))
 
 
 def test_a_stages_dataclasses_are_those_its_flags_parse_to(data):
