@@ -35,6 +35,8 @@ _OPS_NAMES = (
 )
 # The trainers pull in transformers.Trainer, accelerate and datasets.
 _TRAINER_NAMES = (
+    "DistillConfig",
+    "DistillTrainer",
     "DPOConfig",
     "DPOTrainer",
     "GRPOConfig",
