@@ -15,7 +15,15 @@ import torch
 
 from fastalign.kernels.triton import distill as kernels
 from fastalign.kernels.triton.softmax_tile import INTERPRETING
-from fastalign.ops._triton_backend import _cdiv, _dot_precision, _matmul_accumulate, _slab_cols, _vocab_splits
+from fastalign.ops._triton_backend import (
+    GROUP_TOKEN_BLOCKS,
+    _dot_precision,
+    _matmul_accumulate,
+    _slab_cols,
+    _split_grid,
+    _vocab_splits,
+    slab_grid,
+)
 from fastalign.ops.distill import FORWARD_KL, MIXTURE, DistillOptions, DistillStats, kl_from_gap
 
 
@@ -47,7 +55,7 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
     splits, cols_per_split = _vocab_splits(n_rows, n_cols, device)
     precision = _dot_precision(student_hidden.dtype)
     partial = torch.empty(5, splits, n_rows, dtype=torch.float32, device=device)
-    kernels.distill_stats_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
+    kernels.distill_stats_kernel[_split_grid(n_rows, splits)](
         *heads,
         *partial,
         *sizes,
@@ -57,6 +65,7 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
         MODE=opts.mode,
         UPCAST=INTERPRETING,
         DOT_PRECISION=precision,
+        GROUP_N=GROUP_TOKEN_BLOCKS,
     )
     s_max, s_log_sum, s_scale = _merge(partial[0], partial[1])
     t_max, t_log_sum, t_scale = _merge(partial[2], partial[3])
@@ -70,7 +79,7 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
         divergence, aux = kl_from_gap(opts.mode, gap, s_max, s_log_sum, t_max, t_log_sum)
         return DistillStats(s_max, s_log_sum, t_max, t_log_sum, divergence, aux)
     kl = torch.empty(2, splits, n_rows, dtype=torch.float32, device=device)
-    kernels.distill_mixture_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
+    kernels.distill_mixture_kernel[_split_grid(n_rows, splits)](
         *heads,
         s_max,
         s_log_sum,
@@ -86,6 +95,7 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
         MODE=opts.mode,
         UPCAST=INTERPRETING,
         DOT_PRECISION=precision,
+        GROUP_N=GROUP_TOKEN_BLOCKS,
     )
     kl_student, kl_teacher = kl.sum(dim=1).unbind(0)
     divergence = opts.beta * kl_teacher + (1.0 - opts.beta) * kl_student
@@ -125,9 +135,7 @@ def distill_backward(
         slab = torch.empty(n_rows, slab_cols, dtype=student_hidden.dtype, device=device)
         for col_offset in range(0, n_cols, slab_cols):
             cols = min(slab_cols, n_cols - col_offset)
-            kernels.distill_grad_kernel[
-                lambda meta, cols=cols: (_cdiv(n_rows, meta["BLOCK_N"]), _cdiv(cols, meta["BLOCK_V"]))
-            ](
+            kernels.distill_grad_kernel[slab_grid(n_rows, cols)](
                 *heads,
                 s_max,
                 s_log_sum,
@@ -146,6 +154,7 @@ def distill_backward(
                 MODE=opts.mode,
                 UPCAST=INTERPRETING,
                 DOT_PRECISION=precision,
+                GROUP_N=GROUP_TOKEN_BLOCKS,
             )
             grad_slab = slab[:, :cols]
             if need_hidden:

@@ -1,12 +1,12 @@
 """The Triton backend: allocations, launch grids and the small merges around the kernels in
 ``fastalign.kernels.triton``.
 
-Forward: one fused kernel over ``(token blocks, vocabulary splits)`` writes partial statistics ``[splits, N]``
-that are merged here (a few ``[N]``-sized ops). Backward: the vocabulary is walked in slabs of columns sized by
-the scratch budget; per slab a kernel recomputes the logit tiles and writes their gradient ``[N, slab]``, then
-``d_hidden (float32) += grad @ weight[slab]`` (Triton) and ``d_weight[slab] = grad.T @ hidden`` (one matmul
-over all tokens, so no cross-slab accumulation). Memory beyond inputs and gradients: the slab, a float32
-``d_hidden`` accumulator for non-float32 inputs, and ``[splits, N]`` statistics.
+Forward: one fused kernel over ``token blocks × vocabulary splits`` (grouped launch order, ``split_tile``) writes
+partial statistics ``[splits, N]`` that are merged here (a few ``[N]``-sized ops). Backward: the vocabulary is
+walked in slabs of columns sized by the scratch budget; per slab a kernel recomputes the logit tiles and writes
+their gradient ``[N, slab]``, then ``d_hidden (float32) += grad @ weight[slab]`` (Triton) and ``d_weight[slab] =
+grad.T @ hidden`` (one matmul over all tokens, so no cross-slab accumulation). Memory beyond inputs and gradients:
+the slab, a float32 ``d_hidden`` accumulator for non-float32 inputs, and ``[splits, N]`` statistics.
 """
 
 from __future__ import annotations
@@ -57,17 +57,41 @@ def _coefficient_flags(coeffs: GradCoefficients) -> dict:
     }
 
 
+GROUP_TOKEN_BLOCKS = 16
+"""Token blocks per group of the split kernels' launch order (``split_tile``): a wave of ~2 programs per SM covers
+16 token blocks (16 × 128 rows of hidden: 16 MiB at D = 4096 in bf16, inside L2) and ~17 vocabulary splits."""
+
+
 def _vocab_splits(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, cols_per_split)``: enough programs to fill the GPU when there are few token blocks."""
+    """``(splits, cols_per_split)``: a wave of concurrent programs (about two per SM) spans the splits of one group
+    of ``GROUP_TOKEN_BLOCKS`` token blocks, or of all of them when there are fewer; at least 4 aligned tiles per
+    split."""
     if INTERPRETING:
         # Two splits whenever possible, so the tests cover the cross-split merge.
         cols_per_split = max(32, _cdiv(n_cols, 2))
         return _cdiv(n_cols, cols_per_split), cols_per_split
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    token_blocks = _cdiv(n_rows, 128)
+    token_blocks = min(_cdiv(n_rows, 128), GROUP_TOKEN_BLOCKS)
     splits = max(1, min(_cdiv(2 * multiprocessors, token_blocks), _cdiv(n_cols, 4 * _SPLIT_ALIGN)))
     cols_per_split = _cdiv(_cdiv(n_cols, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return _cdiv(n_cols, cols_per_split), cols_per_split
+
+
+def _split_grid(n_rows: int, splits: int):
+    """The launch grid of the split kernels (``split_tile``): ``GROUP_TOKEN_BLOCKS × splits`` programs per group of
+    token blocks, one group per grid row."""
+    return lambda meta: (GROUP_TOKEN_BLOCKS * splits, _cdiv(_cdiv(n_rows, meta["BLOCK_N"]), GROUP_TOKEN_BLOCKS))
+
+
+def slab_grid(n_rows: int, cols: int):
+    """The launch grid of the gradient kernels over a slab of ``cols`` columns (``slab_tile``):
+    ``GROUP_TOKEN_BLOCKS × column tiles`` programs per group of token blocks, one group per grid row."""
+
+    def grid(meta):
+        token_groups = _cdiv(_cdiv(n_rows, meta["BLOCK_N"]), GROUP_TOKEN_BLOCKS)
+        return GROUP_TOKEN_BLOCKS * _cdiv(cols, meta["BLOCK_V"]), token_groups
+
+    return grid
 
 
 def _merge_splits(partial: torch.Tensor, opts: StatsOptions) -> TokenStats:
@@ -111,8 +135,16 @@ def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenSt
         "NEED_SUM": opts.need_sum,
     }
     dot = _dot_flags(hidden.dtype)
-    linear_kernels.linear_stats_fwd_kernel[lambda meta: (_cdiv(n_rows, meta["BLOCK_N"]), splits)](
-        *inputs, *partial, *sizes, *hidden.stride(), *weight.stride(), *_transform(opts), **flags, **dot
+    linear_kernels.linear_stats_fwd_kernel[_split_grid(n_rows, splits)](
+        *inputs,
+        *partial,
+        *sizes,
+        *hidden.stride(),
+        *weight.stride(),
+        *_transform(opts),
+        **flags,
+        **dot,
+        GROUP_N=GROUP_TOKEN_BLOCKS,
     )
     return _merge_splits(partial, opts)
 
@@ -129,10 +161,13 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> N
     width = b.shape[1]
     strides = (*a.stride(), *b.stride(), *out.stride())
 
-    def grid(meta):
-        return _cdiv(rows, meta["BLOCK_M"]), _cdiv(width, meta["BLOCK_K"])
+    def grid(meta):  # grouped order: GROUP_TOKEN_BLOCKS row tiles by every column tile
+        column_tiles = _cdiv(width, meta["BLOCK_K"])
+        return GROUP_TOKEN_BLOCKS * column_tiles, _cdiv(_cdiv(rows, meta["BLOCK_M"]), GROUP_TOKEN_BLOCKS)
 
-    linear_kernels.matmul_accumulate_kernel[grid](a, b, out, rows, inner, width, *strides, **_dot_flags(a.dtype))
+    linear_kernels.matmul_accumulate_kernel[grid](
+        a, b, out, rows, inner, width, *strides, **_dot_flags(a.dtype), GROUP_M=GROUP_TOKEN_BLOCKS
+    )
 
 
 def linear_backward(
@@ -161,13 +196,10 @@ def linear_backward(
         for col_offset in range(0, n_cols, slab_cols):
             cols = min(slab_cols, n_cols - col_offset)
 
-            def grid(meta, cols=cols):
-                return _cdiv(n_rows, meta["BLOCK_N"]), _cdiv(cols, meta["BLOCK_V"])
-
             sizes = (n_rows, n_cols, width, col_offset, cols)
             strides = (*hidden.stride(), *weight.stride(), slab.stride(0))
-            linear_kernels.linear_grad_logits_kernel[grid](
-                *inputs, slab, grad_bias, *sizes, *strides, *_transform(opts), **flags
+            linear_kernels.linear_grad_logits_kernel[slab_grid(n_rows, cols)](
+                *inputs, slab, grad_bias, *sizes, *strides, *_transform(opts), **flags, GROUP_N=GROUP_TOKEN_BLOCKS
             )
             grad_slab = slab[:, :cols]
             weight_slab = weight[col_offset : col_offset + cols]

@@ -52,7 +52,7 @@ _TILES = {
 }
 _KIND_CONFIGS = {kernel: _tile_configs(tiles, ("BLOCK_N", "BLOCK_V", "BLOCK_D")) for kernel, tiles in _TILES.items()}
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16})
-_KEY = ["DS", "DT", "V", "MODE", "DOT_PRECISION"]
+_KEY = ["DS", "DT", "V", "MODE", "DOT_PRECISION", "GROUP_N"]
 
 
 def _tuning(kernel: str) -> dict:
@@ -157,12 +157,14 @@ def distill_stats_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Partials of split ``program_id(1)``, each ``[splits, N]`` float32: both heads' maximum and ``Σ e^(z − m)``
-    around it, and (``MODE`` 0 / 1) the gap around both maxima, weighted like the teacher's / the student's sum."""
-    rows, row_mask, col_start, col_stop = split_tile(N, V, cols_per_split, BLOCK_N)
+    """Partials of one token block over one vocabulary split (:func:`split_tile`), each ``[splits, N]`` float32:
+    both heads' maximum and ``Σ e^(z − m)`` around it, and (``MODE`` 0 / 1) the gap around both maxima, weighted
+    like the teacher's / the student's sum."""
+    rows, row_mask, col_start, col_stop, split = split_tile(N, V, cols_per_split, BLOCK_N, GROUP_N)
     student = (student_hidden_ptr, student_weight_ptr, DS, stride_shn, stride_shd, stride_swv, stride_swd)
     teacher = (teacher_hidden_ptr, teacher_weight_ptr, DT, stride_thn, stride_thd, stride_twv, stride_twd)
 
@@ -192,7 +194,7 @@ def distill_stats_kernel(
         t_sum = t_sum * t_rescale + tl.sum(t_exps, 1)
         t_max = new_t_max
 
-    out = tl.program_id(1) * N + rows
+    out = split * N + rows
     tl.store(s_max_ptr + out, s_max, mask=row_mask)
     tl.store(s_sum_ptr + out, s_sum, mask=row_mask)
     tl.store(t_max_ptr + out, t_max, mask=row_mask)
@@ -234,12 +236,13 @@ def distill_mixture_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Per split ``[splits, N]`` float32: ``Σ p_s (log p_s − log m)`` and ``Σ p_t (log p_t − log m)`` over its
     columns, from the rows' merged ``[N]`` statistics (``MODE`` is 2; it keys the autotuner like the others)."""
-    rows, row_mask, col_start, col_stop = split_tile(N, V, cols_per_split, BLOCK_N)
+    rows, row_mask, col_start, col_stop, split = split_tile(N, V, cols_per_split, BLOCK_N, GROUP_N)
     student = (student_hidden_ptr, student_weight_ptr, DS, stride_shn, stride_shd, stride_swv, stride_swd)
     teacher = (teacher_hidden_ptr, teacher_weight_ptr, DT, stride_thn, stride_thd, stride_twv, stride_twd)
     s_max = _load_rows(s_max_ptr, rows, row_mask)
@@ -262,7 +265,7 @@ def distill_mixture_kernel(
         kl_student += tl.sum(ps * (log_ps - log_m), 1)
         kl_teacher += tl.sum(pt * (log_pt - log_m), 1)
 
-    out = tl.program_id(1) * N + rows
+    out = split * N + rows
     tl.store(kl_student_ptr + out, kl_student, mask=row_mask)
     tl.store(kl_teacher_ptr + out, kl_teacher, mask=row_mask)
 
@@ -305,12 +308,17 @@ def distill_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     """``grad[N, slab_cols]`` (the student's dtype) = d loss / d raw student logits of columns ``[col_offset,
     col_offset + slab_cols)``: ``coef · (p_s − p_t)`` (``MODE`` 0), ``coef · p_s (log p_s − log p_t − aux)`` (1),
     ``coef · p_s (log p_s − log m − aux)`` (2); ``coef [N]`` folds the upstream gradient, ``1 / T`` and, for the
     mixture, ``1 − β``."""
-    rows, row_mask, local_cols, cols, col_mask = slab_tile(N, V, col_offset, slab_cols, BLOCK_N, BLOCK_V)
+    rows, row_mask, local_cols, cols, col_mask, first_row = slab_tile(
+        N, V, col_offset, slab_cols, BLOCK_N, BLOCK_V, GROUP_N
+    )
+    if first_row >= N:
+        return
     student = (student_hidden_ptr, student_weight_ptr, DS, stride_shn, stride_shd, stride_swv, stride_swd)
     teacher = (teacher_hidden_ptr, teacher_weight_ptr, DT, stride_thn, stride_thd, stride_twv, stride_twd)
     zs, zt = _head_tiles(

@@ -154,7 +154,7 @@ def head_logits(
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["D", "V", "HAS_BIAS", "HAS_SOFTCAP", "NEED_ENTROPY", "NEED_SUM", "DOT_PRECISION"],
+    key=["D", "V", "HAS_BIAS", "HAS_SOFTCAP", "NEED_ENTROPY", "NEED_SUM", "DOT_PRECISION", "GROUP_N"],
     prune_configs_by={"early_config_prune": _prune_logit_tiles},
 )
 @triton.jit
@@ -185,11 +185,13 @@ def linear_stats_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Partial statistics of split ``program_id(1)``: outputs are ``[splits, N]`` float32."""
-    rows, row_mask, col_start, col_stop = split_tile(N, V, cols_per_split, BLOCK_N)
+    """Partial statistics of one token block over one vocabulary split (:func:`split_tile`): outputs are
+    ``[splits, N]`` float32."""
+    rows, row_mask, col_start, col_stop, split = split_tile(N, V, cols_per_split, BLOCK_N, GROUP_N)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     h_rows = hidden_ptr + rows.to(tl.int64) * stride_hn
     stats = online_start(BLOCK_N)
@@ -204,7 +206,7 @@ def linear_stats_fwd_kernel(
         stats = online_update(logits, cols, col_mask, targets, stats, NEED_ENTROPY, NEED_SUM)
     run_max, run_sum, run_centered, run_total, run_target = stats
 
-    out = tl.program_id(1) * N + rows
+    out = split * N + rows
     tl.store(max_ptr + out, run_max, mask=row_mask)
     tl.store(sumexp_ptr + out, run_sum, mask=row_mask)
     tl.store(target_logit_ptr + out, run_target, mask=row_mask)
@@ -216,7 +218,18 @@ def linear_stats_fwd_kernel(
 
 @triton.autotune(
     configs=_GRAD_CONFIGS,
-    key=["D", "V", "HAS_BIAS", "HAS_SOFTCAP", "HAS_BETA", "HAS_GAMMA", "HAS_KAPPA", "HAS_BIAS_GRAD", "DOT_PRECISION"],
+    key=[
+        "D",
+        "V",
+        "HAS_BIAS",
+        "HAS_SOFTCAP",
+        "HAS_BETA",
+        "HAS_GAMMA",
+        "HAS_KAPPA",
+        "HAS_BIAS_GRAD",
+        "DOT_PRECISION",
+        "GROUP_N",
+    ],
     reset_to_zero=["grad_bias_ptr"],
     prune_configs_by={"early_config_prune": _prune_logit_tiles},
 )
@@ -257,12 +270,17 @@ def linear_grad_logits_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     """``grad[N, slab_cols]`` = gradient w.r.t. the raw logits of columns ``[col_offset, col_offset + slab_cols)``.
 
     Also ``grad_bias[V]`` (float32) += column sums, atomically across token blocks.
     """
-    rows, row_mask, local_cols, cols, col_mask = slab_tile(N, V, col_offset, slab_cols, BLOCK_N, BLOCK_V)
+    rows, row_mask, local_cols, cols, col_mask, first_row = slab_tile(
+        N, V, col_offset, slab_cols, BLOCK_N, BLOCK_V, GROUP_N
+    )
+    if first_row >= N:
+        return
     head = (hidden_ptr, weight_ptr, D, stride_hn, stride_hd, stride_wv, stride_wd)
     logits = head_logits(head, rows, cols, row_mask, col_mask, UPCAST, DOT_PRECISION, BLOCK_D)
     if HAS_BIAS:
@@ -280,7 +298,7 @@ def linear_grad_logits_kernel(
 
 @triton.autotune(
     configs=_MATMUL_CONFIGS,
-    key=["S", "K", "DOT_PRECISION"],
+    key=["S", "K", "DOT_PRECISION", "GROUP_M"],
     restore_value=["out_ptr"],
     prune_configs_by={"early_config_prune": _prune_matmul_tiles},
 )
@@ -303,10 +321,16 @@ def matmul_accumulate_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """``out[M, K] += a[M, S] @ b[S, K]`` with float32 ``out`` and float32 accumulation."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """``out[M, K] += a[M, S] @ b[S, K]`` with float32 ``out`` and float32 accumulation, on the grid ``(GROUP_M × K
+    tiles, M groups)``: ``GROUP_M`` row tiles by every column tile, the row tiles fastest, so that a wave of
+    programs shares its ``a`` rows and its ``b`` columns from L2 (see ``split_tile``)."""
+    local = tl.program_id(0)
+    pid_m = tl.program_id(1) * GROUP_M + local % GROUP_M
+    pid_k = local // GROUP_M
+    if pid_m * BLOCK_M >= M:  # past the last row tile, in a short last group
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_mask = offs_m < M

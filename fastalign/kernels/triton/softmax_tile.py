@@ -21,22 +21,36 @@ def _tanh(x):
 
 
 @triton.jit
-def split_tile(N, V, cols_per_split, BLOCK_N: tl.constexpr):
-    """The rows ``[BLOCK_N]`` of a ``(token block, vocabulary split)`` program, their mask, and the split's columns
-    ``[col_start, col_stop)``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_start = tl.program_id(1) * cols_per_split
-    return rows, rows < N, col_start, tl.minimum(V, col_start + cols_per_split)
+def split_tile(N, V, cols_per_split, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """The tile of a ``(token block, vocabulary split)`` program on the grid ``(GROUP_N × splits, token groups)``:
+    its rows ``[BLOCK_N]``, their mask, the split's columns ``[col_start, col_stop)`` and the split's index.
+
+    Programs run in grouped order: ``GROUP_N`` token blocks by every split, the token blocks fastest. A wave of
+    concurrent programs then covers ``GROUP_N`` token blocks (their hidden rows, re-read for every vocabulary
+    tile, stay in L2) and reads each weight tile ``GROUP_N`` times at nearly the same moment (one HBM read). The
+    divisions are by the constexpr ``GROUP_N`` (a runtime divisor made ptxas spill the forward on sm_90). A
+    program past the last token block (a short last group) gets no columns."""
+    local = tl.program_id(0)
+    first_row = (tl.program_id(1) * GROUP_N + local % GROUP_N) * BLOCK_N
+    rows = first_row + tl.arange(0, BLOCK_N)
+    split = local // GROUP_N
+    col_start = split * cols_per_split
+    col_stop = tl.where(first_row < N, tl.minimum(V, col_start + cols_per_split), col_start)
+    return rows, rows < N, col_start, col_stop, split
 
 
 @triton.jit
-def slab_tile(N, V, col_offset, slab_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The tile of a gradient program over the slab of columns ``[col_offset, col_offset + slab_cols)``: its rows,
-    their mask, its columns within the slab and in the vocabulary, and their mask."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+def slab_tile(N, V, col_offset, slab_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """The tile of a gradient program over the slab of columns ``[col_offset, col_offset + slab_cols)`` on the grid
+    ``(GROUP_N × column tiles, token groups)``, in the grouped order of :func:`split_tile`: its rows, their mask,
+    its columns within the slab and in the vocabulary, their mask, and its first row (a program whose first row
+    is past ``N``, in a short last group, has nothing to do: the kernel returns)."""
+    local = tl.program_id(0)
+    first_row = (tl.program_id(1) * GROUP_N + local % GROUP_N) * BLOCK_N
+    rows = first_row + tl.arange(0, BLOCK_N)
+    local_cols = (local // GROUP_N) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = col_offset + local_cols
-    return rows, rows < N, local_cols, cols, (local_cols < slab_cols) & (cols < V)
+    return rows, rows < N, local_cols, cols, (local_cols < slab_cols) & (cols < V), first_row
 
 
 @triton.jit
