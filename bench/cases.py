@@ -125,6 +125,7 @@ PRESETS["gpu-core"] = replace(
     impls=(
         "eager",
         "fastalign-triton",
+        "fastalign-fused",
         "fastalign-cuda",
         "lm-head-matmuls",
         "trl-chunked",
@@ -328,6 +329,22 @@ def _lm_head_matmuls(hidden, weight, targets):
     return _LmHeadMatmuls.apply(hidden, weight)
 
 
+def _fastalign_fused(op: str) -> Callable:
+    """The nn modules with the gradient formed in the forward (``gradient_in_forward=True``: chunked logits,
+    6NDV), Triton for the logits kernels: the path that was their CUDA default, measured beside the autograd one
+    (``fastalign-triton``) because ``bench.roofline`` predicts it slower."""
+    if op == "linear_cross_entropy":
+        loss = fastalign.nn.LinearCrossEntropy(gradient_in_forward=True, backend="triton")
+        return lambda h, w, t: loss(h, w, t)
+    if op == "linear_dpo":
+        loss = fastalign.nn.LinearDPOLoss(beta=DPO_BETA, gradient_in_forward=True, backend="triton")
+        return lambda h, w, t, ref_h: loss(h, w, t, ref_hidden=ref_h, ref_weight=w)[0]
+    loss = fastalign.nn.LinearPolicyLoss(
+        loss_type="dapo", clip_eps_high=0.28, gradient_in_forward=True, backend="triton"
+    )
+    return lambda h, w, t, old, adv: loss(h, w, t, old, adv)[0]
+
+
 def _fastalign(op: str, backend: str) -> Callable:
     if op == "logprobs_from_logits":
         return lambda logits, targets: fastalign.logprobs_from_logits(logits, targets, backend=backend)
@@ -380,6 +397,8 @@ def _candidates(op: str) -> dict[str, Callable[[], Callable]]:
     for backend in ("torch", "triton", "cuda"):
         if backend != "cuda" or op in CUDA_OPS:
             candidates[f"fastalign-{backend}"] = functools.partial(_fastalign, op, backend)
+    if op in ("linear_cross_entropy", "linear_dpo", "linear_grpo"):
+        candidates["fastalign-fused"] = functools.partial(_fastalign_fused, op)
     if op in ("linear_logprobs", "linear_cross_entropy"):
         candidates[FLOOR_IMPL] = lambda: _lm_head_matmuls
     if op in ("linear_logprobs", "linear_cross_entropy", "linear_distill"):
