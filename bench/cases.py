@@ -385,10 +385,15 @@ _EAGER = {
 
 # Where each peer comes from (the GPU machine has none of them unless their wheels are carried).
 PEER_MODULES = {"trl-chunked": "trl", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy"}
-# The peers that also run on the CPU set, per op: their CPU path is plain torch (TRL's chunked divergence falls
-# back to torch ops off CUDA; liger's chunked JSD loss is torch, uncompiled there), so the CPU preset can put
-# fastalign's distillation loss side by side with both.
-CPU_PEERS = {"linear_distill": ("trl-chunked", "liger-kernel")}
+# The peers that also run on the CPU set, per op: their CPU path is plain torch (TRL's chunked kernels fall back
+# to torch ops off CUDA; liger's chunked JSD loss is torch, uncompiled there), so the CPU preset puts fastalign's
+# torch backend side by side with them.
+CPU_PEERS = {
+    "linear_distill": ("trl-chunked", "liger-kernel"),
+    # TRL's chunked log-prob op folds its [4096 x 32768] tiles with torch ops off CUDA (issue 14's CPU comparison).
+    "linear_logprobs": ("trl-chunked",),
+    "linear_cross_entropy": ("trl-chunked",),
+}
 
 
 def _candidates(op: str) -> dict[str, Callable[[], Callable]]:

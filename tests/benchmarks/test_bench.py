@@ -15,9 +15,10 @@ def test_benchmark_writes_tables_for_every_op(tmp_path, capsys):
     rows = read_rows(tmp_path / "core_ops-tiny.csv")
     core_ops = {"linear_logprobs", "linear_cross_entropy", "logprobs_from_logits"}
     expected_ops = core_ops | {"linear_dpo", "linear_grpo", "policy_loss", "dpo_loss", "linear_distill"}
-    # The CPU set: eager and the torch backend everywhere; TRL's and liger's distillation losses beside them
-    # (both are dev dependencies, their CPU paths plain torch).
+    # The CPU set: eager and the torch backend everywhere; TRL's chunked log-probs and distillation loss and
+    # liger's distillation loss beside them (both are dev dependencies, their CPU paths plain torch).
     peers = {("linear_distill", "trl-chunked"), ("linear_distill", "liger-kernel")}
+    peers |= {("linear_logprobs", "trl-chunked"), ("linear_cross_entropy", "trl-chunked")}
     assert {(r["op"], r["impl"]) for r in rows} == {
         (op, impl) for op in expected_ops for impl in ("eager", "fastalign-torch")
     } | peers
@@ -35,7 +36,7 @@ def test_shape_override_is_recorded(tmp_path):
     args = ["--preset", "demo", "--shape", "48,16,300", "--repeats", "1", "--ops", "linear_logprobs", "--modes", "fwd"]
     main([*args, "--out", str(tmp_path)])
     rows = read_rows(tmp_path / "core_ops-demo.csv")
-    assert [(r["n"], r["d"], r["v"]) for r in rows] == [("48", "16", "300")] * 2
+    assert [(r["n"], r["d"], r["v"]) for r in rows] == [("48", "16", "300")] * 3  # eager, torch, TRL
     assert "overrode them with --shape" in (tmp_path / "core_ops-demo.md").read_text()
 
 
