@@ -303,3 +303,31 @@ def test_the_teacher_loads_from_its_folder_with_its_tokenizer_checked(tmp_path, 
     other.save_pretrained(folder)
     with pytest.raises(ValueError, match="tokenizer differs from the student's in 1 tokens"):
         DistillTrainer(small_student(), args=args, train_dataset=rows, processing_class=word_tokenizer())
+
+
+def test_lora_distillation_updates_only_the_students_adapters(tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    distill = DistillTrainer(
+        small_student(), tiny_causal_lm(), config(tmp_path, lmbda=0.5, max_steps=3),
+        datasets.Dataset.from_list(addition_rows()), processing_class=word_tokenizer(), peft_config=lora,
+    )  # fmt: skip
+    before = {name: p.detach().clone() for name, p in distill.model.named_parameters()}
+    teacher_before = {name: p.detach().clone() for name, p in distill.teacher_model.named_parameters()}
+    distill.train()
+    changed = {name for name, p in distill.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed), changed
+    assert all(torch.equal(p, teacher_before[name]) for name, p in distill.teacher_model.named_parameters())
+
+
+def test_evaluation_reports_the_divergence_of_the_students_samples(tmp_path):
+    rows = datasets.Dataset.from_list(addition_rows())
+    args = config(tmp_path, lmbda=0.5, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3, max_steps=1)
+    distill = DistillTrainer(small_student(), tiny_causal_lm(), args, rows, rows, word_tokenizer())
+    distill.engine = RecordingEngine(distill.engine)
+    assert distill.evaluate()["eval_loss"] > 0
+    logged = distill.state.log_history[-1]  # the trainer's own metrics, as Trainer logs them
+    assert logged["eval_divergence"] > 0 and logged["eval_on_policy"] == 1.0  # evaluation samples (lmbda > 0)
+    # whole batches of 3 rows (the online trainers' sampler drops an incomplete last batch)
+    assert [len(prompts) for prompts, _ in distill.engine.calls] == [3] * (len(rows) // 3)
