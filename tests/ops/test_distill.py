@@ -123,7 +123,12 @@ def test_torch_backend_any_shape_and_options(n, v, ds, dt, beta, temperature, bu
     set_scratch_budget(budget)
     try:
         sh, sw, th, tw, targets = make_inputs(n, v, ds, dt, ignore_every=3, seed=seed, scale=1.0)
-        check_against_reference(sh, sw, th, tw, targets, beta=beta, temperature=temperature, tol=5e-5, floor=1e-3)
+        # float32 logits of size |z| / T carry rounding errors of ~eps·|z|/T into the log-probs, which the sums and
+        # the gradient's products carry on: the bound is 256 float32 ulps of the largest scaled logit (the worst
+        # of 400 random draws measured 73), and at least 5e-5.
+        scaled = max((sh.detach() @ sw.detach().T).abs().max().item(), (th @ tw.T).abs().max().item()) / temperature
+        tol = max(5e-5, 256 * torch.finfo(torch.float32).eps * (1.0 + scaled))
+        check_against_reference(sh, sw, th, tw, targets, beta=beta, temperature=temperature, tol=tol, floor=1e-3)
     finally:
         set_scratch_budget(None)
 
