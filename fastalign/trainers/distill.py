@@ -205,7 +205,7 @@ class DistillTrainer(NumTokensLogMixin, OnlineTrainer):
         adapter = self._adapter(self.teacher_model)
 
         def head(hidden: torch.Tensor, weight: torch.Tensor, bias: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            return completion_positions(hidden, batch.completion_ids) / adapter.logit_temperature, weight
+            return _unscaled(completion_positions(hidden, batch.completion_ids), adapter), weight
 
         return adapter.fused_forward(head, batch.input_ids, batch.attention_mask, batch.position_ids)
 
@@ -218,7 +218,7 @@ class DistillTrainer(NumTokensLogMixin, OnlineTrainer):
         tokens = batch.generation_tokens.clamp_min(1) / self.accelerator.num_processes
 
         def divergence(hidden: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
-            student_hidden = completion_positions(hidden, batch.completion_ids) / adapter.logit_temperature
+            student_hidden = _unscaled(completion_positions(hidden, batch.completion_ids), adapter)
             summed = linear_distill_loss(
                 student_hidden,
                 weight,
@@ -252,6 +252,12 @@ class DistillTrainer(NumTokensLogMixin, OnlineTrainer):
             "completion": texts,
             "on_policy": [on_policy] * len(texts),
         }
+
+
+def _unscaled(hidden: torch.Tensor, adapter: CausalLMAdapter) -> torch.Tensor:
+    """``hidden`` divided by the model's fixed logit divisor (Cohere / Granite), so that ``hidden @ weight.T`` are
+    its logits; most models have none, and their hidden states are passed on without a copy."""
+    return hidden if adapter.logit_temperature == 1.0 else hidden / adapter.logit_temperature
 
 
 def _tokenizer_of(path: str, revision: str | None) -> Any:

@@ -331,3 +331,21 @@ def test_evaluation_reports_the_divergence_of_the_students_samples(tmp_path):
     assert logged["eval_divergence"] > 0 and logged["eval_on_policy"] == 1.0  # evaluation samples (lmbda > 0)
     # whole batches of 3 rows (the online trainers' sampler drops an incomplete last batch)
     assert [len(prompts) for prompts, _ in distill.engine.calls] == [3] * (len(rows) // 3)
+
+
+def test_a_teachers_fixed_logit_divisor_is_applied(tmp_path):
+    """A Granite-style ``logits_scaling`` divides the teacher's logits: the same loss as a teacher whose lm_head
+    holds the divided weights (off-policy, so both see the same batch)."""
+    scaled, halved = tiny_causal_lm(), tiny_causal_lm()
+    scaled.config.logits_scaling = 2.0
+    with torch.no_grad():
+        halved.lm_head.weight.div_(2.0)
+    losses = []
+    for teacher in (scaled, halved):
+        distill = trainer(tmp_path, teacher=teacher, lmbda=0.0, beta=0.5)
+        batch = distill._prepare_inputs(next(iter(distill.get_train_dataloader())))
+        losses.append(distill.compute_loss(distill.model, batch))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    unscaled = trainer(tmp_path, lmbda=0.0, beta=0.5)
+    batch = unscaled._prepare_inputs(next(iter(unscaled.get_train_dataloader())))
+    assert abs(unscaled.compute_loss(unscaled.model, batch) - losses[0]) > 1e-4  # the divisor matters here
