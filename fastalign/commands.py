@@ -530,14 +530,6 @@ def _load_tokenizer(model_args: ModelConfig):
     )
 
 
-def _teacher_tokenizer(model_args: ModelConfig):
-    """The tokenizer saved with the teacher (for the same-tokenizer check), or None when it has none."""
-    try:
-        return _load_tokenizer(model_args)
-    except (OSError, ValueError):
-        return None
-
-
 def _load_model(command: Command, model_args: ModelConfig):
     """The model ``command`` trains (or samples from); with ``from_scratch``, a folder holding only
     ``config.json`` gives a random init (pre-training)."""
@@ -591,6 +583,7 @@ def run(name: str, script: Any, model_args: ModelConfig, config: Any) -> None:
         _rejection_sample(script, model_args, config)
         return
     from fastalign import trainers
+    from fastalign.trainers.distill import teacher_tokenizer
 
     named = None
     if command.completion_length is not None:
@@ -608,7 +601,7 @@ def run(name: str, script: Any, model_args: ModelConfig, config: Any) -> None:
         revision = getattr(config, "teacher_model_revision", None) or "main"
         teacher_args = dataclasses.replace(model_args, model_name_or_path=teacher, model_revision=revision)
         rewards["teacher_model"] = _load_model(dataclasses.replace(command, from_scratch=False), teacher_args)
-        rewards["teacher_processing_class"] = _teacher_tokenizer(teacher_args)
+        rewards["teacher_processing_class"] = teacher_tokenizer(teacher, revision, model_args.trust_remote_code)
     trainer = getattr(trainers, command.trainer)(
         _load_model(command, model_args),
         args=config,

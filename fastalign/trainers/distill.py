@@ -93,7 +93,7 @@ class DistillTrainer(NumTokensLogMixin, OnlineTrainer):
             path = teacher_model
             teacher_model = load_causal_lm(path, revision=args.teacher_model_revision or "main")
             if teacher_processing_class is None:
-                teacher_processing_class = _tokenizer_of(path, args.teacher_model_revision)
+                teacher_processing_class = teacher_tokenizer(path, args.teacher_model_revision)
         if args.lmbda < 1:
             for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
                 if dataset is not None and "completion" not in dataset.column_names:
@@ -260,12 +260,13 @@ def _unscaled(hidden: torch.Tensor, adapter: CausalLMAdapter) -> torch.Tensor:
     return hidden if adapter.logit_temperature == 1.0 else hidden / adapter.logit_temperature
 
 
-def _tokenizer_of(path: str, revision: str | None) -> Any:
-    """The tokenizer saved with the teacher, or None when its folder / repo has none."""
+def teacher_tokenizer(path: str, revision: str | None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved with the teacher (for :func:`check_same_vocabulary`), or None when its folder / repo has
+    none."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, revision=revision or "main")
+        return AutoTokenizer.from_pretrained(path, revision=revision or "main", trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
 
