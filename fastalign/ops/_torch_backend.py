@@ -158,12 +158,51 @@ def linear_forward(hidden, weight, bias, targets, opts: StatsOptions) -> TokenSt
     return _stats_forward(raw_tile, hidden.shape[0], weight.shape[0], targets, opts, hidden)
 
 
-def add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b`` with ``out`` possibly in a wider dtype than ``a`` and ``b``."""
+# Rows of ``out`` per product where a low-precision product is formed before it is added into a wider ``out``
+# (CPU; CUDA without ``out_dtype``): bounds that temporary at about 2**22 elements.
+_WIDENING_TEMP_ELEMENTS = 1 << 22
+# Per device type: whether ``torch.addmm(..., out_dtype=float32)`` adds 16-bit products straight into a float32
+# ``out`` (cuBLAS, float32 accumulation and output; CUDA only, and older torch refuses a float32 ``self``).
+_WIDENING_ADDMM: dict[str, bool] = {}
+
+
+def _widening_addmm(out: torch.Tensor, a: torch.Tensor) -> bool:
+    if out.device.type != "cuda" or out.dtype != torch.float32 or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = f"{out.device.type}:{a.dtype}"
+    if key not in _WIDENING_ADDMM:
+        probe_in = torch.zeros(1, 1, dtype=a.dtype, device=a.device)
+        probe_out = torch.zeros(1, 1, dtype=torch.float32, device=out.device)
+        try:
+            torch.addmm(probe_out, probe_in, probe_in, out_dtype=torch.float32, out=probe_out)
+            _WIDENING_ADDMM[key] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _WIDENING_ADDMM[key] = False
+    return _WIDENING_ADDMM[key]
+
+
+def add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, overwrite: bool = False) -> None:
+    """``out += a @ b`` (``out = a @ b`` with ``overwrite``: ``out``'s old values, even NaN, are not read), with
+    ``out`` possibly float32 for 16-bit ``a`` and ``b``.
+
+    A wider ``out`` takes the product straight from cuBLAS where torch allows it (``out_dtype``); elsewhere the
+    16-bit product is formed a block of rows at a time, so no temporary as large as ``out`` is made.
+    """
     if out.dtype == a.dtype:
-        out.addmm_(a, b)
+        if overwrite:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif _widening_addmm(out, a):
+        torch.addmm(out, a, b, beta=0 if overwrite else 1, out_dtype=out.dtype, out=out)
     else:
-        out += a @ b
+        step = max(1, _WIDENING_TEMP_ELEMENTS // max(1, out.shape[1]))
+        for start in range(0, out.shape[0], step):
+            product = a[start : start + step] @ b
+            if overwrite:
+                out[start : start + step].copy_(product)
+            else:
+                out[start : start + step] += product
 
 
 def linear_backward(

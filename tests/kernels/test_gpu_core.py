@@ -284,3 +284,25 @@ def test_modules(dtype, module, fused):
 
     inputs = {"hidden": hidden, "weight": weight, "targets": targets}
     assert_matches_reference(ours, composed, inputs, dtype, device=DEVICE, **tolerance("triton", dtype))
+
+
+@NO_CUDA_KERNELS
+def test_widening_add_matmul_takes_cublas_float32_output():
+    """fused_linear_loss adds each chunk's bf16 ``gradᵀ @ rows`` into the float32 weight gradient straight from
+    cuBLAS (``out_dtype``): no bf16 [V, D] temporary, and the sum rounded once, in float32."""
+    from helpers.memory import AllocationWatcher
+
+    from fastalign.ops import _torch_backend
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    a = torch.randn(1000, 300, device=DEVICE, generator=gen).to(torch.bfloat16)
+    b = torch.randn(300, 200, device=DEVICE, generator=gen).to(torch.bfloat16)
+    start = torch.randn(1000, 200, device=DEVICE, generator=gen)
+    assert _torch_backend._widening_addmm(start, a), "this torch refuses out_dtype=float32 with a float32 self"
+    for overwrite in (False, True):
+        out = torch.full_like(start, float("nan")) if overwrite else start.clone()
+        with AllocationWatcher() as watcher:
+            _torch_backend.add_matmul(out, a, b, overwrite=overwrite)
+        assert not watcher.allocated, watcher.allocated
+        expected = a.double() @ b.double() + (0 if overwrite else start.double())
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
