@@ -15,10 +15,14 @@ Designs (each a sequence of kernel launches, run back to back):
 * ``grouped``: the same kernels in the grouped launch order the backend now uses (``split_tile`` /
   ``slab_tile`` / ``matmul_accumulate_kernel``: groups of ``GROUP_TOKEN_BLOCKS`` token blocks by every split or
   column tile, token blocks fastest) and the forward's new split count (``grouped_vocab_splits``).
-* ``old fused_linear_loss``: ``fastalign.ops.fused_linear.fused_linear_loss`` (the nn modules' default on CUDA):
-  chunks of tokens whose logits and gradient fit the budget (512 at the issue's shape), each materialising its
-  logits with ``F.linear``, its gradient with the logits kernels, and adding ``grad.T @ rows`` (a bf16 ``[V, D]``
-  temporary) into the float32 ``d_weight``.
+* ``old fused_linear_loss``: ``fastalign.ops.fused_linear.fused_linear_loss`` (``gradient_in_forward=True``) as it
+  was (the nn modules' default on CUDA until 28315bf): chunks of tokens whose logits and gradient fit the budget
+  (512 at the issue's shape), each gathering its rows, materialising its logits with ``F.linear``, its gradient
+  in a new tensor, and adding ``grad.T @ rows`` (a bf16 ``[V, D]`` temporary) into the float32 ``d_weight``.
+* ``fused_linear_loss``: the same path now: the gradient written into the chunk's logits, so a chunk holds twice
+  the tokens (1024 at 256 MiB), rows and ``d_hidden`` rows as views, and ``d_weight += grad.T @ rows`` by cuBLAS
+  into float32 (``out_dtype``), the first chunk writing it; also at twice the budget, where each chunk's
+  ``d_weight`` update is compute-bound (chunk ≥ 4 × peak ÷ bandwidth tokens).
 * ``fused-fwd-2d``: the forward over a 2D grid of (token tile × vocabulary tile) programs in a grouped order,
   per-tile statistics merged across vocabulary tiles; the backward on the same grid recomputes each logit tile,
   forms ``d_logits`` in registers and adds ``d_logits @ weight[tile]`` and ``d_logitsᵀ @ hidden[tile]`` with float32
@@ -764,6 +768,23 @@ def merge_launches(kernels: Iterable[KernelCost]) -> tuple[KernelCost, ...]:
     return tuple(merged.values())
 
 
+def _chunk_logits_gemm(p: Problem, machine: Machine, rows: int, count: int) -> KernelCost:
+    """A ``fused_linear_loss`` chunk's logits, ``F.linear(rows, weight)``, ``count`` times."""
+    s = p.itemsize
+    return gemm(
+        "fwd: F.linear logits = rows @ weight.T",
+        Gemm(rows, p.vocab, p.width, ("rows", s), ("weight", s), ("logits", s)),
+        machine,
+        count,
+    )
+
+
+def _chunk_d_hidden_gemm(p: Problem, machine: Machine, rows: int, count: int, name: str) -> KernelCost:
+    """A ``fused_linear_loss`` chunk's ``d_hidden`` rows, ``grad @ weight``, ``count`` times."""
+    s = p.itemsize
+    return gemm(name, Gemm(rows, p.width, p.vocab, ("grad", s), ("weight", s), ("d_hidden rows", s)), machine, count)
+
+
 def old_fused_loss_design(p: Problem, machine: Machine) -> Design:
     """``fused_linear_loss``: per chunk, logits by ``F.linear``, their statistics and gradient by the logits
     kernels, ``d_hidden[chunk] = grad @ weight`` and ``add_matmul(d_weight32, grad.T, rows)``."""
@@ -776,20 +797,10 @@ def old_fused_loss_design(p: Problem, machine: Machine) -> Design:
         logits, row_bytes = rows * p.vocab * s, rows * p.width * s
         per_chunk += [
             streaming("fwd: hidden[chunk] (index_select)", row_bytes * count, row_bytes * count, count),
-            gemm(
-                "fwd: F.linear logits = rows @ weight.T",
-                Gemm(rows, p.vocab, p.width, ("rows", s), ("weight", s), ("logits", s)),
-                machine,
-                count,
-            ),
+            _chunk_logits_gemm(p, machine, rows, count),
             streaming("fwd: logits_stats_fwd_kernel", logits * count, 4 * 4 * rows * count, count),
             streaming("fwd: logits_grad_kernel (new tensor)", logits * count, logits * count, count),
-            gemm(
-                "fwd: d_hidden rows = grad @ weight",
-                Gemm(rows, p.width, p.vocab, ("grad", s), ("weight", s), ("d_rows", s)),
-                machine,
-                count,
-            ),
+            _chunk_d_hidden_gemm(p, machine, rows, count, "fwd: d_hidden rows = grad @ weight"),
             streaming("fwd: d_hidden[chunk] = d_rows (index_put)", row_bytes * count, row_bytes * count, count),
             gemm(
                 "fwd: add_matmul temporary = grad.T @ rows",
@@ -813,11 +824,60 @@ def old_fused_loss_design(p: Problem, machine: Machine) -> Design:
     )
     return Design(
         "old fused_linear_loss",
-        f"the nn modules' default on CUDA: {cdiv(p.tokens, chunk)} chunks of ≤ {min(chunk, p.tokens)} tokens, "
+        f"gradient_in_forward=True until issue 14: {cdiv(p.tokens, chunk)} chunks of ≤ {min(chunk, p.tokens)} "
+        "tokens, "
         f"logits materialised per chunk, a {p.vocab * p.width * s / 2**30:.3g} GiB temporary per chunk added into "
         "the float32 d_weight",
         kernels,
         "6NDV",
+    )
+
+
+def fused_loss_design(p: Problem, machine: Machine, scratch_bytes: int | None = None) -> Design:
+    """``fused_linear_loss`` now: a chunk's logits fill the budget (its gradient is written into them), rows and
+    ``d_hidden`` rows are views (no gather or scatter), ``d_weight`` (float32) takes each chunk's ``gradᵀ @ rows``
+    straight from cuBLAS (``out_dtype``; the first chunk writes it, the rest read-modify-write it)."""
+    s = p.itemsize
+    budget = p.scratch_bytes if scratch_bytes is None else scratch_bytes
+    chunk = max(1, budget // (p.vocab * s))
+    weight32 = 4.0 * p.vocab * p.width
+    per_chunk, first = [], True
+    for rows, count in pieces(p.tokens, chunk):
+        logits = rows * p.vocab * s
+        # the first chunk writes d_weight (beta = 0); every later one adds into it
+        updates = [(False, 1), (True, count - 1)] if first else [(True, count)]
+        first = False
+        per_chunk += [
+            _chunk_logits_gemm(p, machine, rows, count),
+            streaming("fwd: logits_stats_fwd_kernel", logits * count, 4 * 4 * rows * count, count),
+            streaming("fwd: logits gradient kernel, in place", logits * count, logits * count, count),
+            _chunk_d_hidden_gemm(p, machine, rows, count, "fwd: d_hidden[chunk] = grad @ weight (out=)"),
+            *(
+                gemm(
+                    "fwd: d_weight fp32 (+)= grad.T @ rows (cuBLAS, out_dtype)",
+                    Gemm(p.vocab, p.width, rows, ("grad", s), ("rows", s), ("d_weight fp32", 4), accumulate=add),
+                    machine,
+                    n,
+                )
+                for add, n in updates
+                if n
+            ),
+        ]
+    kernels = (
+        streaming(f"fwd: zero d_hidden ({p.dtype})", 0.0, p.tokens * p.width * s),
+        *merge_launches(per_chunk),
+        streaming("bwd: d_hidden × upstream scalar", p.tokens * p.width * s, p.tokens * p.width * s),
+        streaming("bwd: d_weight fp32 × upstream scalar, -> dtype", weight32, p.vocab * p.width * s),
+    )
+    label = "" if scratch_bytes is None else f" {budget / MIB:.0f} MiB"
+    return Design(
+        "fused_linear_loss" + label,
+        f"`gradient_in_forward=True` now, a {budget / MIB:.0f} MiB budget: {cdiv(p.tokens, chunk)} chunks of "
+        f"≤ {min(chunk, p.tokens)} tokens, one [chunk, V] buffer each (logits, then their gradient in place), "
+        "d_weight accumulated in float32 by cuBLAS",
+        kernels,
+        "6NDV",
+        ("needs a scalar loss (linear_cross_entropy, the loss modules)",),
     )
 
 
@@ -1014,6 +1074,8 @@ def all_designs(p: Problem, machine: Machine) -> list[Design]:
         old_design(p, machine),
         grouped_design(p, machine),
         old_fused_loss_design(p, machine),
+        fused_loss_design(p, machine),
+        fused_loss_design(p, machine, 2 * p.scratch_bytes),
         fused_2d_design(p, machine),
         grad_in_forward_design(p, machine),
         trl_chunked_design(p, machine),

@@ -7,14 +7,15 @@ weight (never logits) and compute the loss from per-token log-probs of the targe
 
 Each module has two exact paths. ``gradient_in_forward=True`` computes the hidden/weight gradients during the
 forward sweep (:func:`fastalign.ops.fused_linear.fused_linear_loss`: each chunk's logits are materialised once
-inside the scratch budget, 6·N·D·V flops) and ``backward()`` only scales them; ``False`` builds the loss on the
-autograd log-prob op, whose backward recomputes the logits (8·N·D·V flops, less memory held between forward and
-backward). The default, ``None``, is the second on every device: on CPU it measured faster at the default 32 MiB
-budget; on CUDA ``python -m bench.roofline`` predicts the Triton kernels in their grouped launch order at 71 ms
-against the chunked gradient-in-forward's 112 ms (N=16384, D=4096, V=131072, bf16, H100: the latter's chunks of
-512 tokens read and write the float32 weight gradient once per chunk), not yet measured on a GPU. The first path
-applies only when a gradient is needed; the loss must then be the last step (its ``backward`` takes the upstream
-scalar).
+inside the scratch budget and become their gradient in place, 6·N·D·V flops) and ``backward()`` only scales
+them; ``False`` builds the loss on the autograd log-prob op, whose backward recomputes the logits (8·N·D·V flops).
+The default, ``None``, is the second on every device. On CPU it measured faster at the default 32 MiB budget.
+On CUDA ``python -m bench.roofline`` (N=16384, D=4096, V=131072, bf16, H100, not yet measured) predicts the first
+at 61.7 ms (58.3 ms with a 512 MiB budget) against the grouped Triton kernels' 71.4 ms, but it holds a float32
+weight gradient (``4·V·D`` bytes, 2 GiB there) from the forward to the backward where the second holds ~0.5 GiB
+of scratch: the default stays on the smaller memory until a GPU run measures both (``bench/gpu_check.sh`` times
+them as ``fastalign-fused`` and ``fastalign-triton``). The first path applies only when a gradient is needed; the
+loss must then be the last step (its ``backward`` takes the upstream scalar).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def kernel(design_kernels, prefix: str) -> KernelCost:
     [
         (roofline.old_design, 4),  # forward, recomputed in the backward, and both gradient matmuls
         (roofline.old_fused_loss_design, 3),
+        (roofline.fused_loss_design, 3),
         (roofline.fused_2d_design, 4),
         (roofline.grad_in_forward_design, 3),
         (roofline.trl_chunked_design, 4),
@@ -46,6 +47,23 @@ def test_every_matmul_kernel_does_2ndv_and_the_designs_add_up(build, logit_passe
     per_kernel = sorted(k.flops / (2 * ndv) for k in design.kernels if k.flops)
     # one pass per kernel, the fused backward (recompute + both dots in one kernel) three
     assert per_kernel == ([1, 3] if build is roofline.fused_2d_design else [1] * logit_passes)
+
+
+@pytest.mark.parametrize(("chunk", "bound"), [(1024, "HBM"), (2048, "compute")])
+def test_fused_loss_weight_update_is_compute_bound_from_four_times_the_machine_balance(chunk, bound):
+    """Each chunk reads and writes the float32 d_weight (8·V·D bytes) for 2·chunk·V·D FLOP: compute-bound once
+    chunk ≥ 4 × peak / bandwidth tokens (1181 on an H100), whatever V and D (d_weight here 128 MiB: not in L2)."""
+    assert 1024 < 4 * H100.peak_flops("bf16") / H100.hbm_bandwidth < 2048
+    p = Problem(8192, 1024, 32768, "bf16", scratch_bytes=chunk * 32768 * 2)
+    design = roofline.fused_loss_design(p, H100)
+    update = kernel(design.kernels, "fwd: d_weight fp32")
+    assert update.launches == 8192 // chunk
+    assert update.bound(H100, "bf16") == bound
+    # the first chunk writes d_weight, every later one reads it too; the grad and rows panels come once
+    weight32 = 4 * 32768 * 1024
+    assert update.traffic.hbm_bytes == pytest.approx(
+        weight32 * (2 * update.launches - 1) + 8192 * 32768 * 2 + 8192 * 1024 * 2, rel=0.02
+    )
 
 
 def test_the_old_backward_sums_its_slabs():
@@ -244,7 +262,8 @@ def test_command_line_writes_the_markdown(tmp_path, capsys):
     roofline.main(["--tokens", "1000", "--hidden", "192", "--vocab", "9000", "--gpu", "h200", "--out", str(out)])
     text = out.read_text()
     assert "## H200 SXM" in text and "## H100 SXM" not in text
-    for design in ("old", "old fused_linear_loss", "fused-fwd-2d", "grad-in-forward 6NDV", "trl-chunked 8NDV"):
+    designs = ("old", "old fused_linear_loss", "fused_linear_loss", "fused-fwd-2d", "grad-in-forward 6NDV")
+    for design in (*designs, "trl-chunked 8NDV"):
         assert f"| **{design}** | **total**" in text
     # the least-work reference meets both targets, by definition, at ratio 1
     assert re.search(r"^\| 6NDV bound \| [\d.]+ \| 1× \| [\d.]+ \| 1× \| yes \|", text, re.MULTILINE)
