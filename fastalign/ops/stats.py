@@ -54,10 +54,39 @@ class StatsOptions:
 
     def grad_buffer(self, logits: torch.Tensor) -> torch.Tensor:
         """Where a logits kernel writes ``d_logits [N, V]``: the logits themselves with ``grad_into_logits``,
-        else a new tensor of their dtype."""
+        else a new tensor of their dtype whose rows are aligned as theirs are (:func:`aligned_like`)."""
         if self.grad_into_logits:
             return logits
-        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return aligned_like(logits)
+
+
+# Row strides of a new gradient agree with the logits' modulo this many elements: 16 bytes for every dtype of at
+# least one byte, and the divisibility by 16 that Triton specialises a stride argument on.
+_STRIDE_MODULUS = 16
+_ACCESS_BYTES = 16
+
+
+def aligned_like(rows: torch.Tensor) -> torch.Tensor:
+    """A new, uninitialised tensor shaped like ``rows [N, V]`` (unit column stride) whose every row starts at the
+    same address modulo 16 bytes as the same row of ``rows``.
+
+    A kernel that reads one and writes the other can then use 16-byte accesses on both for every row. A fresh
+    contiguous tensor does not have that when ``rows`` are a slice (``logits[:, :151665]`` of a vocabulary padded
+    to 151936: 7 rows in 8 would start at a different offset), so the new rows take a stride congruent to theirs
+    (at most 15 elements of padding per row) and the storage the same leading offset. Contiguous whenever that
+    already holds, as for contiguous ``rows`` at an aligned address.
+    """
+    n_rows, n_cols = rows.shape
+    like = {"dtype": rows.dtype, "device": rows.device}
+    source_stride = rows.stride(0) if n_rows > 1 else n_cols
+    stride = n_cols + (source_stride - n_cols) % _STRIDE_MODULUS
+    esize = rows.element_size()
+    if rows.numel() == 0 or rows.stride(1) != 1 or (stride == n_cols and rows.data_ptr() % _ACCESS_BYTES == 0):
+        return torch.empty(rows.shape, **like)
+    slack = _ACCESS_BYTES // esize
+    storage = torch.empty(slack + (n_rows - 1) * stride + n_cols, **like)
+    offset = ((rows.data_ptr() - storage.data_ptr()) % _ACCESS_BYTES) // esize
+    return storage.as_strided(rows.shape, (stride, 1), offset)
 
 
 class TokenStats(NamedTuple):

@@ -313,6 +313,13 @@ class FakeLogprobsExtension:
                           beta, gamma, kappa, softcap, inv_temperature, has_softcap, grad, grad_row_stride,
                           stream):  # fmt: skip
         self.devices.launched(stream)
+        # The kernel picks its access width per row from both addresses: the gradient's rows must start where
+        # the logits' rows do modulo 16 bytes, or those rows fall back to narrow stores (issue 15, item 4).
+        size = self.DTYPES[dtype].itemsize
+        starts = [
+            ((logits + r * row_stride * size) % 16, (grad + r * grad_row_stride * size) % 16) for r in range(rows)
+        ]
+        assert all(x == g for x, g in starts), f"gradient rows misaligned against the logits' rows: {starts}"
         values = self._rows(logits, dtype, rows, cols, row_stride).float()
         out = self._rows(grad, dtype, rows, cols, grad_row_stride)
         per_row = [self._at(a, torch.float32, rows) if a else torch.zeros(rows)
