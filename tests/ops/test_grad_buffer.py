@@ -25,29 +25,29 @@ def sliced(n_rows, n_cols, row_stride, offset, dtype):
     return base.as_strided((n_rows, n_cols), (row_stride, 1), offset)
 
 
-CASES = [
-    (dtype, n_rows, n_cols, pad, offset)
-    for dtype, n_rows, n_cols, pad, offset in itertools.product(
-        [torch.float8_e4m3fn, torch.bfloat16, torch.float32, torch.float64],
-        [1, 2, 9],
-        [1, 7, 37, 151],
-        [0, 1, 2, 3, 5, 8, 13, 16, 17],
-        [0, 1, 2, 3, 7],
+SHAPES = list(
+    itertools.product(
+        [1, 2, 9],  # rows
+        [1, 7, 37, 151],  # columns
+        [0, 1, 2, 3, 5, 8, 13, 16, 17],  # row padding (elements)
+        [0, 1, 2, 3, 7],  # storage offset (elements)
     )
-]
+)
 
 
-@pytest.mark.parametrize("dtype, n_rows, n_cols, pad, offset", CASES)
-def test_every_row_starts_where_the_logits_row_does(dtype, n_rows, n_cols, pad, offset):
-    logits = sliced(n_rows, n_cols, n_cols + pad, offset, dtype)
-    grad = aligned_like(logits)
-    assert grad.shape == logits.shape and grad.dtype == dtype and grad.stride(1) == 1
-    assert row_offsets(grad) == row_offsets(logits)
-    # Rows do not overlap, and each carries less than 16 elements of padding.
-    assert n_rows == 1 or n_cols <= grad.stride(0) < n_cols + 16
-    # The view lies inside its own storage.
-    span = grad.storage_offset() + (n_rows - 1) * grad.stride(0) + n_cols
-    assert span * grad.element_size() <= grad.untyped_storage().nbytes()
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.float32, torch.float64])
+def test_every_row_starts_where_the_logits_row_does(dtype):
+    for n_rows, n_cols, pad, offset in SHAPES:
+        case = f"{dtype} rows={n_rows} cols={n_cols} pad={pad} offset={offset}"
+        logits = sliced(n_rows, n_cols, n_cols + pad, offset, dtype)
+        grad = aligned_like(logits)
+        assert grad.shape == logits.shape and grad.dtype == dtype and grad.stride(1) == 1, case
+        assert row_offsets(grad) == row_offsets(logits), case
+        # Rows do not overlap, and each carries less than 16 elements of padding.
+        assert n_rows == 1 or n_cols <= grad.stride(0) < n_cols + 16, case
+        # The view lies inside its own storage.
+        span = grad.storage_offset() + (n_rows - 1) * grad.stride(0) + n_cols
+        assert span * grad.element_size() <= grad.untyped_storage().nbytes(), case
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
