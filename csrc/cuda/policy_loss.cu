@@ -4,8 +4,10 @@
 // never diverges. The [rows, tokens] inputs are contiguous; advantages and importance weights come with element
 // strides (a token stride of 0 for one value per row). Masks of any torch dtype are read as raw bits.
 //
-// Few rows at token level are split across several blocks each (row_split.h), the forward's partial sums added
-// by a second pass in block order.
+// Few rows are split across several blocks each (row_split.h), the forward's partial sums added by a second
+// pass in block order. At sequence level the blocks of a row first write partial sums of the row's log-ratio
+// (and, backward, of d loss / d ratio) to a small buffer, and every block of the row adds the row's partials up
+// in block order: the same bits in every block, forward and backward.
 //
 // Forward: per-row sums [8, rows] (the host reduces them over rows into the loss and the metrics). Backward:
 // d_logp (and d_entropy) from each row's weight in the aggregation. At sequence level (GSPO) a first pass
@@ -113,12 +115,14 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
 // rolled: unrolled, they more than double the registers (and halve the blocks an SM holds) in a loop bound by
 // memory.
 
-// GSPO's first pass: the mean of logp - old_logp over the row's kept tokens (unclamped) and their count. The
-// forward and backward kernels run it with the same block size, so both see the same bits.
-__device__ __forceinline__ float2 sequence_log_ratio(const PolicyProblem& p, int64_t row) {
-  float sums[2] = {0.0f, 0.0f};
+// GSPO's first pass over tokens first + k stride of a row: the sum of logp - old_logp over the kept ones
+// (unclamped) and their count, summed over the block.
+__device__ __forceinline__ void sequence_log_ratio_sums(const PolicyProblem& p, int64_t row, int64_t first,
+                                                        int64_t stride, float (&sums)[2]) {
+  sums[0] = 0.0f;
+  sums[1] = 0.0f;
 #pragma unroll 1
-  for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
+  for (int64_t t = first; t < p.tokens; t += stride) {
     const int64_t i = row * p.tokens + t;
     const float log_ratio = load(p.logp, i) - load(p.old_logp, i);
     if (keeps(p.mask, i)) {
@@ -127,20 +131,85 @@ __device__ __forceinline__ float2 sequence_log_ratio(const PolicyProblem& p, int
     }
   }
   block_sum(sums);
+}
+
+// The row's mean log-ratio over its kept tokens and their count. One block per row: the block's own pass. Split
+// rows: the partial sums [rows, splits, 2] that sequence_partial_kernel wrote, added in block order. The forward
+// and backward run it with the same block size and splits, so both see the same bits.
+__device__ __forceinline__ float2 sequence_log_ratio(const PolicyProblem& p, int64_t row,
+                                                     const float* __restrict__ seq_partial) {
+  float sums[2];
+  if (gridDim.y == 1) {
+    sequence_log_ratio_sums(p, row, threadIdx.x, kThreads, sums);
+  } else {
+    sums[0] = 0.0f;
+    sums[1] = 0.0f;
+    for (unsigned s = 0; s < gridDim.y; ++s) {
+      sums[0] += seq_partial[(row * gridDim.y + s) * 2];
+      sums[1] += seq_partial[(row * gridDim.y + s) * 2 + 1];
+    }
+  }
   return make_float2(sums[0] / fmaxf(sums[1], 1.0f), sums[1]);
 }
 
-// Grid (rows, splits); splits > 1 only at token level (row_split.h). Block s of a row takes the tokens
-// first + k stride with first = s * kThreads + threadIdx.x, stride = splits * kThreads. One split: the row's sums go
-// to stats; more: to partial[(row * splits + s) * kNumStats + k], summed in block order by policy_finish_kernel.
+// Block s of row r's share of the d loss / d ratio sum at sequence level (tokens first + k stride).
+__device__ __forceinline__ float sequence_ratio_grad_sum(const PolicyProblem& p, int64_t row, int64_t first,
+                                                         int64_t stride, float seq_ratio) {
+  const policy::Options& o = p.options;
+  const bool has_ref = p.ref_logp.data != nullptr;
+  const Reads reads{false, true, o.bias_correction_kl, false};
+  float ratio_grad[1] = {0.0f};
+#pragma unroll 1
+  for (int64_t t = first; t < p.tokens; t += stride) {
+    const int64_t i = row * p.tokens + t;
+    const policy::Token x = load_token(p, row, t, i, reads);
+    if (keeps(p.mask, i)) ratio_grad[0] += policy::sequence_ratio_grad(x, seq_ratio, has_ref, o);
+  }
+  block_sum(ratio_grad);
+  return ratio_grad[0];
+}
+
+// Split sequence-level rows, grid (rows, splits): block s's partial sums, to out[(row * splits + s) * width + k].
+// kPass 0: the log-ratio sum and kept count (width 2). kPass 1: d loss / d ratio (width 1), after the row's
+// mean log-ratio from pass 0's `seq_partial`.
+template <int kPass>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    policy_fwd_kernel(const PolicyProblem p, float* __restrict__ stats, float* __restrict__ partial) {
+    sequence_partial_kernel(const PolicyProblem p, const float* __restrict__ seq_partial, float* __restrict__ out) {
+  const int64_t row = blockIdx.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
+  const int64_t slot = row * gridDim.y + blockIdx.y;
+  if constexpr (kPass == 0) {
+    float sums[2];
+    sequence_log_ratio_sums(p, row, first, stride, sums);
+    if (threadIdx.x == 0) {
+      out[slot * 2] = sums[0];
+      out[slot * 2 + 1] = sums[1];
+    }
+  } else {
+    const float seq_ratio =
+        policy::ratio_from_log_ratio(sequence_log_ratio(p, row, seq_partial).x, p.options.log_ratio_limit);
+    const float sum = sequence_ratio_grad_sum(p, row, first, stride, seq_ratio);
+    if (threadIdx.x == 0) out[slot] = sum;
+  }
+}
+
+// Grid (rows, splits) (row_split.h). Block s of a row takes the tokens first + k stride with
+// first = s * kThreads + threadIdx.x, stride = splits * kThreads. One split: the row's sums go to stats; more: to
+// partial[(row * splits + s) * kNumStats + k], summed in block order by policy_finish_kernel. seq_partial: the
+// split sequence-level rows' pass-0 sums (else unused). Compiled per level (kSequence: p.options.sequence_level)
+// so that the token level keeps its registers.
+template <bool kSequence>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    policy_fwd_kernel(const PolicyProblem p, const float* __restrict__ seq_partial, float* __restrict__ stats,
+                      float* __restrict__ partial) {
   const int64_t row = blockIdx.x;
   const policy::Options& o = p.options;
   const bool has_ref = p.ref_logp.data != nullptr;
-  const float seq_ratio =
-      o.sequence_level ? policy::ratio_from_log_ratio(sequence_log_ratio(p, row).x, o.log_ratio_limit) : 1.0f;
-  const Reads reads{!o.sequence_level, true, true, true};
+  float seq_ratio = 1.0f;
+  if constexpr (kSequence)
+    seq_ratio = policy::ratio_from_log_ratio(sequence_log_ratio(p, row, seq_partial).x, o.log_ratio_limit);
+  const Reads reads{!kSequence, true, true, true};
   float sums[policy::kNumStats] = {};
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
@@ -175,31 +244,32 @@ __global__ void policy_finish_kernel(int64_t rows, int splits, const float* __re
   stats[k * rows + row] = total;
 }
 
-// Grid (rows, splits); splits > 1 only at token level, where each token's gradient is its own (no reduction).
+// Grid (rows, splits); each token's gradient is its own. At sequence level a split row's blocks add up the
+// row's partial sums (seq_partial: pass 0, grad_partial: pass 1 of sequence_partial_kernel) in block order.
+// kSequence: p.options.sequence_level.
+template <bool kSequence>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    policy_bwd_kernel(const PolicyProblem p, const float* __restrict__ row_weights, void* __restrict__ grad_logp,
-                      void* __restrict__ grad_entropy) {
+    policy_bwd_kernel(const PolicyProblem p, const float* __restrict__ row_weights,
+                      const float* __restrict__ seq_partial, const float* __restrict__ grad_partial,
+                      void* __restrict__ grad_logp, void* __restrict__ grad_entropy) {
   const int64_t row = blockIdx.x;
   const policy::Options& o = p.options;
   const bool has_ref = p.ref_logp.data != nullptr;
   const float weight = row_weights[row];
   float spread = 0.0f;
   float seq_ratio = 1.0f;
-  if (o.sequence_level) {
-    const float2 seq = sequence_log_ratio(p, row);
+  if constexpr (kSequence) {
+    const float2 seq = sequence_log_ratio(p, row, seq_partial);
     seq_ratio = policy::ratio_from_log_ratio(seq.x, o.log_ratio_limit);
-    const Reads reads{false, true, o.bias_correction_kl, false};
-    float ratio_grad[1] = {0.0f};
-#pragma unroll 1
-    for (int64_t t = threadIdx.x; t < p.tokens; t += kThreads) {
-      const int64_t i = row * p.tokens + t;
-      const policy::Token x = load_token(p, row, t, i, reads);
-      if (keeps(p.mask, i)) ratio_grad[0] += policy::sequence_ratio_grad(x, seq_ratio, has_ref, o);
+    float ratio_grad = 0.0f;
+    if (gridDim.y == 1) {
+      ratio_grad = sequence_ratio_grad_sum(p, row, threadIdx.x, kThreads, seq_ratio);
+    } else {
+      for (unsigned s = 0; s < gridDim.y; ++s) ratio_grad += grad_partial[row * gridDim.y + s];
     }
-    block_sum(ratio_grad);
-    spread = policy::sequence_spread(ratio_grad[0], seq.x, seq.y, o.log_ratio_limit);
+    spread = policy::sequence_spread(ratio_grad, seq.x, seq.y, o.log_ratio_limit);
   }
-  const Reads reads{!o.sequence_level, !o.sequence_level, true, false};
+  const Reads reads{!kSequence, !kSequence, true, false};
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
 #pragma unroll 1
@@ -213,11 +283,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-// Blocks per row: several when rows are few, at token level only (a sequence-level row needs its whole mean
-// log-ratio before its tokens), with 8+ tokens per thread.
+// Blocks per row: several when rows are few, with 8+ tokens per thread (a split sequence-level row costs one
+// or two extra passes over its tokens, launched before the main one).
 LaunchError row_splits(const PolicyProblem& p, int* splits) {
   *splits = 1;
-  if (p.options.sequence_level) return nullptr;
   int sms = 0;
   if (const LaunchError error = multiprocessor_count(&sms)) return error;
   *splits = choose_splits(p.rows, p.tokens, kThreads, sms, kMinBlocksPerSM, 8);
@@ -250,20 +319,27 @@ LaunchError policy_loss_forward(const PolicyProblem& problem, float* stats, uint
   int splits = 1;
   if (const LaunchError error = row_splits(problem, &splits)) return error;
   const dim3 grid(static_cast<unsigned>(problem.rows), static_cast<unsigned>(splits));
+  const cudaStream_t s = as_stream(stream);
+  const auto forward = problem.options.sequence_level ? policy_fwd_kernel<true> : policy_fwd_kernel<false>;
   if (splits == 1) {
-    policy_fwd_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(problem, stats, nullptr);
+    forward<<<grid, kThreads, 0, s>>>(problem, nullptr, stats, nullptr);
     return last_launch_error();
   }
+  // One scratch buffer: the statistics' partial sums [rows, splits, kNumStats], then at sequence level the
+  // log-ratio partials [rows, splits, 2].
+  const size_t slots = static_cast<size_t>(problem.rows) * splits;
+  const size_t count = slots * (policy::kNumStats + (problem.options.sequence_level ? 2 : 0));
   float* partial = nullptr;
-  const size_t count = static_cast<size_t>(problem.rows) * splits * policy::kNumStats;
-  if (cudaMallocAsync(reinterpret_cast<void**>(&partial), count * sizeof(float), as_stream(stream)) != cudaSuccess)
+  if (cudaMallocAsync(reinterpret_cast<void**>(&partial), count * sizeof(float), s) != cudaSuccess)
     return last_launch_error();
-  policy_fwd_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(problem, stats, partial);
+  float* seq_partial = problem.options.sequence_level ? partial + slots * policy::kNumStats : nullptr;
+  if (seq_partial != nullptr) sequence_partial_kernel<0><<<grid, kThreads, 0, s>>>(problem, nullptr, seq_partial);
+  forward<<<grid, kThreads, 0, s>>>(problem, seq_partial, stats, partial);
   const int64_t finish = problem.rows * policy::kNumStats;
-  policy_finish_kernel<<<static_cast<unsigned>((finish + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(
+  policy_finish_kernel<<<static_cast<unsigned>((finish + kThreads - 1) / kThreads), kThreads, 0, s>>>(
       problem.rows, splits, partial, stats);
   const LaunchError error = last_launch_error();
-  cudaFreeAsync(partial, as_stream(stream));
+  cudaFreeAsync(partial, s);
   return error != nullptr ? error : last_launch_error();
 }
 
@@ -274,8 +350,28 @@ LaunchError policy_loss_backward(const PolicyProblem& problem, const float* row_
   int splits = 1;
   if (const LaunchError error = row_splits(problem, &splits)) return error;
   const dim3 grid(static_cast<unsigned>(problem.rows), static_cast<unsigned>(splits));
-  policy_bwd_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(problem, row_weights, grad_logp, grad_entropy);
-  return last_launch_error();
+  const cudaStream_t s = as_stream(stream);
+  if (!problem.options.sequence_level) {
+    policy_bwd_kernel<false><<<grid, kThreads, 0, s>>>(problem, row_weights, nullptr, nullptr, grad_logp, grad_entropy);
+    return last_launch_error();
+  }
+  if (splits == 1) {
+    policy_bwd_kernel<true><<<grid, kThreads, 0, s>>>(problem, row_weights, nullptr, nullptr, grad_logp, grad_entropy);
+    return last_launch_error();
+  }
+  // Split sequence-level rows: the log-ratio partials [rows, splits, 2], then d loss / d ratio's [rows, splits].
+  const size_t slots = static_cast<size_t>(problem.rows) * splits;
+  float* seq_partial = nullptr;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&seq_partial), slots * 3 * sizeof(float), s) != cudaSuccess)
+    return last_launch_error();
+  float* grad_partial = seq_partial + slots * 2;
+  sequence_partial_kernel<0><<<grid, kThreads, 0, s>>>(problem, nullptr, seq_partial);
+  sequence_partial_kernel<1><<<grid, kThreads, 0, s>>>(problem, seq_partial, grad_partial);
+  policy_bwd_kernel<true><<<grid, kThreads, 0, s>>>(problem, row_weights, seq_partial, grad_partial, grad_logp,
+                                                    grad_entropy);
+  const LaunchError error = last_launch_error();
+  cudaFreeAsync(seq_partial, s);
+  return error != nullptr ? error : last_launch_error();
 }
 
 }  // namespace fastalign

@@ -123,7 +123,12 @@ def test_linear_cross_entropy(shape, dtype):
 POLICY_SHAPES = on_device(
     gpu=[(64, 1024, {"loss_type": "dapo", "clip_eps_high": 0.28, "with_is_weights": True}),
          (3, 4099, {"importance_sampling_level": "sequence", "dual_clip": 3.0, "kl_coef": 0.05, "with_ref": True,
-                    "entropy_coef": 0.01, "with_entropy": True, "per_token_advantages": True})],
+                    "entropy_coef": 0.01, "with_entropy": True, "per_token_advantages": True}),
+         # Few long rows: each row split across 19 blocks on 132 SMs (row_split.h's choose_splits), the token
+         # level's partial sums and the sequence level's two extra passes (3 x 4099 above: 2 blocks a row).
+         (2, 40000, {"loss_type": "dapo", "clip_eps_high": 0.28, "with_is_weights": True}),
+         (2, 40000, {"importance_sampling_level": "sequence", "dual_clip": 3.0, "kl_coef": 0.05, "with_ref": True,
+                     "entropy_coef": 0.01, "with_entropy": True, "per_token_advantages": True})],
     rehearsal=[(5, 37, {"loss_type": "dapo", "clip_eps_high": 0.28, "with_is_weights": True}),
                (4, 20, {"importance_sampling_level": "sequence", "dual_clip": 3.0, "kl_coef": 0.05, "with_ref": True,
                         "entropy_coef": 0.01, "with_entropy": True, "per_token_advantages": True})],
