@@ -199,8 +199,8 @@ __global__ void __launch_bounds__(kMaxForwardThreads, kForwardBlocksPerSM)
   if (threadIdx.x >= 32) return;
   if (gridDim.y == 1) return finish_pair(p, pair, chosen, rejected);
   if (threadIdx.x == 0) {
-    partial[2 * (pair * gridDim.y + blockIdx.y)] = chosen;
-    partial[2 * (pair * gridDim.y + blockIdx.y) + 1] = rejected;
+    partial[2 * split_slot(pair, gridDim.y, blockIdx.y)] = chosen;
+    partial[2 * split_slot(pair, gridDim.y, blockIdx.y) + 1] = rejected;
   }
 }
 
@@ -211,8 +211,8 @@ __global__ void __launch_bounds__(kFinishThreads) dpo_finish_kernel(ForwardParam
   if (pair >= p.pairs) return;
   RowSum chosen{0.0f, 0}, rejected{0.0f, 0};
   for (int s = 0; s < splits; ++s) {
-    const RowSum c = partial[2 * (pair * splits + s)];
-    const RowSum r = partial[2 * (pair * splits + s) + 1];
+    const RowSum c = partial[2 * split_slot(pair, splits, s)];
+    const RowSum r = partial[2 * split_slot(pair, splits, s) + 1];
     chosen.sum += c.sum;
     chosen.count += c.count;
     rejected.sum += r.sum;

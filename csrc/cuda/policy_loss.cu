@@ -145,8 +145,8 @@ __device__ __forceinline__ float2 sequence_log_ratio(const PolicyProblem& p, int
     sums[0] = 0.0f;
     sums[1] = 0.0f;
     for (unsigned s = 0; s < gridDim.y; ++s) {
-      sums[0] += seq_partial[(row * gridDim.y + s) * 2];
-      sums[1] += seq_partial[(row * gridDim.y + s) * 2 + 1];
+      sums[0] += seq_partial[split_slot(row, gridDim.y, s) * 2];
+      sums[1] += seq_partial[split_slot(row, gridDim.y, s) * 2 + 1];
     }
   }
   return make_float2(sums[0] / fmaxf(sums[1], 1.0f), sums[1]);
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t row = blockIdx.x;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
-  const int64_t slot = row * gridDim.y + blockIdx.y;
+  const int64_t slot = split_slot(row, gridDim.y, blockIdx.y);
   if constexpr (kPass == 0) {
     float sums[2];
     sequence_log_ratio_sums(p, row, first, stride, sums);
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       if (gridDim.y == 1) {
         stats[k * p.rows + row] = sums[k];
       } else {
-        partial[(row * gridDim.y + blockIdx.y) * policy::kNumStats + k] = sums[k];
+        partial[split_slot(row, gridDim.y, blockIdx.y) * policy::kNumStats + k] = sums[k];
       }
     }
   }
@@ -240,7 +240,7 @@ __global__ void policy_finish_kernel(int64_t rows, int splits, const float* __re
   const int64_t row = index / policy::kNumStats;
   const int k = static_cast<int>(index % policy::kNumStats);
   float total = 0.0f;
-  for (int s = 0; s < splits; ++s) total += partial[(row * splits + s) * policy::kNumStats + k];
+  for (int s = 0; s < splits; ++s) total += partial[split_slot(row, splits, s) * policy::kNumStats + k];
   stats[k * rows + row] = total;
 }
 
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     if (gridDim.y == 1) {
       ratio_grad = sequence_ratio_grad_sum(p, row, threadIdx.x, kThreads, seq_ratio);
     } else {
-      for (unsigned s = 0; s < gridDim.y; ++s) ratio_grad += grad_partial[row * gridDim.y + s];
+      for (unsigned s = 0; s < gridDim.y; ++s) ratio_grad += grad_partial[split_slot(row, gridDim.y, s)];
     }
     spread = policy::sequence_spread(ratio_grad, seq.x, seq.y, o.log_ratio_limit);
   }

@@ -132,6 +132,30 @@ bool dpo_backward(int64_t rows, int64_t width, int elem, int mask_bytes, uintptr
   return write.once() && read.once();
 }
 
+// A split launch, grid (rows, splits) of `threads` threads, each row's tokens shared by one launch-wide stride
+// (the policy kernels' token loops: for t = s * threads + thread; t < tokens; t += splits * threads): every token
+// of every row once; every block's partial result in a slot of its own inside the [rows, splits] buffer
+// (split_slot); the second pass of row r reads, for s = 0, 1, ..., the slot that block (r, s) wrote.
+bool split_launch(int64_t rows, int64_t tokens, int threads, int splits) {
+  const int64_t stride = static_cast<int64_t>(splits) * threads;
+  std::vector<int64_t> writer(static_cast<size_t>(rows * splits), -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    Row row(0, tokens, 1);
+    for (int s = 0; s < splits; ++s) {
+      for (int t = 0; t < threads; ++t)
+        for_strided(0, tokens, static_cast<int64_t>(s) * threads + t, stride, [&](int64_t j) { row.scalar(j); });
+      const int64_t slot = split_slot(r, splits, s);
+      if (slot < 0 || slot >= rows * splits || writer[slot] != -1) return false;
+      writer[slot] = r * splits + s;
+    }
+    if (!row.once()) return false;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int s = 0; s < splits; ++s)
+      if (writer[split_slot(r, splits, s)] != r * splits + s) return false;
+  return true;
+}
+
 }  // namespace
 
 int main() {
@@ -186,6 +210,22 @@ int main() {
       const int s = choose_splits(rows, units, 256, 132, 4, 8);
       if (s < 1 || s > kMaxSplits || (rows >= 528 && s != 1)) fail("choose_splits", rows, units, s, 0);
     }
+  // Split launches as the launchers pick them: the policy kernels (256 threads, 4 blocks per SM, 8+ tokens a
+  // thread) and the DPO forward (64..512 threads, 2 blocks per SM, a vector a thread: 8 bf16 tokens), on
+  // GPUs of 108, 132 and 144 SMs.
+  for (int sms : {108, 132, 144})
+    for (int64_t rows : {1, 2, 3, 8, 64})
+      for (int64_t tokens : {1, 255, 2047, 2048, 4099, 32768, 40000}) {
+        ++cases;
+        const int policy = choose_splits(rows, tokens, 256, sms, 4, 8);
+        if (!split_launch(rows, tokens, 256, policy)) fail("policy split", sms, rows, tokens, policy);
+        for (int threads = 64; threads <= 512; threads *= 2) {
+          ++cases;
+          // The slots only (no tokens): the forward's shares of a row are strided_row's, checked above.
+          const int dpo = choose_splits(rows, tokens / 8, threads, sms, 2, 1);
+          if (!split_launch(rows, 0, threads, dpo)) fail("dpo split", sms, rows, tokens, threads * 100 + dpo);
+        }
+      }
   std::printf("cases %ld failures %ld\n", cases, failures);
   return failures == 0 ? 0 : 1;
 }

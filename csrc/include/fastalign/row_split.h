@@ -82,6 +82,10 @@ FA_HD int64_t logprobs_backward_chunks(int64_t cols, int elem_bytes) {
 // partial results in block order.
 constexpr int kMaxSplits = 64;
 
+// The slot of block s of row `row` in a [rows, splits] buffer of partial results: the blocks' writes and the
+// second pass's reads in block order (s = 0, 1, ...) go through it.
+FA_HD int64_t split_slot(int64_t row, int64_t splits, int64_t s) { return row * splits + s; }
+
 // Blocks per row: enough rows x splits to give every SM `blocks_per_sm` blocks, but at least `min_work` units
 // (tokens or vectors) per thread and at most kMaxSplits.
 FA_HD int choose_splits(int64_t rows, int64_t units, int threads, int sms, int blocks_per_sm, int min_work) {
