@@ -57,6 +57,7 @@ MATMUL_KERNELS = {
     "linear_stats_fwd_kernel",
     "linear_grad_logits_kernel",
     "matmul_accumulate_kernel",
+    "linear_grad_tiles_kernel",
     "distill_stats_kernel",
     "distill_mixture_kernel",
     "distill_grad_kernel",
@@ -251,6 +252,18 @@ def _cases() -> list[tuple[str, str, Callable[[], None]]]:
                         (logp.sum() + entropy.sum()).backward()
 
                 cases.append((label, f"linear N={n} D={d} V={v} {variant}", linear))
+                # The tile backward (set_linear_backward("tiles")): atomic, and ordered behind its tickets.
+                for deterministic in (False, True):
+
+                    def tiles(linear=linear, deterministic=deterministic):
+                        fastalign.set_linear_backward("tiles", deterministic=deterministic)
+                        try:
+                            linear()
+                        finally:
+                            fastalign.set_linear_backward(None)
+
+                    mode = "tiles deterministic" if deterministic else "tiles"
+                    cases.append((label, f"linear N={n} D={d} V={v} {variant} {mode}", tiles))
         for n, ds, dt, v in DISTILL_SHAPES:
             for beta in DISTILL_BETAS:
 

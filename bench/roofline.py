@@ -953,9 +953,24 @@ def trl_chunked_design(p: Problem, machine: Machine) -> Design:
 FUSED_TILE = (128, 256)
 
 
+def _kept(m: int, v: int, share: float) -> bool:
+    """Whether tile ``(m, v)`` passes the filter when ``share`` of the tiles do: a fixed hash of the pair, so kept
+    tiles are spread evenly over the grid (real ones cluster on frequent tokens, which only helps the L2)."""
+    return share >= 1.0 or ((m * 2654435761 + v * 40503) % 4096) < share * 4096
+
+
 @functools.cache
-def _fused_traffic(p: Problem, backward: bool, group: int, tokens_first: bool, concurrent: int, l2: int) -> Traffic:
-    block_n, block_v = FUSED_TILE
+def _fused_traffic(
+    p: Problem,
+    backward: bool,
+    group: int,
+    tokens_first: bool,
+    concurrent: int,
+    l2: int,
+    tile=FUSED_TILE,
+    kept: float = 1.0,
+) -> Traffic:
+    block_n, block_v = tile
     row_bytes = p.width * p.itemsize
     hidden = _row_tiles("hidden", p.tokens, block_n, row_bytes)
     weight = _row_tiles("weight", p.vocab, block_v, row_bytes)
@@ -973,7 +988,9 @@ def _fused_traffic(p: Problem, backward: bool, group: int, tokens_first: bool, c
         for m, v in grouped_order(len(hidden), len(weight), group, tokens_first):
             if backward:
                 # logits over all of D, then a second sweep over D: both gradient dots, added with atomics
-                yield ((hidden[m], weight[v], row_stats[m]), (hidden[m], weight[v], d_hidden[m], d_weight[v]))
+                # (a tile the filter skips ends after the first)
+                first = (hidden[m], weight[v], row_stats[m])
+                yield (first, (hidden[m], weight[v], d_hidden[m], d_weight[v])) if _kept(m, v, kept) else (first,)
             else:
                 # max, sum of exponentials, target logit per row and column tile, float32
                 yield ((hidden[m], weight[v], targets[m]), (("tile stats", m, v, 3 * 4 * rows[m]),))
@@ -1029,6 +1046,58 @@ def fused_2d_design(p: Problem, machine: Machine) -> Design:
     )
 
 
+# --- the tile backward as built (linear_grad_tiles_kernel, fastalign.set_linear_backward("tiles"))
+
+# Its first sm_90 bf16 tile (linear_stats._TILE_BACKWARD_TILES) and launch order: groups of GROUP_TOKEN_BLOCKS
+# token tiles × every vocabulary tile, token tiles fastest.
+TILE_BACKWARD_TILE = linear_stats._TILE_BACKWARD_TILES[("half", 9)][0][:2]
+# Shares of (token × vocabulary) tiles whose gradient passes the filter: 1 is the exact mode on dense gradients;
+# the others are scenarios, not measurements (the GPU run counts the kept tiles of real hidden states).
+KEPT_SHARES = (1.0, 0.25, 0.05)
+
+
+def tile_backward_kernel(p: Problem, machine: Machine, kept: float) -> KernelCost:
+    """The tile backward at the share ``kept`` of tiles that pass its filter: every tile recomputes its logits
+    (2NDV), the kept ones (:func:`_kept`) add both gradient dots (4NDV × kept) with float32 atomics."""
+    group = _triton_backend.GROUP_TOKEN_BLOCKS
+    tile = TILE_BACKWARD_TILE
+    traffic = _fused_traffic(p, True, group, True, machine.sms, machine.l2_bytes, tile, kept)
+    grid = f"{cdiv(p.tokens, tile[0])}×{cdiv(p.vocab, tile[1])}"
+    detail = f"{tile[0]}×{tile[1]} tiles, 1/SM (assumed); grid {grid}, groups of {group} token tiles × every other"
+    name = f"bwd: linear_grad_tiles_kernel ({kept:.0%} of tiles kept)"
+    return KernelCost(name, (2.0 + 4.0 * kept) * p.tokens * p.width * p.vocab, traffic, 1, detail)
+
+
+def tile_backward_design(p: Problem, machine: Machine, kept: float) -> Design:
+    splits, _ = grouped_vocab_splits(p.tokens, p.vocab, machine.sms)
+    hidden32, weight32 = 4.0 * p.tokens * p.width, 4.0 * p.vocab * p.width
+    square = 2 * machine.peak_flops(p.dtype) / (1.5 * machine.l2_atomic_bandwidth)
+    exact = "exact (grad_filter=0, dense gradients)" if kept == 1.0 else f"a filter keeping {kept:.0%} of tiles"
+    return Design(
+        "tiles" if kept == 1.0 else f"tiles, {kept:.0%} kept",
+        f'set_linear_backward("tiles"), {exact}: the grouped forward, then one launch over every '
+        f"{TILE_BACKWARD_TILE[0]} × {TILE_BACKWARD_TILE[1]} tile adding both gradient dots into float32 with atomics",
+        (
+            grouped_forward(p, machine),
+            streaming("fwd: merge split statistics (torch)", 3.0 * 4 * splits * p.tokens, 4.0 * 4 * p.tokens),
+            streaming("bwd: zero d_hidden, d_weight fp32", 0.0, hidden32 + weight32),
+            tile_backward_kernel(p, machine, kept),
+            streaming(
+                "bwd: d_hidden, d_weight fp32 -> dtype",
+                hidden32 + weight32,
+                (p.tokens + p.vocab) * p.width * p.itemsize,
+            ),
+        ),
+        f"{2 + 2 + 4 * kept:.3g}NDV",
+        (
+            f"atomics at {TILE_BACKWARD_TILE[0]} × {TILE_BACKWARD_TILE[1]}: 1/BLOCK_N + 1/BLOCK_V = "
+            f"{1 / TILE_BACKWARD_TILE[0] + 1 / TILE_BACKWARD_TILE[1]:.3g} against the "
+            f"{1.5 * machine.l2_atomic_bandwidth / machine.peak_flops(p.dtype):.3g} "
+            f"that hides them under the compute (square tiles of >= {square:.0f} rows); the kept share is data's",
+        ),
+    )
+
+
 # --- references
 
 
@@ -1077,6 +1146,7 @@ def all_designs(p: Problem, machine: Machine) -> list[Design]:
         fused_loss_design(p, machine),
         fused_loss_design(p, machine, 2 * p.scratch_bytes),
         fused_2d_design(p, machine),
+        *(tile_backward_design(p, machine, kept) for kept in KEPT_SHARES),
         grad_in_forward_design(p, machine),
         trl_chunked_design(p, machine),
         bare_gemm_reference(p, machine),

@@ -30,6 +30,7 @@ _OPS_NAMES = (
     "logprobs_from_logits",
     "policy_loss",
     "reward_loss",
+    "set_linear_backward",
     "set_scratch_budget",
     "value_loss",
 )

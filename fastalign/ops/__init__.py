@@ -2,7 +2,13 @@
 
 from fastalign.ops.advantages import gae, group_advantages
 from fastalign.ops.cross_entropy import linear_cross_entropy
-from fastalign.ops.dispatch import BackendStatus, BackendUnavailableError, backends, set_scratch_budget
+from fastalign.ops.dispatch import (
+    BackendStatus,
+    BackendUnavailableError,
+    backends,
+    set_linear_backward,
+    set_scratch_budget,
+)
 from fastalign.ops.distill import linear_distill_loss
 from fastalign.ops.logprobs import linear_logprobs, logprobs_from_logits
 from fastalign.ops.policy import PolicyLossOptions, policy_loss, value_loss
@@ -24,6 +30,7 @@ __all__ = [
     "logprobs_from_logits",
     "policy_loss",
     "reward_loss",
+    "set_linear_backward",
     "set_scratch_budget",
     "value_loss",
 ]

@@ -170,9 +170,65 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> N
     )
 
 
+def _tile_backward(
+    hidden, weight, bias, targets, max_logit, log_sum, coeffs: GradCoefficients, needs, opts: StatsOptions
+):
+    """The backward as one launch of ``linear_grad_tiles_kernel`` over every (token tile, vocabulary tile):
+    float32 ``d_hidden [N, D]`` and ``d_weight [V, D]`` accumulators and the tickets are its only memory beyond
+    the inputs and gradients."""
+    need_hidden, need_weight, need_bias = needs
+    n_rows, width = hidden.shape
+    n_cols = weight.shape[0]
+    device = hidden.device
+    tiles = opts.tile_backward
+    grad_hidden = torch.zeros(n_rows if need_hidden else 1, width, dtype=torch.float32, device=device)
+    grad_weight = torch.zeros(n_cols if need_weight else 1, width, dtype=torch.float32, device=device)
+    grad_bias = torch.zeros(n_cols if need_bias else 1, dtype=torch.float32, device=device)
+    if n_rows > 0:
+        # A counter, then a ticket per token tile and per vocabulary tile, for the smallest tiles a config has.
+        smallest_rows, smallest_cols = linear_kernels.smallest_tile_backward_tile()
+        tickets = torch.zeros(
+            1 + _cdiv(n_rows, smallest_rows) + _cdiv(n_cols, smallest_cols), dtype=torch.int32, device=device
+        )
+        inputs = (hidden, weight, weight if bias is None else bias, targets, max_logit, log_sum, *_coefficients(coeffs))
+        flags = {
+            "HAS_BIAS": bias is not None,
+            "HAS_SOFTCAP": opts.softcap is not None,
+            **_coefficient_flags(coeffs),
+            "NEED_HIDDEN": need_hidden,
+            "NEED_WEIGHT": need_weight,
+            "HAS_BIAS_GRAD": need_bias,
+            "DETERMINISTIC": tiles.deterministic,
+            **_dot_flags(hidden.dtype),
+        }
+        linear_kernels.linear_grad_tiles_kernel[slab_grid(n_rows, n_cols)](
+            *inputs,
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+            tickets,
+            n_rows,
+            n_cols,
+            width,
+            *hidden.stride(),
+            *weight.stride(),
+            *_transform(opts),
+            float(tiles.grad_filter),
+            **flags,
+            GROUP_N=GROUP_TOKEN_BLOCKS,
+        )
+    return (
+        grad_hidden.to(hidden.dtype) if need_hidden else None,
+        grad_weight.to(weight.dtype) if need_weight else None,
+        grad_bias.to(weight.dtype) if need_bias else None,
+    )
+
+
 def linear_backward(
     hidden, weight, bias, targets, max_logit, log_sum, coeffs: GradCoefficients, needs, opts: StatsOptions
 ):
+    if opts.tile_backward is not None:
+        return _tile_backward(hidden, weight, bias, targets, max_logit, log_sum, coeffs, needs, opts)
     need_hidden, need_weight, need_bias = needs
     n_rows, width = hidden.shape
     n_cols = weight.shape[0]

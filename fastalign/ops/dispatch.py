@@ -16,6 +16,7 @@ import torch
 
 from fastalign.ops import _cuda_ext
 from fastalign.ops._checks import check_number
+from fastalign.ops.stats import TileBackward
 
 BACKEND_NAMES = ("torch", "triton", "cuda")
 
@@ -41,6 +42,10 @@ AUTO_ON_CUDA = {
 
 _DEFAULT_SCRATCH_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 _scratch_override: int | None = None
+
+LINEAR_BACKWARD_DESIGNS = ("slabs", "tiles")
+# (design, tile options) as set_linear_backward last set it; None: FASTALIGN_LINEAR_BACKWARD, else the slabs.
+_linear_backward: tuple[str, TileBackward | None] | None = None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -158,3 +163,59 @@ def scratch_budget(device: torch.device) -> int:
             raise ValueError(f"FASTALIGN_SCRATCH_MB must be > 0, got {from_env!r}")
         return int(megabytes * (1 << 20))
     return _DEFAULT_SCRATCH_BYTES.get(device.type, _DEFAULT_SCRATCH_BYTES["cuda"])
+
+
+def set_linear_backward(design: str | None = "slabs", *, grad_filter: float = 0.0, deterministic: bool = False) -> None:
+    """Choose the backward of the matmul-fused log-prob ops on ``backend="triton"`` (``linear_logprobs``,
+    ``linear_cross_entropy``, ``linear_stats`` and the ops and modules built on them; not the distillation loss
+    or ``fused_linear_loss``, which have their own).
+
+    ``"slabs"`` (the default): the vocabulary in slabs of the scratch budget; per slab a kernel recomputes the
+    logits and writes their gradient ``[N, slab]``, then two matmuls take it (docs/core-ops.md). ``"tiles"``: one
+    launch over every (token tile, vocabulary tile) recomputes the logit tile, forms its gradient in registers
+    and adds both gradient dots into float32 ``d_hidden`` / ``d_weight`` with atomics: nothing ``[N, V]``-sized is
+    written, but the float32 ``d_weight`` (``V × D × 4`` bytes) is held for the launch. ``grad_filter`` (tiles
+    only, ≥ 0): a tile whose largest gradient magnitude is not above it is skipped (cut-cross-entropy's filter;
+    0.0 skips only all-zero tiles and is exact). ``deterministic`` (tiles only): the adds into each gradient tile
+    run in one fixed order behind per-tile tickets, bit-identical run to run (slower: a tile's adds wait their
+    turn). The slab backward is deterministic already.
+
+    ``FASTALIGN_LINEAR_BACKWARD=tiles`` (or ``slabs``) sets the design from the environment (tiles: exact,
+    atomic); a call here wins until ``set_linear_backward(None)`` hands the choice back to the environment.
+
+    >>> import fastalign
+    >>> fastalign.set_linear_backward("tiles", grad_filter=2.0**-12)
+    >>> fastalign.set_linear_backward(None)  # the environment's choice, else the slabs
+    """
+    global _linear_backward
+    if design is None:
+        if grad_filter != 0.0 or deterministic:
+            raise ValueError("set_linear_backward(None) restores the default: it takes no grad_filter or deterministic")
+        _linear_backward = None
+        return
+    if design not in LINEAR_BACKWARD_DESIGNS:
+        raise ValueError(f"design must be one of {', '.join(map(repr, LINEAR_BACKWARD_DESIGNS))}; got {design!r}")
+    check_number("grad_filter", grad_filter, at_least=0.0)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
+    if design == "slabs" and (grad_filter != 0.0 or deterministic):
+        raise ValueError(
+            f"grad_filter={grad_filter!r} and deterministic={deterministic!r} are options of design='tiles'; "
+            "the slab backward skips nothing and is deterministic"
+        )
+    _linear_backward = (design, TileBackward(float(grad_filter), deterministic) if design == "tiles" else None)
+
+
+def tile_backward() -> TileBackward | None:
+    """The tile backward's options when it is chosen (:func:`set_linear_backward`, else
+    ``FASTALIGN_LINEAR_BACKWARD``), else ``None`` (the slabs)."""
+    if _linear_backward is not None:
+        return _linear_backward[1]
+    from_env = os.environ.get("FASTALIGN_LINEAR_BACKWARD", "").strip()
+    if from_env in ("", "slabs"):
+        return None
+    if from_env == "tiles":
+        return TileBackward()
+    raise ValueError(
+        f"FASTALIGN_LINEAR_BACKWARD must be one of {', '.join(map(repr, LINEAR_BACKWARD_DESIGNS))}; got {from_env!r}"
+    )

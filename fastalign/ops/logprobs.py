@@ -13,7 +13,7 @@ from fastalign.ops._checks import (
     check_target_values,
     target_values_checked,
 )
-from fastalign.ops.dispatch import resolve_backend, scratch_budget
+from fastalign.ops.dispatch import resolve_backend, scratch_budget, tile_backward
 from fastalign.ops.stats import LinearStats, LogitsStats, StatsOptions
 from fastalign.ops.vocab_parallel import VocabParallelLinearStats, check_process_group, global_vocab_size
 
@@ -73,6 +73,7 @@ def _prepare(
     elif target_values_checked(targets.device):
         full_vocab = global_vocab_size(process_group, vocab_start, vocab_size, like.device)
         check_target_values(targets, full_vocab, ignore_index)
+    backend = resolve_backend(backend, like.device, like.dtype, op)
     opts = StatsOptions(
         inv_temperature=1.0 / float(temperature),
         softcap=None if softcap is None else float(softcap),
@@ -81,8 +82,9 @@ def _prepare(
         scratch_bytes=scratch_budget(like.device),
         grad_into_logits=grad_into_logits,
         need_top1=need_top1,
+        # A choice among the Triton backend's linear backwards: the other backends have one each.
+        tile_backward=tile_backward() if backend == "triton" and op == "linear_stats" else None,
     )
-    backend = resolve_backend(backend, like.device, like.dtype, op)
     return PreparedTargets(targets, vocab_size, ignore_index, vocab_start), opts, backend
 
 

@@ -33,6 +33,18 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class TileBackward(NamedTuple):
+    """The Triton backend's tile backward (:func:`fastalign.set_linear_backward`): one launch over every (token
+    tile, vocabulary tile), both gradient dots added into float32 in the kernel.
+
+    ``grad_filter``: a tile whose largest ``|d loss / d logit|`` is not above it adds nothing (0.0, the default:
+    only all-zero tiles, exact). ``deterministic``: the adds run in a fixed order (bit-identical run to run).
+    """
+
+    grad_filter: float = 0.0
+    deterministic: bool = False
+
+
 @dataclass(frozen=True)
 class StatsOptions:
     inv_temperature: float
@@ -44,6 +56,8 @@ class StatsOptions:
     grad_into_logits: bool = False
     # LinearStats only: also return is_top1 (derived from the statistics every backend returns).
     need_top1: bool = False
+    # LinearStats on the Triton backend only: the tile backward in place of the slabs (None: slabs).
+    tile_backward: TileBackward | None = None
 
     def stats_buffer(self, logits: torch.Tensor) -> tuple[torch.Tensor, TokenStats]:
         """float32 ``[5, N]`` for a logits kernel to write, and its rows as the ``TokenStats`` they become (max

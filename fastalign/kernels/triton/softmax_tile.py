@@ -54,6 +54,19 @@ def slab_tile(N, V, col_offset, slab_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.co
 
 
 @triton.jit
+def grouped_tile(program, n_vocab_tiles, GROUP_N: tl.constexpr):
+    """``(token tile, vocabulary tile)`` of the ``program``-th program of a 2D tile grid in grouped order:
+    ``GROUP_N`` token tiles by every vocabulary tile, the token tiles fastest, groups one after another (the order
+    of :func:`split_tile` over single tiles). For a fixed token tile the vocabulary tiles come in increasing
+    program order, and for a fixed vocabulary tile the token tiles do: the ticket order of the deterministic
+    tile backward. In a short last group the caller finds token tiles past the last: they have nothing to do."""
+    per_group = GROUP_N * n_vocab_tiles
+    group = program // per_group
+    local = program - group * per_group
+    return group * GROUP_N + local % GROUP_N, local // GROUP_N
+
+
+@triton.jit
 def store_tile(ptr, values, rows, cols, row_mask, col_mask, stride_row):
     """``ptr[rows, cols] = values`` in ``ptr``'s dtype (64-bit row offsets: big gradients pass 2^31 elements)."""
     tl.store(
