@@ -250,6 +250,39 @@ def test_linear_call_that_tunes_accumulates_once(scratch_budget, dtype):
                              **tolerance("triton", dtype))  # fmt: skip
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=linear_id)
+def test_tile_backward(shape, dtype, deterministic):
+    """``set_linear_backward("tiles")`` against float64 (both ops, the shapes above); deterministic, the call that
+    tunes (its autotuner zeroes the accumulators and tickets between benchmark runs) and the next give the same
+    bits."""
+    leading, width, vocab, logprob_options, _ = shape
+    inputs = make_linear_inputs(leading, width, vocab, with_bias=bool(logprob_options), seed=vocab + 2)
+    fastalign.set_linear_backward("tiles", deterministic=deterministic)
+    try:
+        op = functools.partial(fastalign.linear_logprobs, backend="triton")
+        assert_matches_reference(op, reference.linear_logprobs, inputs, dtype, device=DEVICE,
+                                 **tolerance("triton", dtype), **logprob_options)  # fmt: skip
+        op = functools.partial(fastalign.linear_cross_entropy, backend="triton")
+        assert_matches_reference(op, reference.linear_cross_entropy, inputs, dtype, device=DEVICE,
+                                 **tolerance("triton", dtype))  # fmt: skip
+        if deterministic:
+
+            def grads():
+                hidden, weight = (
+                    inputs[k].to(device=DEVICE, dtype=dtype).requires_grad_() for k in ("hidden", "weight")
+                )
+                targets = inputs["targets"].to(DEVICE)
+                fastalign.linear_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+                return hidden.grad, weight.grad
+
+            first, again = grads(), grads()
+            assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "not bit-identical"
+    finally:
+        fastalign.set_linear_backward(None)
+
+
 # --------------------------------------------------------------------------- 3. the fused modules
 
 MODULE_SHAPE = on_device(gpu=(8, 300, 40, 256, 4099), rehearsal=(4, 7, 2, 24, 97))  # rows, T, prompt, D, V
