@@ -131,6 +131,7 @@ PRESETS["gpu-core"] = replace(
         "trl-chunked",
         "liger-kernel",
         "cut-cross-entropy",
+        "fastalign-tiles",
     ),
 )
 # The shapes a rehearsal (``python -m bench --rehearse``) runs a GPU preset's cases at, on the CPU: small enough
@@ -345,6 +346,22 @@ def _fastalign_fused(op: str) -> Callable:
     return lambda h, w, t, old, adv: loss(h, w, t, old, adv)[0]
 
 
+def _fastalign_tiles(op: str) -> Callable:
+    """The Triton backend with the tile backward (``set_linear_backward("tiles")``, exact and atomic), measured
+    beside the slab default (``fastalign-triton``): ``bench.roofline`` predicts it slower exact, and only a GPU run
+    says by how much. The design is read when the forward runs, so it is set around the forward alone."""
+    plain = _fastalign(op, "triton")
+
+    def run(*inputs):
+        fastalign.set_linear_backward("tiles")
+        try:
+            return plain(*inputs)
+        finally:
+            fastalign.set_linear_backward(None)
+
+    return run
+
+
 def _fastalign(op: str, backend: str) -> Callable:
     if op == "logprobs_from_logits":
         return lambda logits, targets: fastalign.logprobs_from_logits(logits, targets, backend=backend)
@@ -405,6 +422,7 @@ def _candidates(op: str) -> dict[str, Callable[[], Callable]]:
     if op in ("linear_cross_entropy", "linear_dpo", "linear_grpo"):
         candidates["fastalign-fused"] = functools.partial(_fastalign_fused, op)
     if op in ("linear_logprobs", "linear_cross_entropy"):
+        candidates["fastalign-tiles"] = functools.partial(_fastalign_tiles, op)
         candidates[FLOOR_IMPL] = lambda: _lm_head_matmuls
     if op in ("linear_logprobs", "linear_cross_entropy", "linear_distill"):
         candidates["trl-chunked"] = functools.partial(_trl_chunked, op)

@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from bench.__main__ import main
 
 
@@ -75,7 +77,7 @@ def test_gpu_core_rehearsal_times_each_case_against_eager_and_the_floor(tmp_path
     """The GPU check's core benchmark on the CPU (`--rehearse`): the preset's (op, mode) pairs, the floor, TRL's
     chunked kernel, each output checked against eager's before timing, spread around the median."""
     ops = ["--ops", "logprobs_from_logits", "linear_logprobs"]
-    impls = ["--impls", "eager", "fastalign-triton", "lm-head-matmuls", "trl-chunked"]
+    impls = ["--impls", "eager", "fastalign-triton", "fastalign-tiles", "lm-head-matmuls", "trl-chunked"]
     main(["--preset", "gpu-core", "--rehearse", *ops, *impls, "--out", str(tmp_path)])
     rows = read_rows(tmp_path / "core_ops-gpu-core-rehearsal.csv")
     assert [(r["op"], r["mode"], r["impl"]) for r in rows] == [
@@ -85,6 +87,7 @@ def test_gpu_core_rehearsal_times_each_case_against_eager_and_the_floor(tmp_path
         ("logprobs_from_logits", "fwd+bwd", "fastalign-triton"),
         ("linear_logprobs", "fwd+bwd", "eager"),
         ("linear_logprobs", "fwd+bwd", "fastalign-triton"),
+        ("linear_logprobs", "fwd+bwd", "fastalign-tiles"),
         ("linear_logprobs", "fwd+bwd", "lm-head-matmuls"),
         ("linear_logprobs", "fwd+bwd", "trl-chunked"),
     ]
@@ -129,3 +132,31 @@ def test_derived_columns_hold_rows_to_the_floor_and_the_copy_rate():
         line.split("] ")[1].split()[0] in ("linear_logprobs", "logprobs_from_logits") for line in targets
     )
     assert "logprobs_from_logits cuda fwd >= 80% of DRAM bandwidth: 3000 of 4000 GB/s = 75%" in markdown
+
+
+def test_the_tiles_implementation_sets_the_tile_backward_around_its_forward(monkeypatch):
+    """``fastalign-tiles`` runs the Triton backend with the exact, atomic tile backward chosen while its forward
+    runs (where the design is read), and hands the choice back afterwards, also when the forward raises."""
+    from bench import cases
+    from fastalign.ops.dispatch import tile_backward
+    from fastalign.ops.stats import TileBackward
+
+    monkeypatch.delenv("FASTALIGN_LINEAR_BACKWARD", raising=False)
+    seen = []
+
+    def plain(op, backend):
+        def run(*inputs):
+            seen.append((op, backend, tile_backward()))
+            if inputs[0] == "raise":
+                raise RuntimeError("forward failed")
+            return "out"
+
+        return run
+
+    monkeypatch.setattr(cases, "_fastalign", plain)
+    run = cases._candidates("linear_cross_entropy")["fastalign-tiles"]()
+    assert run(1, 2, 3) == "out" and tile_backward() is None
+    with pytest.raises(RuntimeError, match="forward failed"):
+        run("raise")
+    assert tile_backward() is None
+    assert seen == [("linear_cross_entropy", "triton", TileBackward(0.0, False))] * 2
